@@ -1,0 +1,90 @@
+"""Where every artifact of a run lives, relative to one workspace folder.
+
+The workspace is the project folder by default (so DVC sees the artifacts); tests and users can point
+`COSTOPT_WORKSPACE` or `--workspace` elsewhere. All phases agree on these paths, so only paths pass
+between Airflow tasks, never tensors.
+
+    artifacts/model/            fp32 safetensors, tokenizer, fingerprint.json     (ingest)
+    artifacts/data/             prompts, ppl texts, calibration, task set, manifest (evaldata)
+    artifacts/variants/<name>/  quantized weights + spec.json                    (quantize)
+    artifacts/metrics/          speed_<name>.json, quality_<name>.json, gates.json  (benchmark, validate)
+    reports/<run_id>/           summary.json, report.html, data_docs/            (report)
+    reports/latest -> <run_id>
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    @classmethod
+    def from_env(cls, root: str | Path | None = None) -> "Workspace":
+        return cls(Path(root or os.environ.get("COSTOPT_WORKSPACE") or Path.cwd()).resolve())
+
+    @property
+    def model_dir(self) -> Path:
+        return self.root / "artifacts" / "model"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "artifacts" / "data"
+
+    @property
+    def variants_dir(self) -> Path:
+        return self.root / "artifacts" / "variants"
+
+    @property
+    def metrics_dir(self) -> Path:
+        return self.root / "artifacts" / "metrics"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.root / "reports"
+
+    def variant_dir(self, name: str) -> Path:
+        return self.variants_dir / name
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    """Write JSON atomically: a reader never sees half a file, a crash never truncates the old one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=False)
+        fh.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_json(path: Path) -> Any:
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def replace_dir(staging: Path, final: Path) -> None:
+    """Swap a fully written staging folder into place; the old folder survives until the new one is complete."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    old = final.with_name(f".{final.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(staging, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def staging_dir(final: Path) -> Path:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.staging-"))
+    path.chmod(0o755)  # mkdtemp makes 0700; artifacts are ordinary readable folders
+    return path

@@ -1,0 +1,244 @@
+"""Typed, validated settings read from `params.yaml`.
+
+Every phase reads one section. Each section is a frozen dataclass that checks its own fields when it
+is built, so a bad value fails before any long computation, with an error that names the field
+(`validate.gates.kl_mean_max`) and what was expected. A profile (`quick`, `full`) overlays smaller
+sizes on the same sections; the Airflow form overlays the fields it shows.
+
+    from costopt.params import load_params
+    params = load_params("params.yaml", profile="quick")
+    params.validate.gates.kl_mean_max
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+class ParamsError(ValueError):
+    """A setting is missing, has the wrong type, or is out of range. The message names the field."""
+
+
+def _check_number(where: str, value: Any, lo: float | None = None, hi: float | None = None,
+                  integer: bool = False) -> None:
+    kind = "an integer" if integer else "a number"
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type:
+        raise ParamsError(f"{where}: expected {kind}, got {value!r}")
+    if lo is not None and value < lo:
+        raise ParamsError(f"{where}: expected {kind} >= {lo}, got {value!r}")
+    if hi is not None and value > hi:
+        raise ParamsError(f"{where}: expected {kind} <= {hi}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class IngestParams:
+    model: str = "builtin:smollm2-135m-instruct"  # builtin name, local path or cached HF id
+    dtype: str = "float32"  # the baseline is always stored in fp32
+
+    def check(self, where: str) -> None:
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ParamsError(f"{where}.model: expected a non-empty model id or path, got {self.model!r}")
+        if self.dtype != "float32":
+            raise ParamsError(f"{where}.dtype: expected 'float32' (the fp32 baseline), got {self.dtype!r}")
+
+
+@dataclass(frozen=True)
+class EvalDataParams:
+    seed: int = 1234  # all sets are a pure function of this seed
+    prompts: int = 240  # held-out chat prompts
+    ppl_texts: int = 48  # held-out passages for perplexity
+    calibration: int = 256  # calibration prompts, disjoint from held-out
+    task_items: int = 360  # labeled multiple-choice items
+
+    def check(self, where: str) -> None:
+        _check_number(f"{where}.seed", self.seed, 0, integer=True)
+        for name, lo in (("prompts", 4), ("ppl_texts", 2), ("calibration", 1), ("task_items", 20)):
+            _check_number(f"{where}.{name}", getattr(self, name), lo, 100_000, integer=True)
+
+
+@dataclass(frozen=True)
+class BenchmarkParams:
+    device: str = "cpu"
+    threads: int = 2  # torch intra-op threads
+    decode_tokens: int = 64  # new tokens per decode measurement
+    decode_repeats: int = 3  # median over repeats
+    throughput_batch: int = 16  # batch size for the throughput figure
+    trace_requests: int = 24  # requests in the fixed latency trace
+    trace_seed: int = 7  # the trace is a pure function of this seed
+    slo_p95_ms: float = 10_000.0  # p95 latency bound for the cost figure, ms
+
+    def check(self, where: str) -> None:
+        if self.device not in ("cpu", "cuda"):
+            raise ParamsError(f"{where}.device: expected 'cpu' or 'cuda', got {self.device!r}")
+        _check_number(f"{where}.threads", self.threads, 1, 1024, integer=True)
+        _check_number(f"{where}.decode_tokens", self.decode_tokens, 2, 4096, integer=True)
+        _check_number(f"{where}.decode_repeats", self.decode_repeats, 1, 100, integer=True)
+        _check_number(f"{where}.throughput_batch", self.throughput_batch, 1, 1024, integer=True)
+        _check_number(f"{where}.trace_requests", self.trace_requests, 1, 100_000, integer=True)
+        _check_number(f"{where}.trace_seed", self.trace_seed, 0, integer=True)
+        _check_number(f"{where}.slo_p95_ms", self.slo_p95_ms, 1)
+
+
+@dataclass(frozen=True)
+class QuantizeParams:
+    variants: tuple[str, ...] = ("bf16", "int8_weight_only", "dynamic_qint8_naive")
+
+    def check(self, where: str) -> None:
+        from costopt.quant import SCHEMES  # late: the registry imports torch
+
+        if not self.variants:
+            raise ParamsError(f"{where}.variants: expected at least one scheme name")
+        for i, name in enumerate(self.variants):
+            if name not in SCHEMES:
+                raise ParamsError(f"{where}.variants[{i}]: unknown scheme {name!r}; "
+                                  f"expected one of {sorted(SCHEMES)}")
+        if len(set(self.variants)) != len(self.variants):
+            raise ParamsError(f"{where}.variants: names must be unique, got {list(self.variants)}")
+
+
+@dataclass(frozen=True)
+class Gates:
+    kl_mean_max: float = 0.02  # nats/token
+    kl_p99_max: float = 0.5  # nats/token
+    top1_agreement_min: float = 0.93  # share of tokens
+    ppl_ratio_max: float = 1.05  # variant ppl / fp32 ppl
+    task_retention_min: float = 0.95  # variant accuracy / fp32 accuracy
+
+    def check(self, where: str) -> None:
+        _check_number(f"{where}.kl_mean_max", self.kl_mean_max, 0, 20)
+        _check_number(f"{where}.kl_p99_max", self.kl_p99_max, 0, 50)
+        _check_number(f"{where}.top1_agreement_min", self.top1_agreement_min, 0, 1)
+        _check_number(f"{where}.ppl_ratio_max", self.ppl_ratio_max, 1, 100)
+        _check_number(f"{where}.task_retention_min", self.task_retention_min, 0, 1.5)
+
+
+@dataclass(frozen=True)
+class ValidateParams:
+    bootstrap: int = 1000  # resamples for 95% CIs
+    max_seq_len: int = 128  # tokens per teacher-forced sequence
+    gates: Gates = field(default_factory=Gates)
+
+    def check(self, where: str) -> None:
+        _check_number(f"{where}.bootstrap", self.bootstrap, 10, 100_000, integer=True)
+        _check_number(f"{where}.max_seq_len", self.max_seq_len, 8, 8192, integer=True)
+        self.gates.check(f"{where}.gates")
+
+
+@dataclass(frozen=True)
+class CostParams:
+    price_per_hour_usd: float = 0.10  # USD per machine-hour
+
+    def check(self, where: str) -> None:
+        _check_number(f"{where}.price_per_hour_usd", self.price_per_hour_usd, 0, 10_000)
+        if self.price_per_hour_usd <= 0:
+            raise ParamsError(f"{where}.price_per_hour_usd: expected a price > 0, got {self.price_per_hour_usd!r}")
+
+
+@dataclass(frozen=True)
+class VersionParams:
+    remote: str = "s3://costopt-artifacts/dvc"  # DVC remote URL
+    endpoint_url: str = "http://127.0.0.1:5555"  # S3-compatible endpoint; "" means AWS
+
+    def check(self, where: str) -> None:
+        if not isinstance(self.remote, str) or "://" not in self.remote:
+            raise ParamsError(f"{where}.remote: expected a URL such as s3://bucket/prefix, got {self.remote!r}")
+        if not isinstance(self.endpoint_url, str) or (self.endpoint_url and
+                                                       not self.endpoint_url.startswith(("http://", "https://"))):
+            raise ParamsError(f"{where}.endpoint_url: expected '' or an http(s) URL, got {self.endpoint_url!r}")
+
+
+@dataclass(frozen=True)
+class Params:
+    profile: str = "full"
+    ingest: IngestParams = field(default_factory=IngestParams)
+    evaldata: EvalDataParams = field(default_factory=EvalDataParams)
+    benchmark: BenchmarkParams = field(default_factory=BenchmarkParams)
+    quantize: QuantizeParams = field(default_factory=QuantizeParams)
+    validate: ValidateParams = field(default_factory=ValidateParams)
+    cost: CostParams = field(default_factory=CostParams)
+    version: VersionParams = field(default_factory=VersionParams)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def section(self, name: str) -> dict[str, Any]:
+        return self.to_dict()[name]
+
+
+_SECTIONS = {f.name: f for f in fields(Params) if f.name != "profile"}
+PROFILES = ("quick", "full")
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and checking every field."""
+    if not isinstance(data, dict):
+        raise ParamsError(f"{where}: expected a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ParamsError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        sub = known[name].default_factory if known[name].default_factory is not dataclasses.MISSING else None
+        if sub is not None and dataclasses.is_dataclass(sub):
+            value = _build(sub, value, f"{where}.{name}")
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    obj = cls(**kwargs)
+    obj.check(where)
+    return obj
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def params_from_dict(raw: dict[str, Any], profile: str | None = None,
+                     overrides: dict[str, Any] | None = None, source: str = "params") -> Params:
+    """Validate a params mapping; overlay the profile's sizes, then `overrides` (same shape)."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    raw = dict(raw)
+    profiles = raw.pop("profiles", {}) or {}
+    profile = profile or "full"
+    if profile not in PROFILES:
+        raise ParamsError(f"{source}: profile: expected one of {list(PROFILES)}, got {profile!r}")
+    if not isinstance(profiles, dict) or not isinstance(profiles.get(profile, {}), dict):
+        raise ParamsError(f"{source}: profiles.{profile}: expected a mapping of section overrides")
+    merged = _merge(raw, profiles.get(profile, {}) or {})
+    merged = _merge(merged, overrides or {})
+    unknown = sorted(set(merged) - set(_SECTIONS))
+    if unknown:
+        raise ParamsError(f"{source}: unknown section(s) {unknown}; expected some of {sorted(_SECTIONS)}")
+    built = {name: _build(f.default_factory, merged.get(name, {}), f"{source}:{name}")
+             for name, f in _SECTIONS.items()}
+    return Params(profile=profile, **built)
+
+
+def load_params(path: str | Path = "params.yaml", profile: str | None = None,
+                overrides: dict[str, Any] | None = None) -> Params:
+    """Read and validate `params.yaml`; a malformed file raises ParamsError naming the file."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ParamsError(f"{path}: cannot read the params file ({exc.strerror})") from exc
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
+    return params_from_dict(raw, profile=profile, overrides=overrides, source=str(path))

@@ -1,0 +1,40 @@
+"""The command line shared by every phase: `python -m tasks.<phase> [--params F] [--profile P] [--workspace D]`.
+
+It loads and validates `params.yaml` once, prints the phase's JSON result, and turns the project's
+typed errors into a one-line message and exit code 2 instead of a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Callable
+
+from costopt.layout import Workspace
+from costopt.modelio import ModelFileError, ModelSourceError
+from costopt.params import Params, ParamsError, load_params
+
+USER_ERRORS = (ParamsError, ModelSourceError, ModelFileError)
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--params", default="params.yaml", help="settings file (default: params.yaml)")
+    p.add_argument("--profile", default=None, choices=["quick", "full"],
+                   help="quick: small sets for tests; full: the real run (default: full)")
+    p.add_argument("--workspace", default=None,
+                   help="folder holding artifacts/ and reports/ (default: $COSTOPT_WORKSPACE or .)")
+    return p
+
+
+def run_phase(description: str, phase: Callable[[Params, Workspace], Any],
+              argv: list[str] | None = None) -> int:
+    args = parser(description).parse_args(argv)
+    try:
+        params = load_params(args.params, profile=args.profile)
+        result = phase(params, Workspace.from_env(args.workspace))
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2, default=str))
+    return 0
