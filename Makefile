@@ -27,7 +27,7 @@ $(STAMP): requirements/pipeline.txt requirements/pipeline.lock pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(VPY) -m costopt.demo
+	$(VPY) -m tasks.demo $(if $(PROFILE),--profile $(PROFILE),)
 
 test: $(STAMP)
 	$(VPY) -m pytest -m "not slow"

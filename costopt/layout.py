@@ -7,7 +7,8 @@ between Airflow tasks, never tensors.
     artifacts/model/            fp32 safetensors, tokenizer, fingerprint.json     (ingest)
     artifacts/data/             prompts, ppl texts, calibration, task set, manifest (evaldata)
     artifacts/variants/<name>/  quantized weights + spec.json                    (quantize)
-    artifacts/metrics/          speed_<name>.json, quality_<name>.json, gates.json  (benchmark, validate)
+    artifacts/bench/            baseline.json, variants/<name>.json               (benchmark)
+    artifacts/quality/          quality.json, gates.json, data_docs/             (validate)
     reports/<run_id>/           summary.json, report.html, data_docs/            (report)
     reports/latest -> <run_id>
 """
@@ -43,8 +44,12 @@ class Workspace:
         return self.root / "artifacts" / "variants"
 
     @property
-    def metrics_dir(self) -> Path:
-        return self.root / "artifacts" / "metrics"
+    def bench_dir(self) -> Path:
+        return self.root / "artifacts" / "bench"
+
+    @property
+    def quality_dir(self) -> Path:
+        return self.root / "artifacts" / "quality"
 
     @property
     def reports_dir(self) -> Path:
@@ -61,6 +66,7 @@ def write_json(path: Path, obj: Any) -> Path:
     with os.fdopen(fd, "w") as fh:
         json.dump(obj, fh, indent=2, sort_keys=False)
         fh.write("\n")
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600
     os.replace(tmp, path)
     return path
 

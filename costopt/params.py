@@ -54,9 +54,11 @@ class EvalDataParams:
     ppl_texts: int = 48  # held-out passages for perplexity
     calibration: int = 256  # calibration prompts, disjoint from held-out
     task_items: int = 360  # labeled multiple-choice items
+    reference_tokens: int = 48  # fp32 greedy answer length per held-out prompt, tokens
 
     def check(self, where: str) -> None:
         _check_number(f"{where}.seed", self.seed, 0, integer=True)
+        _check_number(f"{where}.reference_tokens", self.reference_tokens, 1, 1024, integer=True)
         for name, lo in (("prompts", 4), ("ppl_texts", 2), ("calibration", 1), ("task_items", 20)):
             _check_number(f"{where}.{name}", getattr(self, name), lo, 100_000, integer=True)
 

@@ -170,7 +170,13 @@ def register(scheme: Scheme) -> Scheme:
     return scheme
 
 
-register(Scheme("bf16", Bf16Config, "bf16", lambda m, c: m.to(torch.bfloat16), True))
+def _bf16(model: nn.Module, cfg: Bf16Config) -> nn.Module:
+    model = model.to(torch.bfloat16)
+    _reinit_buffers(model, model.config)  # rotary frequencies stay fp32, as a freshly loaded model has them
+    return model
+
+
+register(Scheme("bf16", Bf16Config, "bf16", _bf16, True))
 register(Scheme("int8_weight_only", Int8WeightOnlyConfig, "int8", _int8_weight_only, True))
 register(Scheme(
     "dynamic_qint8_naive", DynamicQint8NaiveConfig, "int8",
@@ -210,6 +216,7 @@ def save_variant(model: nn.Module, config: SchemeConfig, folder: Path) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     state = _plain_state(model)
     save_file(state, str(folder / WEIGHTS), metadata={"scheme": config.scheme})
+    (folder / WEIGHTS).chmod(0o644)
     return (folder / WEIGHTS).stat().st_size
 
 
@@ -245,8 +252,7 @@ def load_variant(folder: Path, base_dir: Path, config: SchemeConfig) -> nn.Modul
 
     if config.scheme == "dynamic_qint8_naive":
         # torch.ao's packed params have no safetensors form; the transform is deterministic, so rebuild.
-        from costopt.modelio import load_model_dir
-        model, _ = load_model_dir(base_dir)
+        model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, local_files_only=True)
         return quantize(model, config)
     hf_config = AutoConfig.from_pretrained(str(base_dir), local_files_only=True)
     with torch.device("meta"):
@@ -259,9 +265,8 @@ def load_variant(folder: Path, base_dir: Path, config: SchemeConfig) -> nn.Modul
         model.lm_head.scale = model.get_input_embeddings().scale
     elif getattr(hf_config, "tie_word_embeddings", False) and isinstance(model.lm_head, nn.Linear):
         model.lm_head.weight = model.get_input_embeddings().weight
+    _reinit_buffers(model, hf_config)
     _check_materialized(model, folder)
-    if hasattr(model, "model") and hasattr(model.model, "rotary_emb"):
-        _reinit_buffers(model, hf_config)
     return model.eval()
 
 
@@ -271,9 +276,11 @@ def _is_int8_tied(model: nn.Module) -> bool:
 
 
 def _reinit_buffers(model: nn.Module, hf_config: Any) -> None:
-    """Non-persistent buffers (rotary inv_freq) are not in the file; rebuild them on the CPU."""
-    rotary = model.model.rotary_emb
-    fresh = type(rotary)(config=hf_config, device="cpu")
+    """Non-persistent buffers (rotary inv_freq) are not in the file; rebuild them on the CPU in fp32."""
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    if rotary is None:
+        return
+    fresh = type(rotary)(config=hf_config)
     for name, buf in fresh.named_buffers():
         setattr(rotary, name, buf)
     if hasattr(fresh, "original_inv_freq"):

@@ -29,7 +29,11 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 def run_phase(description: str, phase: Callable[[Params, Workspace], Any],
               argv: list[str] | None = None) -> int:
-    args = parser(description).parse_args(argv)
+    return execute(phase, parser(description).parse_args(argv))
+
+
+def execute(phase: Callable[[Params, Workspace], Any], args: argparse.Namespace) -> int:
+    """Run one phase with parsed flags; user errors become one line on stderr and exit code 2."""
     try:
         params = load_params(args.params, profile=args.profile)
         result = phase(params, Workspace.from_env(args.workspace))

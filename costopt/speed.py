@@ -1,0 +1,151 @@
+"""Speed measurements: batch-1 decode, batched throughput, and latency over a fixed request trace.
+
+Every variant is timed with the same lean greedy loop (`greedy_decode`): one prefill, then one forward
+per new token with a KV cache, no sampling and no stopping criteria. It is HF `generate` with the
+per-token Python bookkeeping removed, so the figures compare kernels, not framework overhead.
+
+    record = measure(model, tok, prompts, trace, cfg=params.benchmark, price_per_hour=0.1)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from costopt.cost import cost_per_1m_requests
+
+TRACE_NAME = "chat-v1"  # bump when the trace's construction changes
+TRACE_NEW_TOKENS = (8, 16, 32, 48, 64)  # answer lengths a chat trace draws from, tokens
+
+
+@dataclass(frozen=True)
+class TraceRequest:
+    prompt: str
+    max_new_tokens: int
+
+
+def build_trace(prompts: Sequence[str], n: int, seed: int, cap_tokens: int) -> list[TraceRequest]:
+    """A fixed request trace: `n` prompts drawn with their answer lengths, a pure function of the seed."""
+    if not prompts:
+        raise ValueError("benchmark: the held-out prompt set is empty; run the evaldata phase first")
+    rng = random.Random(seed)
+    lengths = [t for t in TRACE_NEW_TOKENS if t <= cap_tokens] or [cap_tokens]
+    return [TraceRequest(rng.choice(list(prompts)), rng.choice(lengths)) for _ in range(n)]
+
+
+def trace_fingerprint(trace: Sequence[TraceRequest]) -> str:
+    blob = json.dumps([[r.prompt, r.max_new_tokens] for r in trace], ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def device_label(threads: int) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu ({cpu}, {threads} threads)"
+
+
+def encode(tok: Any, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Chat-template each prompt and left-pad the batch (decode appends on the right)."""
+    rendered = [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                        add_generation_prompt=True) for t in texts]
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok(rendered, return_tensors="pt", padding=True)
+
+
+@torch.inference_mode()
+def greedy_decode(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  new_tokens: int) -> tuple[torch.Tensor, float, float]:
+    """Greedy decode. ids/mask [B, T] -> (new ids [B, new_tokens], prefill s, decode s)."""
+    mask = attention_mask
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]: left padding shifts positions
+    t0 = time.perf_counter()
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    nxt = out.logits[:, -1].argmax(-1)  # [B]
+    t1 = time.perf_counter()
+    cache, last = out.cache, pos[:, -1]
+    generated = [nxt]
+    for _ in range(new_tokens - 1):
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        last = last + 1
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last[:, None],
+                    cache=cache, use_cache=True)
+        cache = out.cache
+        nxt = out.logits[:, -1].argmax(-1)
+        generated.append(nxt)
+    t2 = time.perf_counter()
+    return torch.stack(generated, dim=1), t1 - t0, t2 - t1
+
+
+def decode_tok_s(model: Any, tok: Any, prompt: str, new_tokens: int, repeats: int) -> float:
+    """Median batch-1 decode speed, tokens/s, prefill excluded."""
+    enc = encode(tok, [prompt])
+    rates = []
+    for _ in range(repeats):
+        _, _, dt = greedy_decode(model, enc["input_ids"], enc["attention_mask"], new_tokens)
+        rates.append((new_tokens - 1) / dt)
+    return statistics.median(rates)
+
+
+def throughput_tok_s(model: Any, tok: Any, prompts: Sequence[str], batch: int, new_tokens: int) -> float:
+    """New tokens per second for one batch of `batch` prompts, prefill included."""
+    texts = [prompts[i % len(prompts)] for i in range(batch)]
+    enc = encode(tok, texts)
+    _, pre, dec = greedy_decode(model, enc["input_ids"], enc["attention_mask"], new_tokens)
+    return batch * new_tokens / (pre + dec)
+
+
+def trace_latencies(model: Any, tok: Any, trace: Sequence[TraceRequest], progress: Any = None) -> list[float]:
+    """Serve the trace one request at a time (batch 1, no cache): end-to-end latency per request, ms."""
+    latencies = []
+    for req in trace:
+        enc = encode(tok, [req.prompt])
+        _, pre, dec = greedy_decode(model, enc["input_ids"], enc["attention_mask"], req.max_new_tokens)
+        latencies.append((pre + dec) * 1000.0)
+        if progress is not None:
+            progress.update(1)
+    return latencies
+
+
+def measure(model: Any, tok: Any, prompts: Sequence[str], cfg: Any, price_per_hour: float,
+            name: str, progress: Any = None) -> dict[str, Any]:
+    """All speed figures of one model as the speed record of docs/artifacts.md."""
+    torch.set_num_threads(cfg.threads)
+    warm = encode(tok, [prompts[0]])
+    greedy_decode(model, warm["input_ids"], warm["attention_mask"], 4)  # first-call costs (kernel build)
+    trace = build_trace(prompts, cfg.trace_requests, cfg.trace_seed, cfg.decode_tokens)
+    bs1 = decode_tok_s(model, tok, prompts[0], cfg.decode_tokens, cfg.decode_repeats)
+    tput = throughput_tok_s(model, tok, prompts, cfg.throughput_batch, cfg.decode_tokens)
+    lat = trace_latencies(model, tok, trace, progress)
+    p50, p95, p99 = (float(np.percentile(lat, q)) for q in (50, 95, 99))
+    seconds_per_request = float(np.mean(lat)) / 1000.0  # sequential: machine-seconds per request
+    return {
+        "variant": name,
+        "device": device_label(cfg.threads),
+        "decode_tok_s_bs1": round(bs1, 3),
+        "throughput_tok_s": round(tput, 3),
+        "throughput_batch": cfg.throughput_batch,
+        "p50_ms": round(p50, 2), "p95_ms": round(p95, 2), "p99_ms": round(p99, 2),
+        "trace": {"name": TRACE_NAME, "requests": len(trace), "fingerprint": trace_fingerprint(trace),
+                  "new_tokens": sum(r.max_new_tokens for r in trace)},
+        "machine_seconds_per_request": round(seconds_per_request, 4),
+        "cost_per_1m_requests_usd": round(cost_per_1m_requests(price_per_hour, seconds_per_request), 4),
+        "slo_p95_ms": cfg.slo_p95_ms,
+        "slo_met": p95 <= cfg.slo_p95_ms,
+    }

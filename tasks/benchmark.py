@@ -1,0 +1,68 @@
+"""Phase 1b/4b, benchmark: decode speed, throughput, trace latency and cost of fp32 or of every variant.
+
+`python -m tasks.benchmark` measures the fp32 baseline (artifacts/bench/baseline.json);
+`python -m tasks.benchmark --variants` measures each quantized variant (artifacts/bench/variants/).
+All use the same greedy loop and the same fixed request trace (costopt.speed).
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tqdm import tqdm
+
+from costopt.layout import Workspace, replace_dir, staging_dir, write_json
+from costopt.modelio import load_model_dir
+from costopt.params import Params
+from costopt.speed import measure
+from costopt.variants import load_variant_model
+
+
+def held_out_prompts(ws: Workspace) -> list[str]:
+    path = ws.data_dir / "prompts.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; run the evaldata phase first")
+    with open(path) as fh:
+        return [json.loads(line)["messages"][-1]["content"] for line in fh if line.strip()]
+
+
+def _measure(model: Any, tok: Any, name: str, params: Params, prompts: list[str]) -> dict[str, Any]:
+    cfg = params.benchmark
+    with tqdm(total=cfg.trace_requests, desc=f"benchmark {name}", unit="req") as bar:
+        return measure(model, tok, prompts, cfg, params.cost.price_per_hour_usd, name, bar)
+
+
+def benchmark_baseline(params: Params, ws: Workspace) -> dict[str, Any]:
+    """Measure fp32 and write artifacts/bench/baseline.json."""
+    model, tok = load_model_dir(ws.model_dir)
+    record = _measure(model, tok, "fp32", params, held_out_prompts(ws))
+    write_json(ws.bench_dir / "baseline.json", record)
+    return record
+
+
+def benchmark_variants(params: Params, ws: Workspace) -> dict[str, Any]:
+    """Measure every variant of params.quantize.variants into artifacts/bench/variants/<name>.json."""
+    prompts = held_out_prompts(ws)
+    stage = staging_dir(ws.bench_dir / "variants")
+    records = {}
+    for name in params.quantize.variants:
+        model, tok = load_variant_model(ws, name)
+        records[name] = _measure(model, tok, name, params, prompts)
+        write_json(stage / f"{name}.json", records[name])
+        del model
+    replace_dir(stage, ws.bench_dir / "variants")
+    return {name: {k: r[k] for k in ("decode_tok_s_bs1", "p95_ms", "cost_per_1m_requests_usd")}
+            for name, r in records.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tasks.cli import execute, parser
+
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--variants", action="store_true", help="measure the quantized variants instead of fp32")
+    args = p.parse_args(argv)
+    return execute(benchmark_variants if args.variants else benchmark_baseline, args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,500 @@
+"""Phase 7, report: gather every measurement of a run into `reports/<run_id>/summary.json` and a page.
+
+Run it as `python -m tasks.report`. It reads only files other phases wrote (the fp32 model's
+fingerprint, speed records, variant specs, quality and gate verdicts; see docs/artifacts.md), builds
+the run summary of DESIGN.md, checks it against `schemas/summary.schema.json`, and writes it with a
+self-contained `report.html` (cost/quality table, cost-versus-KL Pareto plot, gate thresholds) and a
+copy of the Great Expectations Data Docs. Everything is written to a staging folder and swapped in,
+then `reports/latest` is re-pointed; a missing or inconsistent input raises before anything under
+`reports/` changes. The run id comes from the inputs only, so a re-run rewrites the same folder with
+byte-identical `summary.json`.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from costopt.cost import cost_per_1m_requests
+from costopt.layout import Workspace, read_json, replace_dir, staging_dir, write_json
+from costopt.params import Params
+from costopt.runid import run_id as make_run_id
+
+BASELINE = "fp32"
+QUALITY_KEYS = ("kl_mean", "kl_p99", "top1_agreement", "ppl_ratio", "task_accuracy", "task_retention")
+SPEED_KEYS = ("decode_tok_s_bs1", "throughput_tok_s", "p50_ms", "p95_ms", "p99_ms")
+SPEED_EXTRAS = ("throughput_batch", "machine_seconds_per_request", "slo_p95_ms", "slo_met")
+SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "summary.schema.json"
+WRITERS = {  # dvc.yaml stage -> the command that writes its outputs
+    "ingest": "python -m tasks.ingest",
+    "benchmark": "python -m tasks.benchmark",
+    "quantize": "python -m tasks.quantize",
+    "benchmark_variants": "python -m tasks.benchmark --variants",
+    "validate": "python -m tasks.validate",
+}
+
+
+class MissingArtifactError(FileNotFoundError):
+    """An input of the report is missing; the message names the file and the phase that writes it."""
+
+
+class ReportInputError(ValueError):
+    """An input exists but is malformed or disagrees with the others; the message names the file."""
+
+
+class SummarySchemaError(ValueError):
+    """The summary this phase built breaks the schema: a bug in this module, never a user error."""
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Everything the report reads, loaded and cross-checked before anything is written."""
+    fingerprint: dict[str, Any]  # artifacts/model/fingerprint.json
+    model_size: int  # bytes of the fp32 safetensors
+    baseline_speed: dict[str, Any]
+    specs: dict[str, dict[str, Any]]  # variant name -> spec.json, sorted by name
+    speeds: dict[str, dict[str, Any]]  # variant name -> speed record
+    quality: dict[str, Any]
+    gates: dict[str, Any]
+    data_docs: Path | None  # artifacts/quality/data_docs, if validate wrote it
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+def _missing(ws: Workspace, path: Path, stage: str) -> MissingArtifactError:
+    rel = path.relative_to(ws.root) if path.is_relative_to(ws.root) else path
+    return MissingArtifactError(f"{rel} is missing: the {stage} phase writes it; run `{WRITERS[stage]}` "
+                                f"(or `dvc repro {stage}`) first")
+
+
+def _load(ws: Workspace, path: Path, stage: str) -> Any:
+    if not path.is_file():
+        raise _missing(ws, path, stage)
+    try:
+        return read_json(path)
+    except json.JSONDecodeError as exc:
+        raise ReportInputError(f"{path}: not valid JSON ({exc}); re-run the {stage} phase") from exc
+
+
+def _entry(record: dict[str, Any], key: str, where: str, stage: str) -> Any:
+    if not isinstance(record, dict) or key not in record:
+        raise ReportInputError(f"{where}: missing {key!r}; re-run the {stage} phase")
+    return record[key]
+
+
+def _model_size(ws: Workspace) -> int:
+    files = sorted(ws.model_dir.glob("*.safetensors"))  # sharded checkpoints count every shard
+    if not files:
+        raise _missing(ws, ws.model_dir / "model.safetensors", "ingest")
+    return sum(f.stat().st_size for f in files)
+
+
+def _variant_specs(ws: Workspace, base_fingerprint: str) -> dict[str, dict[str, Any]]:
+    specs = {}
+    for path in sorted(ws.variants_dir.glob("*/spec.json")):
+        if path.parent.name.startswith("."):  # a staging or old folder, not a variant
+            continue
+        spec = _load(ws, path, "quantize")
+        if _entry(spec, "name", str(path), "quantize") != path.parent.name:
+            raise ReportInputError(f"{path}: name {spec['name']!r} differs from its folder "
+                                   f"{path.parent.name!r}; re-run the quantize phase")
+        if spec.get("base_fingerprint") not in (None, base_fingerprint):
+            raise ReportInputError(f"{path}: built from model {spec['base_fingerprint'][:12]}…, but "
+                                   f"artifacts/model is {base_fingerprint[:12]}…; re-run the quantize phase")
+        specs[spec["name"]] = spec
+    if not specs:
+        raise _missing(ws, ws.variants_dir / "<name>" / "spec.json", "quantize")
+    return specs
+
+
+def load_inputs(params: Params, ws: Workspace) -> Inputs:
+    """Read every input, raising MissingArtifactError / ReportInputError naming the file at fault."""
+    fingerprint = _load(ws, ws.model_dir / "fingerprint.json", "ingest")
+    fp = _entry(fingerprint, "fingerprint", "artifacts/model/fingerprint.json", "ingest")
+    if _entry(fingerprint, "model", "artifacts/model/fingerprint.json", "ingest") != params.ingest.model:
+        raise ReportInputError(f"artifacts/model was ingested from {fingerprint['model']!r} but "
+                               f"ingest.model is {params.ingest.model!r}; re-run the ingest phase")
+    bench, quality_dir = ws.bench_dir, ws.quality_dir
+    specs = _variant_specs(ws, fp)
+    inputs = Inputs(
+        fingerprint=fingerprint,
+        model_size=_model_size(ws),
+        baseline_speed=_load(ws, bench / "baseline.json", "benchmark"),
+        specs=specs,
+        speeds={n: _load(ws, bench / "variants" / f"{n}.json", "benchmark_variants") for n in specs},
+        quality=_load(ws, quality_dir / "quality.json", "validate"),
+        gates=_load(ws, quality_dir / "gates.json", "validate"),
+        data_docs=quality_dir / "data_docs" if (quality_dir / "data_docs").is_dir() else None,
+    )
+    for name in specs:
+        for file, record in (("quality.json", inputs.quality), ("gates.json", inputs.gates)):
+            known = _entry(record, "variants", f"artifacts/quality/{file}", "validate")
+            if name not in known:
+                raise ReportInputError(f"artifacts/quality/{file} has no entry for variant {name!r} "
+                                       f"(it has {sorted(known)}); re-run the validate phase")
+    return inputs
+
+
+# --------------------------------------------------------------------------------------------- summary
+
+def _point(metric: Any, where: str) -> float | None:
+    """A quality metric is {"value", "ci95"}; a bare number or null is accepted as the value."""
+    value = metric.get("value") if isinstance(metric, dict) else metric
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ReportInputError(f"{where}: expected a number or null, got {value!r}")
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def _ci(metric: Any) -> list[float] | None:
+    ci = metric.get("ci95") if isinstance(metric, dict) else None
+    return [float(ci[0]), float(ci[1])] if isinstance(ci, (list, tuple)) and len(ci) == 2 else None
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    if num is None or not den:
+        return None
+    return float(f"{num / den:.6g}")
+
+
+def _cost(record: dict[str, Any], price_per_hour: float) -> float | None:
+    """USD per 1M requests, recomputed from the measured machine-seconds at the current price (rounded
+    as the benchmark rounds), so a price edit needs only this phase re-run."""
+    seconds = record.get("machine_seconds_per_request")
+    if seconds is None:
+        return _point(record.get("cost_per_1m_requests_usd"), "speed record: cost_per_1m_requests_usd")
+    return round(cost_per_1m_requests(price_per_hour, float(seconds)), 4)
+
+
+def _speed(record: dict[str, Any], where: str, stage: str) -> dict[str, Any]:
+    speed = {k: _point(_entry(record, k, where, stage), f"{where}: {k}") for k in SPEED_KEYS}
+    speed["device"] = str(record.get("device") or "unknown")
+    speed.update({k: record[k] for k in SPEED_EXTRAS if k in record})
+    return speed
+
+
+def _baseline_row(inp: Inputs, price: float) -> dict[str, Any]:
+    base_q = _entry(inp.quality, "baseline", "artifacts/quality/quality.json", "validate")
+    accuracy = _entry(base_q, "task_accuracy", "artifacts/quality/quality.json: baseline", "validate")
+    return {
+        "name": BASELINE, "precision": "fp32", "transforms": [], "size_bytes": inp.model_size,
+        "size_ratio": 1.0,
+        "quality": {"kl_mean": 0.0, "kl_p99": 0.0, "top1_agreement": 1.0, "ppl_ratio": 1.0,
+                    "task_accuracy": _point(accuracy, "quality.json: baseline.task_accuracy"),
+                    "task_retention": 1.0},
+        "quality_ci95": {k: (_ci(accuracy) if k == "task_accuracy" else None) for k in QUALITY_KEYS},
+        "speed": _speed(inp.baseline_speed, "artifacts/bench/baseline.json", "benchmark"),
+        "speedup_bs1": 1.0,
+        "cost_per_1m_requests_usd": _cost(inp.baseline_speed, price),
+        "cost_ratio": 1.0,
+        "gate": {"passed": True, "reasons": ["reference"]},
+        "fingerprint": inp.fingerprint["fingerprint"],
+    }
+
+
+def _variant_row(inp: Inputs, name: str, base: dict[str, Any], price: float) -> dict[str, Any]:
+    spec, speed_rec = inp.specs[name], inp.speeds[name]
+    where = f"artifacts/variants/{name}/spec.json"
+    size = _entry(spec, "size_bytes", where, "quantize")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ReportInputError(f"{where}: size_bytes must be a positive integer, got {size!r}")
+    q = inp.quality["variants"][name]
+    quality = {k: _point(_entry(q, k, f"quality.json: variants.{name}", "validate"),
+                         f"quality.json: variants.{name}.{k}") for k in QUALITY_KEYS}
+    verdict = inp.gates["variants"][name]
+    speed = _speed(speed_rec, f"artifacts/bench/variants/{name}.json", "benchmark_variants")
+    cost = _cost(speed_rec, price)
+    return {
+        "name": name, "precision": str(_entry(spec, "precision", where, "quantize")),
+        "transforms": list(_entry(spec, "transforms", where, "quantize")),
+        "size_bytes": size, "size_ratio": _ratio(size, base["size_bytes"]),
+        "quality": quality, "quality_ci95": {k: _ci(q[k]) for k in QUALITY_KEYS},
+        "speed": speed,
+        "speedup_bs1": _ratio(speed["decode_tok_s_bs1"], base["speed"]["decode_tok_s_bs1"]),
+        "cost_per_1m_requests_usd": cost,
+        "cost_ratio": _ratio(cost, base["cost_per_1m_requests_usd"]),
+        "gate": {"passed": _entry(verdict, "passed", f"gates.json: variants.{name}", "validate"),
+                 "reasons": [str(r) for r in verdict.get("reasons", [])],
+                 "checks": verdict.get("checks", [])},
+        "fingerprint": spec.get("fingerprint"),
+    }
+
+
+def pareto_front(rows: list[dict[str, Any]]) -> list[str]:
+    """Names no other row beats on both cost and kl_mean (lower is better), cheapest first.
+    Rows lacking either number are left out; equal points are all on the front."""
+    pts = [(r["cost_per_1m_requests_usd"], r["quality"]["kl_mean"], r["name"]) for r in rows
+           if r["cost_per_1m_requests_usd"] is not None and r["quality"]["kl_mean"] is not None]
+    front = [p for p in pts if not any(o[0] <= p[0] and o[1] <= p[1] and (o[0], o[1]) != (p[0], p[1])
+                                       for o in pts)]
+    return [name for _, _, name in sorted(front)]
+
+
+def pick_cheapest(variants: list[dict[str, Any]]) -> str | None:
+    """The cheapest variant whose gate passed (ties by name), or None when none passed."""
+    ok = [(v["cost_per_1m_requests_usd"], v["name"]) for v in variants
+          if v["gate"]["passed"] is True and v["cost_per_1m_requests_usd"] is not None]
+    return min(ok)[1] if ok else None
+
+
+def build_summary(params: Params, inp: Inputs) -> dict[str, Any]:
+    """The run summary of DESIGN.md ("Contracts between the parts"), plus a few added fields."""
+    price = params.cost.price_per_hour_usd
+    base = _baseline_row(inp, price)
+    variants = [_variant_row(inp, name, base, price) for name in inp.specs]
+    base_q = inp.quality["baseline"]
+    docs = inp.data_docs is not None and (inp.data_docs / "index.html").is_file()
+    return {
+        "run_id": make_run_id(params, inp.fingerprint["fingerprint"]),
+        "model": inp.fingerprint["model"],
+        "profile": params.profile,
+        "model_fingerprint": inp.fingerprint["fingerprint"],
+        "model_parameters": inp.fingerprint.get("parameters"),
+        "price_per_hour_usd": price,  # USD per machine-hour behind every cost below
+        "trace": inp.baseline_speed.get("trace"),
+        "chance_accuracy": base_q.get("chance_accuracy"),
+        "baseline_ppl": _point(base_q.get("ppl"), "quality.json: baseline.ppl"),
+        "data_docs": "data_docs/index.html" if docs else None,  # relative to the summary's folder
+        "baseline": base,
+        "variants": variants,
+        "search": {"gates": _entry(inp.gates, "thresholds", "artifacts/quality/gates.json", "validate"),
+                   "picked": pick_cheapest(variants),
+                   "front": pareto_front([base, *variants]),
+                   "evaluations": len(variants)},
+        "deployed": [],  # the deploy phase fills this in
+    }
+
+
+def check_summary(summary: dict[str, Any], schema_path: Path = SCHEMA) -> None:
+    """Validate against the contract's JSON Schema; a failure is a bug here, so raise."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(read_json(schema_path))
+    errors = sorted(validator.iter_errors(summary), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = [f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in errors[:10]]
+        raise SummarySchemaError(f"summary breaks {schema_path.name}:\n  " + "\n  ".join(lines))
+
+
+# ---------------------------------------------------------------------------------------- presentation
+
+def _fmt(x: Any, spec: str = ".4g") -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def _rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    return [summary["baseline"], *summary["variants"]]
+
+
+def _verdict(gate: dict[str, Any]) -> str:
+    return {True: "pass", False: "FAIL", None: "n/a"}[gate["passed"]]
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    """A fixed-width table for the terminal: one line per variant, fp32 first."""
+    head = (f"{'variant':<22} {'precision':<9} {'size MB':>8} {'tok/s bs1':>9} {'cost/1M $':>10} "
+            f"{'KL mean':>8} {'top-1':>6} {'task ret':>8}  gate")
+    lines = [head, "-" * len(head)]
+    for r in _rows(summary):
+        q, mark = r["quality"], "*" if r["name"] == summary["search"]["picked"] else " "
+        lines.append(f"{(r['name'] + mark)[:22]:<22} {r['precision'][:9]:<9} {r['size_bytes'] / 1e6:>8.1f} "
+                     f"{_fmt(r['speed']['decode_tok_s_bs1'], '.1f'):>9} "
+                     f"{_fmt(r['cost_per_1m_requests_usd'], '.2f'):>10} {_fmt(q['kl_mean'], '.4f'):>8} "
+                     f"{_fmt(q['top1_agreement'], '.3f'):>6} {_fmt(q['task_retention'], '.3f'):>8}  "
+                     f"{_verdict(r['gate'])}")
+    lines.append(f"* picked: {summary['search']['picked'] or 'none (no variant passed its gates)'}")
+    return "\n".join(lines)
+
+
+def pareto_png(summary: dict[str, Any]) -> bytes:
+    """Cost per 1M requests (x) against KL mean (y, symlog so fp32's 0 shows), front highlighted."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    front, picked = summary["search"]["front"], summary["search"]["picked"]
+    pts = [r for r in _rows(summary)
+           if r["cost_per_1m_requests_usd"] is not None and r["quality"]["kl_mean"] is not None]
+    fig = Figure(figsize=(7.5, 4.8), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    positive = [r["quality"]["kl_mean"] for r in pts if r["quality"]["kl_mean"] > 0]
+    ax.set_yscale("symlog", linthresh=10 ** math.floor(math.log10(min(positive))) if positive else 1e-3)
+    by_name = {r["name"]: r for r in pts}
+    line = [by_name[n] for n in front if n in by_name]
+    ax.plot([r["cost_per_1m_requests_usd"] for r in line], [r["quality"]["kl_mean"] for r in line],
+            color="#f0a020", lw=6, alpha=0.35, zorder=1, solid_capstyle="round")
+    style = {True: ("o", "#2a9d2a"), False: ("X", "#d62728"), None: ("o", "#888888")}
+    for r in pts:
+        marker, color = ("s", "#222222") if r["name"] == BASELINE else style[r["gate"]["passed"]]
+        x, y = r["cost_per_1m_requests_usd"], r["quality"]["kl_mean"]
+        ax.scatter([x], [y], marker=marker, s=140 if r["name"] == picked else 70, color=color, zorder=3,
+                   edgecolors="#f0a020" if r["name"] in front else "none", linewidths=2)
+        ax.annotate(r["name"] + (" (picked)" if r["name"] == picked else ""), (x, y),
+                    textcoords="offset points", xytext=(7, 6), fontsize=8)
+    ax.set_xlabel("cost per 1M requests (USD)")
+    ax.set_ylabel("KL mean vs fp32 (nats/token, symlog)")
+    ax.set_title("Cost versus quality")
+    ax.grid(True, alpha=0.3)
+    ax.legend(handles=[
+        Line2D([], [], marker="s", ls="", color="#222222", label="fp32 baseline"),
+        Line2D([], [], marker="o", ls="", color="#2a9d2a", label="gates passed"),
+        Line2D([], [], marker="X", ls="", color="#d62728", label="gates failed"),
+        Line2D([], [], color="#f0a020", lw=6, alpha=0.35, label="Pareto front"),
+    ], fontsize=8, loc="best")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})  # no version stamp: stable bytes
+    return buf.getvalue()
+
+
+CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:2em;color:#222;max-width:1400px}
+table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right;
+vertical-align:top}th{background:#f3f3f3}td.l,th.l{text-align:left}.ci{color:#777;font-size:12px}
+.pass{color:#1a7f1a;font-weight:600}.fail{color:#c62828;font-weight:600}.fail-r{color:#c62828;font-size:12px}
+tr.picked{background:#fff6d9}code{background:#f3f3f3;padding:1px 4px}.meta td{text-align:left}"""
+
+
+def _with_ci(r: dict[str, Any], key: str, spec: str) -> str:
+    ci = r.get("quality_ci95", {}).get(key)
+    band = f'<br><span class="ci">[{ci[0]:{spec}}, {ci[1]:{spec}}]</span>' if ci else ""
+    return _fmt(r["quality"][key], spec) + band
+
+
+def _gate_cell(gate: dict[str, Any]) -> str:
+    if gate["passed"] is False:
+        reasons = "".join(f"<br>{html.escape(x)}" for x in gate["reasons"])
+        return f'<span class="fail">FAIL</span><span class="fail-r">{reasons}</span>'
+    cls = "pass" if gate["passed"] else "ci"
+    return f'<span class="{cls}">{_verdict(gate)}</span> <span class="ci">{html.escape(", ".join(gate["reasons"]))}</span>'
+
+
+def _table_row(r: dict[str, Any], summary: dict[str, Any]) -> str:
+    s, tags = r["speed"], []
+    if r["name"] == summary["search"]["picked"]:
+        tags.append("picked")
+    if r["name"] in summary["search"]["front"]:
+        tags.append("front")
+    cells = [
+        f'<td class="l"><b>{html.escape(r["name"])}</b><br><span class="ci">{", ".join(tags)}</span></td>',
+        f'<td class="l">{html.escape(r["precision"])}</td>',
+        f'<td>{r["size_bytes"] / 1e6:.1f}<br><span class="ci">×{_fmt(r.get("size_ratio"), ".3f")}</span></td>',
+        f'<td>{_fmt(s["decode_tok_s_bs1"], ".1f")}<br><span class="ci">×{_fmt(r.get("speedup_bs1"), ".2f")}</span></td>',
+        f'<td>{_fmt(s["throughput_tok_s"], ".1f")}</td>', f'<td>{_fmt(s["p95_ms"], ".0f")}</td>',
+        f'<td>{_fmt(r["cost_per_1m_requests_usd"], ".2f")}<br><span class="ci">×{_fmt(r.get("cost_ratio"), ".3f")}</span></td>',
+        f'<td>{_with_ci(r, "kl_mean", ".4f")}</td>', f'<td>{_with_ci(r, "top1_agreement", ".3f")}</td>',
+        f'<td>{_with_ci(r, "ppl_ratio", ".4f")}</td>', f'<td>{_with_ci(r, "task_accuracy", ".3f")}</td>',
+        f'<td>{_with_ci(r, "task_retention", ".3f")}</td>', f'<td class="l">{_gate_cell(r["gate"])}</td>',
+    ]
+    cls = ' class="picked"' if "picked" in tags else ""
+    return f"<tr{cls}>{''.join(cells)}</tr>"
+
+
+def render_html(summary: dict[str, Any], png: bytes) -> str:
+    """The human report: one self-contained page (inline CSS, the plot as a base64 PNG)."""
+    esc, search = html.escape, summary["search"]
+    heads = ["variant", "precision", "size MB<br>(× fp32)", "decode tok/s bs1<br>(speedup)", "throughput tok/s",
+             "p95 ms", "cost / 1M req USD<br>(× fp32)", "KL mean<br>[95% CI]", "top-1<br>[95% CI]",
+             "ppl ratio<br>[95% CI]", "task acc<br>[95% CI]", "task retention<br>[95% CI]", "gate"]
+    rows = "\n".join(_table_row(r, summary) for r in _rows(summary))
+    gates = "".join(f"<tr><td class='l'>{esc(str(k))}</td><td>{esc(str(v))}</td></tr>"
+                    for k, v in search["gates"].items())
+    trace = summary.get("trace") or {}
+    docs = (f'<p><a href="{esc(summary["data_docs"])}">Data Docs</a> (Great Expectations validation of the '
+            f'metrics table)</p>' if summary.get("data_docs") else "<p>No Data Docs in this run.</p>")
+    device = esc(summary["baseline"]["speed"]["device"])
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>costopt report {esc(summary["run_id"])}</title>
+<style>{CSS}</style></head><body>
+<h1>costopt report</h1>
+<table class="meta">
+<tr><th class="l">run</th><td><code>{esc(summary["run_id"])}</code> (profile {esc(summary["profile"])})</td></tr>
+<tr><th class="l">model</th><td>{esc(str(summary["model"]))}, fingerprint <code>{esc(summary["model_fingerprint"][:16])}…</code></td></tr>
+<tr><th class="l">picked</th><td><b>{esc(search["picked"] or "none: no variant passed its gates")}</b>
+ (cheapest variant that passed; {search["evaluations"]} evaluated)</td></tr>
+<tr><th class="l">cost basis</th><td>{summary["price_per_hour_usd"]} USD per machine-hour on {device};
+ trace {esc(str(trace.get("name", "–")))} ({esc(str(trace.get("requests", "–")))} requests)</td></tr>
+<tr><th class="l">chance accuracy</th><td>{_fmt(summary.get("chance_accuracy"), ".3f")} (task set)</td></tr>
+</table>
+<h2>Cost and quality per variant</h2>
+<p class="ci">Quality against fp32 with teacher-forced logits; brackets give 95% bootstrap intervals. Cost = price
+per hour / 3600 × machine-seconds per request × 10<sup>6</sup>. Ratios in parentheses are against fp32.</p>
+<table><tr>{"".join(f"<th>{h}</th>" for h in heads)}</tr>
+{rows}
+</table>
+<h2>Cost versus quality</h2>
+<img alt="cost versus KL mean, Pareto front highlighted" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">
+<p>Pareto front: {esc(", ".join(search["front"]) or "–")}</p>
+<h2>Gate thresholds</h2>
+<table><tr><th class="l">threshold</th><th>value</th></tr>{gates}</table>
+<h2>Data quality</h2>
+{docs}
+</body></html>
+"""
+
+
+# ------------------------------------------------------------------------------------------------ write
+
+def _check_latest(reports: Path) -> None:
+    link = reports / "latest"
+    if link.exists() and not link.is_symlink():
+        raise ReportInputError(f"{link} exists and is not a symlink; move it away so it can point at the newest run")
+
+
+def point_latest(reports: Path, run_id: str) -> None:
+    """`reports/latest -> <run_id>`, relative, swapped in atomically (a reader never sees it missing)."""
+    tmp = reports / f".latest.{os.getpid()}.tmp"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(run_id, tmp)
+    os.replace(tmp, reports / "latest")
+
+
+def write_report(summary: dict[str, Any], final: Path, data_docs: Path | None) -> None:
+    """Write summary.json, report.html and data_docs/ into a staging folder, then swap it in."""
+    stage = staging_dir(final)
+    try:
+        write_json(stage / "summary.json", summary)
+        if data_docs is not None:
+            shutil.copytree(data_docs, stage / "data_docs")
+        (stage / "report.html").write_text(render_html(summary, pareto_png(summary)), encoding="utf-8")
+        replace_dir(stage, final)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)  # leave no half-written folder; the old report stays
+        raise
+
+
+def report(params: Params, ws: Workspace) -> dict[str, Any]:
+    """Build, validate and write `reports/<run_id>/`, point `reports/latest` at it; return its paths."""
+    inputs = load_inputs(params, ws)
+    summary = build_summary(params, inputs)
+    check_summary(summary)
+    _check_latest(ws.reports_dir)
+    final = ws.reports_dir / summary["run_id"]
+    write_report(summary, final, inputs.data_docs)
+    point_latest(ws.reports_dir, summary["run_id"])
+    return {"run_id": summary["run_id"], "report_dir": str(final), "summary": str(final / "summary.json"),
+            "html": str(final / "report.html"), "picked": summary["search"]["picked"],
+            "front": summary["search"]["front"], "evaluations": summary["search"]["evaluations"]}
+
+
+def _report_and_print(params: Params, ws: Workspace) -> dict[str, Any]:
+    import sys
+
+    result = report(params, ws)
+    print(summary_table(read_json(Path(result["summary"]))), file=sys.stderr)  # stdout stays JSON
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tasks.cli import run_phase
+    return run_phase(__doc__.splitlines()[0], _report_and_print, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

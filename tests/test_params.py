@@ -1,0 +1,54 @@
+"""params.yaml validation: bad values fail early and name the field."""
+from pathlib import Path
+
+import pytest
+
+from costopt.params import ParamsError, load_params, params_from_dict
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def test_project_params_load_in_both_profiles():
+    full, quick = load_params(PROJECT / "params.yaml"), load_params(PROJECT / "params.yaml", profile="quick")
+    assert full.evaldata.prompts >= 200, "the full profile holds at least 200 held-out prompts"
+    assert full.evaldata.task_items >= 300, "the full profile holds at least 300 task items"
+    assert quick.evaldata.prompts < full.evaldata.prompts, "quick profile overlays smaller sets"
+    assert quick.validate.gates == full.validate.gates, "profiles never change the gates"
+
+
+@pytest.mark.parametrize("section,value,field", [
+    ({"validate": {"gates": {"kl_mean_max": -1}}}, None, "validate.gates.kl_mean_max"),
+    ({"validate": {"gates": {"top1_agreement_min": 1.5}}}, None, "validate.gates.top1_agreement_min"),
+    ({"evaldata": {"prompts": "many"}}, None, "evaldata.prompts"),
+    ({"quantize": {"variants": ["int3_magic"]}}, None, "quantize.variants[0]"),
+    ({"cost": {"price_per_hour_usd": 0}}, None, "cost.price_per_hour_usd"),
+    ({"benchmark": {"threads": 0}}, None, "benchmark.threads"),
+    ({"version": {"remote": "not-a-url"}}, None, "version.remote"),
+    ({"ingest": {"colour": "blue"}}, None, "ingest"),
+    ({"nonsense": {}}, None, "nonsense"),
+])
+def test_bad_values_name_their_field(section, value, field):
+    with pytest.raises(ParamsError) as err:
+        params_from_dict(section)
+    assert field in str(err.value), f"error must name {field!r}: {err.value}"
+
+
+def test_malformed_yaml_names_the_file(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("validate: {gates: [unclosed\n")
+    with pytest.raises(ParamsError, match="params.yaml: not valid YAML"):
+        load_params(bad)
+    with pytest.raises(ParamsError, match="cannot read"):
+        load_params(tmp_path / "missing.yaml")
+
+
+def test_unknown_profile_is_rejected():
+    with pytest.raises(ParamsError, match="profile"):
+        params_from_dict({}, profile="turbo")
+
+
+def test_overrides_are_validated_like_the_file():
+    p = params_from_dict({}, overrides={"validate": {"gates": {"kl_mean_max": 0.05}}})
+    assert p.validate.gates.kl_mean_max == 0.05, "override applied"
+    with pytest.raises(ParamsError, match="ppl_ratio_max"):
+        params_from_dict({}, overrides={"validate": {"gates": {"ppl_ratio_max": 0.5}}})
