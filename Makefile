@@ -11,6 +11,7 @@ export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export AIRFLOW__CORE__UNIT_TEST_MODE := False
 export PYTHONUNBUFFERED := 1
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: demo test test-full bench venv clean airflow-ui
 
@@ -30,7 +31,7 @@ demo: $(STAMP)
 	$(VPY) -m tasks.demo $(if $(PROFILE),--profile $(PROFILE),)
 
 test: $(STAMP)
-	$(VPY) -m pytest -m "not slow"
+	$(VPY) -m pytest -m "not slow" tests
 
 test-full: $(STAMP)
 	$(VPY) -m pytest

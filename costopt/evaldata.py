@@ -381,17 +381,21 @@ _ANTONYMS = [tuple(p.split(":")) for p in (
     "win:lose push:pull buy:sell first:last heavy:light north:south east:west good:bad "
     "inside:outside above:below love:hate arrive:leave friend:enemy question:answer "
     "begin:end remember:forget awake:asleep alive:dead sweet:sour wide:narrow deep:shallow "
-    "safe:dangerous easy:difficult").split()]
+    "safe:dangerous").split()]
+# words close enough in meaning that one must not be a distractor when the other is the answer
+_NEAR = [set(g.split()) for g in ("up above high", "down below low", "in inside", "out outside",
+                                   "true right good", "false bad", "hard difficult", "end last",
+                                   "begin first", "leave lose", "dark black", "light white")]
 
-_CATEGORIES: dict[str, list[str]] = {
+_CATEGORIES: dict[str, list[str]] = {  # mutually exclusive, so no distractor is also right
     "animal": _words("a_dog a_horse a_cow a_lion a_tiger an_elephant a_rabbit a_monkey a_sheep a_wolf"),
     "fruit": _words("an_apple a_banana an_orange a_pear a_grape a_lemon a_cherry a_peach a_mango a_plum"),
-    "color": _words("red blue green yellow purple pink brown grey"),
+    "vegetable": _words("a_carrot a_potato an_onion a_cabbage a_leek a_turnip a_radish a_cucumber"),
     "vehicle": _words("a_car a_bus a_truck a_bicycle a_train a_motorcycle a_van a_tractor"),
     "tool": _words("a_hammer a_saw a_screwdriver a_wrench a_drill a_shovel a_chisel a_rake"),
     "instrument": _words("a_piano a_guitar a_violin a_drum a_flute a_trumpet a_harp a_cello"),
-    "drink": _words("tea coffee milk juice lemonade water beer wine"),
-    "country": _words("France Japan Brazil Canada Egypt Kenya Norway Mexico"),
+    "flower": _words("a_rose a_tulip a_daisy a_lily a_sunflower an_orchid a_poppy a_violet"),
+    "drink": _words("tea coffee milk juice lemonade cocoa soda"),
 }
 
 # (context, answer, three distractors) written by hand: everyday facts a small model should know
@@ -488,6 +492,7 @@ def _antonyms(rng: random.Random) -> list[Row]:
             continue
         seen.add(word)
         partners = {b for a, b in pairs if a == word} | {word}
+        partners |= {w for group in _NEAR if group & partners for w in group}
         wrong = rng.sample([w for w in vocab if w not in partners], 3)
         items.append(_item(rng, "antonyms", f"The opposite of {word} is", opposite, wrong))
     return items

@@ -21,8 +21,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import urlparse
 
 DUMMY_REGION = "us-east-1"  # moto's default; CreateBucket there needs no LocationConstraint
@@ -34,8 +34,12 @@ class StorageError(RuntimeError):
     """The S3 endpoint, bucket or remote URL is unusable. The message names the params field."""
 
 
-@dataclass(frozen=True)
-class S3Url:
+class EndpointUnreachableError(StorageError):
+    """Nothing answers S3 requests at the endpoint (refused, timed out, bad host or URL)."""
+
+
+class S3Url(NamedTuple):
+    """`s3://bucket/prefix`, split; a tuple, so `bucket, prefix = parse_s3_url(url)` works too."""
     bucket: str
     prefix: str  # "" for the bucket root, no leading or trailing slash
 
@@ -104,16 +108,19 @@ def s3_client(endpoint_url: str, timeout_s: float = 3.0):
         region_name=extra.get("AWS_DEFAULT_REGION"))
 
 
-def _unreachable(endpoint_url: str, exc: Exception) -> StorageError:
+def _unreachable(endpoint_url: str, exc: Exception) -> EndpointUnreachableError:
     where = endpoint_url or "AWS S3 (empty endpoint)"
-    return StorageError(
+    return EndpointUnreachableError(
         f"version.endpoint_url: cannot reach the S3 endpoint {where} ({type(exc).__name__}: {exc}); "
         "expected a running S3-compatible server there (start moto_server or MinIO, or fix the URL "
         "in params.yaml)")
 
 
 def check_endpoint(endpoint_url: str, bucket: str, create: bool, timeout_s: float = 3) -> None:
-    """Fail fast unless `endpoint_url` answers S3 requests and holds `bucket` (made if `create`)."""
+    """Fail fast unless `endpoint_url` answers S3 requests and holds `bucket` (made if `create`).
+
+    Raises EndpointUnreachableError when nothing answers, StorageError for a missing bucket (with
+    create=False), refused access or missing credentials."""
     from botocore.exceptions import (BotoCoreError, ClientError, ConnectionError as BotoConnectionError,
                                      NoCredentialsError)
 
@@ -207,24 +214,27 @@ class MotoServer:
             return ""
 
     def _wait_ready(self) -> None:
+        """Wait for the server's own "Running on ...:<port>" line (printed once it has bound the port,
+        so another server already on that port is never mistaken for ours), then for an HTTP answer."""
         deadline = time.monotonic() + self.start_timeout_s
-        requested = self.port
+        bound = None
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 raise StorageError(f"MotoServer: moto_server exited with code {self._proc.returncode} "
-                                   f"before answering on {self.host}:{requested}; its log:\n{self._log_tail()}")
-            if self.port == 0:
+                                   f"before answering on {self.host}:{self.port}; its log:\n{self._log_tail()}")
+            if bound is None:
                 found = re.search(r"Running on https?://[^\s:]+:(\d+)", self._log_tail(10_000))
-                self.port = int(found.group(1)) if found else 0
-            if self.port and self._answers():
+                bound = int(found.group(1)) if found else None
+            if bound is not None and self._answers(bound):
+                self.port = bound
                 return
             time.sleep(0.05)
-        raise StorageError(f"MotoServer: no answer on {self.host}:{self.port or requested} within "
+        raise StorageError(f"MotoServer: no answer on {self.host}:{bound or self.port} within "
                            f"{self.start_timeout_s:.0f} s; its log:\n{self._log_tail()}")
 
-    def _answers(self) -> bool:
+    def _answers(self, port: int) -> bool:
         try:
-            with urllib.request.urlopen(f"http://{self.host}:{self.port}/", timeout=1) as resp:
+            with urllib.request.urlopen(f"http://{self.host}:{port}/", timeout=1) as resp:
                 return resp.status < 500
         except urllib.error.HTTPError:
             return True  # any HTTP answer means the server is up

@@ -52,9 +52,11 @@ def load_variant_model(ws: Workspace, name: str) -> tuple[Any, Any]:
     from costopt.quant import config_from_dict, load_variant
 
     spec = read_spec(ws, name)
-    model = ws.model_dir
-    for step in spec.transforms:  # this slice's variants are one transform deep
-        config = config_from_dict({"scheme": step["scheme"], **step["config"]})
-        model = load_variant(ws.variant_dir(name), ws.model_dir, config)
+    if len(spec.transforms) != 1:
+        raise ValueError(f"{ws.variant_dir(name) / SPEC}: transforms: expected one step, got "
+                         f"{len(spec.transforms)} (chains are not supported yet)")
+    step = spec.transforms[0]
+    config = config_from_dict({"scheme": step["scheme"], **step["config"]})
+    model = load_variant(ws.variant_dir(name), ws.model_dir, config)
     tok = AutoTokenizer.from_pretrained(str(ws.model_dir), local_files_only=True)
     return model, tok

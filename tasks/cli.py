@@ -13,8 +13,15 @@ from typing import Any, Callable
 from costopt.layout import Workspace
 from costopt.modelio import ModelFileError, ModelSourceError
 from costopt.params import Params, ParamsError, load_params
+from costopt.quant import SchemeError
+from costopt.s3 import StorageError
+from tasks.report import MissingArtifactError, ReportInputError
+from tasks.version import DvcError
 
-USER_ERRORS = (ParamsError, ModelSourceError, ModelFileError)
+# Errors caused by input (settings, model files, missing upstream artifacts, storage): a clear message
+# and exit code 2 on the command line, and no pointless retries in Airflow.
+USER_ERRORS = (ParamsError, ModelSourceError, ModelFileError, SchemeError, StorageError,
+               MissingArtifactError, ReportInputError, DvcError)
 
 
 def parser(description: str) -> argparse.ArgumentParser:

@@ -54,17 +54,17 @@ def loopback_port(endpoint_url: str) -> int | None:
     return None
 
 
-def start_remote(stack: ExitStack, endpoint_url: str) -> str:
+def start_remote(stack: ExitStack, endpoint_url: str, remote: str) -> str:
     """Start moto_server for a loopback endpoint nobody serves yet; returns what happened."""
-    from costopt.s3 import MotoServer, StorageError, check_endpoint
+    from costopt.s3 import EndpointUnreachableError, MotoServer, check_endpoint, parse_s3_url
 
     port = loopback_port(endpoint_url)
     if port is None:
         return f"using the configured S3 endpoint {endpoint_url or '(AWS)'}"
     try:
-        check_endpoint(endpoint_url, "costopt-probe", create=False, timeout_s=1)
+        check_endpoint(endpoint_url, parse_s3_url(remote).bucket, create=True, timeout_s=1)
         return f"an S3 endpoint already answers at {endpoint_url}"
-    except StorageError:
+    except EndpointUnreachableError:
         pass
     stack.enter_context(MotoServer(port=port))
     return f"started moto_server at {endpoint_url} (in-memory: it lives as long as this demo)"
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with ExitStack() as stack:
         ensure_airflow_db(env)
-        print(f"== {start_remote(stack, params.version.endpoint_url)}", flush=True)
+        print(f"== {start_remote(stack, params.version.endpoint_url, params.version.remote)}", flush=True)
         conf = {"profile": args.profile, "workspace": str(Path(args.workspace).resolve())}
         code = trigger(conf, env, Path(env["AIRFLOW_HOME"]) / "logs" / "demo-last.log")
     wall = time.perf_counter() - started

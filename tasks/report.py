@@ -254,6 +254,7 @@ def build_summary(params: Params, inp: Inputs) -> dict[str, Any]:
         "run_id": make_run_id(params, inp.fingerprint["fingerprint"]),
         "model": inp.fingerprint["model"],
         "profile": params.profile,
+        "params": params.to_dict(),  # the effective settings (profile and form applied): what made this run
         "model_fingerprint": inp.fingerprint["fingerprint"],
         "model_parameters": inp.fingerprint.get("parameters"),
         "price_per_hour_usd": price,  # USD per machine-hour behind every cost below

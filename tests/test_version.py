@@ -20,8 +20,9 @@ import yaml
 
 from costopt.layout import Workspace
 from costopt.params import Params, VersionParams
-from costopt.s3 import MotoServer, StorageError, check_endpoint, s3_client
-from tasks.version import DvcError, pull, run_dvc, version
+from costopt.s3 import (EndpointUnreachableError, MotoServer, StorageError, check_endpoint,
+                        parse_s3_url, s3_client)
+from tasks.version import DvcError, pull, version
 
 PROJECT = Path(__file__).resolve().parents[1]
 GIT = ["git", "-c", "user.name=costopt-test", "-c", "user.email=test@costopt.invalid",
@@ -30,16 +31,12 @@ GIT = ["git", "-c", "user.name=costopt-test", "-c", "user.email=test@costopt.inv
 # Small stand-ins for every stage output; the symlink and the staging folder are not artifacts.
 FAKE_OUTPUTS = {
     "artifacts/model/model.safetensors": 70_000,
-    "artifacts/model/config.json": b'{"architectures": ["LlamaForCausalLM"]}\n',
     "artifacts/model/fingerprint.json": b'{"fingerprint": "0" }\n',
     "artifacts/data/prompts.jsonl": b'{"id": "p0000", "messages": []}\n',
-    "artifacts/data/manifest.json": b'{"seed": 1234}\n',
     "artifacts/bench/baseline.json": b'{"variant": "fp32"}\n',
     "artifacts/bench/variants/x.json": b'{"variant": "x"}\n',
     "artifacts/variants/x/model.safetensors": 30_000,
-    "artifacts/variants/x/spec.json": b'{"name": "x"}\n',
     "artifacts/quality/quality.json": b'{"variants": {}}\n',
-    "artifacts/quality/gates.json": b'{"variants": {}}\n',
     "artifacts/quality/data_docs/index.html": b"<html></html>\n",
     "reports/r1/summary.json": b'{"run_id": "r1"}\n',
     "reports/r1/report.html": b"<html>r1</html>\n",
@@ -47,20 +44,22 @@ FAKE_OUTPUTS = {
 NOT_ARTIFACTS = ("artifacts/variants/.y.staging-abc123/model.safetensors",)
 
 
+def _paths(items: list | None) -> list[str]:
+    return [next(iter(i)) if isinstance(i, dict) else i for i in items or []]  # `- reports: {persist: ...}`
+
+
 def stage_paths(dvc_yaml: Path) -> tuple[list[str], list[str]]:
     """(deps, outs) named by the stages of a dvc.yaml, as plain relative paths."""
-    stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
-    names = lambda items: [next(iter(i)) if isinstance(i, dict) else i for i in items or []]  # noqa: E731
-    deps = [d for s in stages.values() for d in names(s.get("deps"))]
-    outs = [o for s in stages.values() for o in names(s.get("outs"))]
-    return deps, outs
+    stages = yaml.safe_load(dvc_yaml.read_text())["stages"].values()
+    return ([d for s in stages for d in _paths(s.get("deps"))],
+            [o for s in stages for o in _paths(s.get("outs"))])
 
 
 def make_project(root: Path) -> Path:
     """A git + DVC clone of this project's pipeline definition, with fake outputs for every stage."""
-    root.mkdir(parents=True)
-    for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
-        shutil.copy2(PROJECT / name, root / name)
+    (root / ".dvc").mkdir(parents=True)
+    for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore", ".dvc/config", ".dvc/.gitignore"):
+        shutil.copy2(PROJECT / name, root / name)  # the project's own DVC setup, not a fresh `dvc init`
     for folder in ("tasks", "costopt"):
         shutil.copytree(PROJECT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
     deps, outs = stage_paths(root / "dvc.yaml")
@@ -78,7 +77,6 @@ def make_project(root: Path) -> Path:
     for out in outs:
         assert (root / out).exists(), f"FAKE_OUTPUTS has nothing for the stage output {out}; add a file for it"
     subprocess.run([*GIT, "init", "-q"], cwd=root, check=True)
-    run_dvc(root, ["init", "-q"], {**os.environ, "DVC_NO_ANALYTICS": "1"})
     subprocess.run([*GIT, "add", "-A"], cwd=root, check=True)
     subprocess.run([*GIT, "commit", "-q", "-m", "pipeline"], cwd=root, check=True)
     return root
@@ -159,7 +157,7 @@ def test_unreachable_endpoint_fails_fast_and_changes_nothing(tmp_path, bucket):
     url = f"http://127.0.0.1:{closed_port()}"
 
     start = time.monotonic()
-    with pytest.raises(StorageError) as err:
+    with pytest.raises(EndpointUnreachableError) as err:
         version(params_for(url, bucket), Workspace(src))
     elapsed = time.monotonic() - start
 
@@ -189,7 +187,10 @@ def test_workspace_that_is_not_a_dvc_project_is_refused(tmp_path, s3, bucket):
 
 def test_check_endpoint_creates_a_missing_bucket(s3, bucket):
     client = s3_client(s3.endpoint_url)
-    names = lambda: {b["Name"] for b in client.list_buckets()["Buckets"]}  # noqa: E731
+
+    def names() -> set[str]:
+        return {b["Name"] for b in client.list_buckets()["Buckets"]}
+
     assert bucket not in names(), "the test bucket should not exist yet"
 
     with pytest.raises(StorageError, match=bucket):
@@ -206,5 +207,35 @@ def test_moto_server_stops_cleanly():
     url = server.endpoint_url
     check_endpoint(url, "costopt-stop-test", create=True)
     server.stop()
-    with pytest.raises(StorageError, match="version.endpoint_url"):
+    with pytest.raises(EndpointUnreachableError, match="version.endpoint_url"):
         check_endpoint(url, "costopt-stop-test", create=False, timeout_s=1)
+
+
+def test_moto_server_on_a_taken_port_fails_with_its_log(s3):
+    with pytest.raises(StorageError, match="in use") as err:
+        MotoServer(port=int(s3.endpoint_url.rsplit(":", 1)[1])).start()
+    assert "exited" in str(err.value), f"the error should say the server exited: {err.value}"
+
+
+def test_parse_s3_url():
+    bucket, prefix = parse_s3_url("s3://costopt-artifacts/dvc/runs/")
+    assert (bucket, prefix) == ("costopt-artifacts", "dvc/runs"), f"got {(bucket, prefix)}"
+    assert parse_s3_url("s3://costopt-artifacts").url == "s3://costopt-artifacts", "a bare bucket round-trips"
+    for bad in ("costopt-artifacts/dvc", "file:///tmp/remote", "s3://A_B/dvc", "s3:///dvc"):
+        with pytest.raises(StorageError, match="version.remote"):
+            parse_s3_url(bad)
+
+
+def test_failing_dvc_command_quotes_dvc_and_records_nothing(tmp_path, s3, bucket):
+    src = make_project(tmp_path / "src")
+    with open(src / "dvc.yaml", "a") as fh:  # a stage without `cmd`: dvc rejects the whole file
+        fh.write("  broken:\n    command: 'true'\n")
+    before = artifact_hashes(src)
+
+    with pytest.raises(DvcError) as err:
+        version(params_for(s3.endpoint_url, bucket), Workspace(src))
+
+    assert "validation failed" in str(err.value) and "broken" in str(err.value), \
+        f"the error should quote dvc's own message: {err.value}"
+    assert not (src / "dvc.lock").exists(), "a failed dvc command must not leave a dvc.lock"
+    assert artifact_hashes(src) == before, "a failed dvc command must not touch the artifacts"

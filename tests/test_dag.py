@@ -1,0 +1,89 @@
+"""DAG integrity and policy: it imports cleanly and cheaply, and its shape and settings are as designed."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROJECT = Path(__file__).resolve().parents[1]
+EXPECTED_EDGES = {
+    "preflight": {"ingest"}, "ingest": {"evaldata"}, "evaldata": {"benchmark"}, "benchmark": {"quantize"},
+    "quantize": {"benchmark_variants", "validate"}, "benchmark_variants": {"report"},
+    "validate": {"report"}, "report": {"version"}, "version": set(),
+}
+
+
+@pytest.fixture(scope="module")
+def dagbag(tmp_path_factory):
+    os.environ.setdefault("AIRFLOW_HOME", str(tmp_path_factory.mktemp("airflow")))
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(PROJECT / "dags"))
+
+
+def test_every_dag_imports_without_errors(dagbag):
+    assert not dagbag.import_errors, f"DAG import errors: {dagbag.import_errors}"
+    assert "optimize_model" in dagbag.dags, "optimize_model must be defined"
+
+
+def test_parsing_imports_nothing_heavy(tmp_path):
+    code = ("import sys, importlib.util\n"
+            f"spec = importlib.util.spec_from_file_location('d', r'{PROJECT / 'dags' / 'optimize_model.py'}')\n"
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+            "heavy = [x for x in ('torch', 'transformers', 'great_expectations', 'dvc', 'matplotlib') if x in sys.modules]\n"
+            "print(','.join(heavy))\n")
+    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "", f"parsing the DAG imported heavy modules: {out.stdout.strip()}"
+
+
+def test_policy(dagbag):
+    dag = dagbag.dags["optimize_model"]
+    assert {"costopt", "optimization"} <= set(dag.tags), f"tags: {dag.tags}"
+    assert dag.catchup is False, "no backfills of an optimization run"
+    assert dag.schedule is None or str(dag.timetable.summary) in ("None", ""), "triggered by hand or by API"
+    for t in dag.tasks:
+        assert t.retries >= 1, f"{t.task_id} should retry transient failures"
+
+
+def test_task_graph(dagbag):
+    dag = dagbag.dags["optimize_model"]
+    graph = {t.task_id: set(t.downstream_task_ids) for t in dag.tasks}
+    assert graph == EXPECTED_EDGES, f"task graph changed: {graph}"
+
+
+def test_form_has_a_typed_schema(dagbag):
+    params = dagbag.dags["optimize_model"].params
+    schema = {k: params.get_param(k).schema for k in params.keys()}
+    assert schema["profile"].get("enum") == ["quick", "full"], "profile is a choice"
+    assert schema["variants"]["items"]["enum"], "variants are chosen from the registered schemes"
+    assert schema["gates"]["properties"]["top1_agreement_min"]["maximum"] == 1, "gate ranges are in the form"
+
+
+def test_form_schemes_match_the_registry(dagbag):
+    from costopt.quant import SCHEMES
+
+    enum = dagbag.dags["optimize_model"].params.get_param("variants").schema["items"]["enum"]
+    assert sorted(enum) == sorted(SCHEMES), "the DAG form must offer exactly the registered schemes"
+
+
+@pytest.mark.parametrize("key,value", [("profile", "turbo"), ("price_per_hour_usd", -1),
+                                       ("gates", {"kl_mean_max": "low"}), ("variants", ["int3"])])
+def test_form_rejects_values_outside_its_schema(dagbag, key, value):
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    params = dagbag.dags["optimize_model"].params
+    with pytest.raises(ParamValidationError):
+        params.get_param(key).resolve(value)
+
+
+def test_form_overrides_flow_into_validated_params():
+    from costopt.params import ParamsError
+    from tasks.dagparams import resolve
+
+    params, ws = resolve({"profile": "quick", "gates": {"kl_mean_max": 0.05}, "price_per_hour_usd": 2.0})
+    assert params.validate.gates.kl_mean_max == 0.05 and params.cost.price_per_hour_usd == 2.0, "form applied"
+    assert params.profile == "quick", "profile applied"
+    with pytest.raises(ParamsError, match="quantize.variants"):
+        resolve({"variants": ["nope"]})

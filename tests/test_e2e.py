@@ -1,0 +1,148 @@
+"""End to end on the real built-in model: a real Airflow run of `optimize_model` (quick profile), a real
+moto_server S3 endpoint, real DVC. One run is shared by the checks below; it takes a few minutes.
+
+The run happens in a copy of the project (tracked and untracked, not-ignored files) so the checkout
+that runs the tests is never touched.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from costopt.s3 import MotoServer
+
+PROJECT = Path(__file__).resolve().parents[1]
+SCHEMA = PROJECT / "schemas" / "summary.schema.json"
+pytestmark = pytest.mark.e2e
+
+
+def _files(root: Path) -> list[str]:
+    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=root, check=True,
+                         capture_output=True, text=True).stdout.split("\n")
+    return [f for f in out if f and (root / f).is_file()]
+
+
+def _git(root: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=root, check=True, capture_output=True)
+
+
+def make_workspace(dest: Path, endpoint: str) -> Path:
+    """A git repo with the project's files, its params pointing at the test's S3 endpoint."""
+    for rel in _files(PROJECT):
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(PROJECT / rel, dest / rel)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params["version"]["endpoint_url"] = endpoint
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _git(dest, "init", "-q")
+    _git(dest, "add", "-A")
+    _git(dest, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "workspace")
+    return dest
+
+
+def airflow_env(home: Path) -> dict[str, str]:
+    return {**os.environ, "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT / "dags"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "PYTHONUNBUFFERED": "1"}
+
+
+def dags_test(env: dict[str, str], conf: dict, log: Path) -> subprocess.CompletedProcess:
+    airflow = str(Path(sys.executable).with_name("airflow"))
+    proc = subprocess.run([airflow, "dags", "test", "optimize_model", "--conf", json.dumps(conf)],
+                          env=env, capture_output=True, text=True, timeout=1800)
+    log.write_text(proc.stdout + proc.stderr)
+    return proc
+
+
+def digest_tree(root: Path, rels: list[str]) -> dict[str, str]:
+    out = {}
+    for rel in rels:
+        for path in sorted((root / rel).rglob("*")):
+            if path.is_file() and not path.is_symlink():
+                out[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("e2e")
+    with MotoServer(port=0) as s3:
+        ws = make_workspace(base / "ws", s3.endpoint_url)
+        env = airflow_env(base / "airflow")
+        airflow = str(Path(sys.executable).with_name("airflow"))
+        subprocess.run([airflow, "db", "migrate"], env=env, check=True, capture_output=True)
+        proc = dags_test(env, {"profile": "quick", "workspace": str(ws)}, base / "run.log")
+        yield {"ws": ws, "env": env, "proc": proc, "base": base, "s3": s3}
+
+
+def test_dag_run_succeeds(run):
+    assert run["proc"].returncode == 0, f"optimize_model failed; log tail:\n{run['proc'].stdout[-4000:]}"
+
+
+def test_summary_meets_the_contract(run):
+    import jsonschema
+
+    summary = json.loads((run["ws"] / "reports" / "latest" / "summary.json").read_text())
+    jsonschema.validate(summary, json.loads(SCHEMA.read_text()))
+    assert summary["profile"] == "quick", "the run used the quick profile"
+    names = {v["name"] for v in summary["variants"]}
+    assert {"bf16", "int8_weight_only", "dynamic_qint8_naive"} <= names, f"variants: {names}"
+    assert (run["ws"] / "reports" / "latest" / "report.html").is_file(), "the human report exists"
+    assert (run["ws"] / "reports" / "latest" / "data_docs" / "index.html").is_file(), "GE Data Docs are in the report"
+
+
+def test_gate_keeps_the_naive_one_liner_out(run):
+    summary = json.loads((run["ws"] / "reports" / "latest" / "summary.json").read_text())
+    rows = {v["name"]: v for v in summary["variants"]}
+    naive = rows["dynamic_qint8_naive"]
+    assert naive["gate"]["passed"] is False, "quantize_dynamic must fail the default gate"
+    assert any("kl_mean" in r for r in naive["gate"]["reasons"]), f"reasons: {naive['gate']['reasons']}"
+    assert naive["quality"]["kl_mean"] > 0.5, f"the one-liner's KL is large: {naive['quality']['kl_mean']}"
+    int8 = rows["int8_weight_only"]
+    assert int8["quality"]["kl_mean"] < 0.02 and int8["quality"]["top1_agreement"] > 0.93, \
+        f"per-channel INT8 stays close to fp32: {int8['quality']}"
+    assert summary["search"]["picked"] != "dynamic_qint8_naive", "a failed variant is never picked"
+
+
+def test_task_set_scores_above_chance(run):
+    summary = json.loads((run["ws"] / "reports" / "latest" / "summary.json").read_text())
+    acc, chance = summary["baseline"]["quality"]["task_accuracy"], summary["chance_accuracy"]
+    assert acc > chance + 0.1, f"fp32 task accuracy {acc} must be clearly above chance {chance}"
+
+
+def test_dvc_pull_restores_every_artifact_bit_for_bit(run):
+    ws, clone = run["ws"], run["base"] / "clone"
+    _git(ws, "clone", "-q", str(ws), str(clone))
+    shutil.copy2(ws / "dvc.lock", clone / "dvc.lock")
+    shutil.copy2(ws / ".dvc" / "config.local", clone / ".dvc" / "config.local")
+    from costopt.layout import Workspace
+    from costopt.params import load_params
+    from tasks.version import pull
+
+    pull(Workspace(clone), load_params(clone / "params.yaml", profile="quick"))
+    want = digest_tree(ws, ["artifacts", "reports"])
+    got = digest_tree(clone, ["artifacts", "reports"])
+    assert want and got == want, f"pulled files differ: {sorted(set(want.items()) ^ set(got.items()))[:5]}"
+
+
+def test_bad_input_fails_early_and_keeps_what_is_stored(run):
+    ws, env = run["ws"], run["env"]
+    latest = ws / "reports" / "latest"
+    before_target, before = os.readlink(latest), digest_tree(ws, ["artifacts", "reports"])
+    lock = (ws / "dvc.lock").read_bytes()
+    proc = dags_test(env, {"profile": "quick", "workspace": str(ws), "model": "nobody/no-such-model"},
+                     run["base"] / "bad-model.log")
+    assert proc.returncode != 0, "an unknown model must fail the run"
+    assert "ingest.model" in proc.stdout + proc.stderr, "the error names the field"
+    proc = dags_test(env, {"profile": "turbo", "workspace": str(ws)}, run["base"] / "bad-param.log")
+    assert proc.returncode != 0, "a DAG param outside its schema must be refused"
+    assert os.readlink(latest) == before_target, "reports/latest still points at the good run"
+    assert digest_tree(ws, ["artifacts", "reports"]) == before, "no stored artifact or report changed"
+    assert (ws / "dvc.lock").read_bytes() == lock, "dvc.lock unchanged"
