@@ -456,7 +456,7 @@ _MONTHS = _words("January February March April May June July August September Oc
 
 
 def _item(rng: random.Random, family: str, context: str, answer: str, wrong: list[str]) -> Row:
-    """One lm-eval style item: the answer shuffled among the distractors, every choice with a leading space."""
+    """One lm-eval style item: the answer shuffled among the distractors, each choice with a leading space."""
     choices = [answer] + wrong
     if len(set(choices)) != len(choices):
         raise ValueError(f"evaldata.tasks: duplicate choices {choices} for {context!r}")
@@ -549,7 +549,7 @@ def task_items(seed: int, n: int) -> list[Row]:
 
 
 def build_sets(p: EvalDataParams) -> dict[str, list[Row]]:
-    """All four sets for one params section: {"prompts", "ppl", "calibration", "tasks"} (no references yet)."""
+    """The four sets of one params section: {"prompts", "ppl", "calibration", "tasks"}, without references."""
     held, cal = split_prompts(p.seed, p.prompts, p.calibration)
     return {"prompts": held, "ppl": ppl_passages(p.seed, p.ppl_texts), "calibration": cal,
             "tasks": task_items(p.seed, p.task_items)}

@@ -82,7 +82,8 @@ def test_task_items_are_well_formed():
     for it in items:
         assert 0 <= it["answer"] < len(it["choices"]), f"{it['id']}: answer index out of range"
         assert len(set(it["choices"])) == len(it["choices"]), f"{it['id']}: repeated choices {it['choices']}"
-        assert all(c.startswith(" ") and c.strip() for c in it["choices"]), f"{it['id']}: choice lacks a leading space"
+        assert all(c.startswith(" ") and c.strip() for c in it["choices"]), \
+            f"{it['id']}: a choice lacks its leading space: {it['choices']}"
         assert it["context"] == it["context"].rstrip(), f"{it['id']}: context ends with whitespace"
         assert set(it) == {"id", "family", "context", "choices", "answer"}, f"{it['id']}: keys {sorted(it)}"
     keys = [(it["context"], tuple(it["choices"])) for it in items]
@@ -114,7 +115,8 @@ def tiny():
     bpe.decoder = decoders.ByteLevel()
     corpus = [it["context"] + it["choices"][it["answer"]] for it in task_items(0, 300)]
     bpe.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<pad>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        vocab_size=400, special_tokens=["<pad>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="<eos>")
     tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                          "{% if add_generation_prompt %}assistant:{% endif %}")
@@ -143,7 +145,8 @@ def test_choice_logliks_match_a_hand_computation(tiny):
     got = choice_logliks(model, tok, items, batch_size=3, progress=False)  # padded, mixed lengths
     for it, row in zip(items, got):
         want = _hand_logliks(model, tok, it)
-        assert len(row) == len(it["choices"]), f"{it['id']}: {len(row)} scores for {len(it['choices'])} choices"
+        assert len(row) == len(it["choices"]), \
+            f"{it['id']}: {len(row)} scores for {len(it['choices'])} choices"
         for j, (g, w) in enumerate(zip(row, want)):
             assert math.isclose(g, w, abs_tol=1e-4), f"{it['id']} choice {j}: batched {g} != by hand {w}"
 
@@ -157,9 +160,11 @@ def test_shared_prefixes_share_forward_passes_but_keep_exact_choice_tokens(tiny)
         item = items[c.item]
         ctx = tok(item["context"])["input_ids"]
         cont = tok(item["choices"][c.choice], add_special_tokens=False)["input_ids"]
-        assert list(c.tokens) == cont, f"{item['id']}: choice tokens {c.tokens} != separately tokenized {cont}"
+        assert list(c.tokens) == cont, \
+            f"{item['id']}: choice tokens {c.tokens} != separately tokenized {cont}"
         assert seqs[c.seq][:c.start] == ctx, f"{item['id']}: host sequence does not start with the context"
-        assert seqs[c.seq][c.start:c.start + len(cont) - 1] == cont[:-1], f"{item['id']}: host lacks the choice prefix"
+        assert seqs[c.seq][c.start:c.start + len(cont) - 1] == cont[:-1], \
+            f"{item['id']}: the host sequence lacks the choice's leading tokens"
 
 
 def test_choice_logliks_runs_in_bf16_close_to_fp32(tiny):
