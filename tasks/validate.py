@@ -21,8 +21,8 @@ import torch
 from tqdm import tqdm
 
 from costopt.layout import Workspace, read_json, replace_dir, staging_dir, write_json
-from costopt.metrics import (accuracy_and_retention, mean_over_units, ppl_ratio, quantile_over_units,
-                             token_kl, token_nll, top1_match)
+from costopt.metrics import (Reference, accuracy_and_retention, mean_over_units, ppl_ratio,
+                             quantile_over_units, token_nll)
 from costopt.modelio import load_model_dir
 from costopt.params import Params
 from costopt.variants import load_variant_model
@@ -72,18 +72,19 @@ def compare_prompts(base: Any, variants: dict[str, Any], tok: Any, texts: list[s
                     tallies: dict[str, Tally]) -> None:
     """KL and top-1 of each variant against fp32 at every real position; [B, T] masks."""
     for enc in tqdm(list(batches(tok, texts, max_len)), desc="validate prompts", unit="batch"):
-        ref = logits(base, enc)  # [B, T, V]
         mask = enc["attention_mask"].bool()  # [B, T]
+        seq_of_row = torch.arange(mask.shape[0])[:, None].expand_as(mask)[mask]  # [N] real positions only
+        ref = Reference(logits(base, enc)[mask])  # [N, V]
         for name, model in variants.items():
-            out = logits(model, enc)
-            kl, top1 = token_kl(ref, out), top1_match(ref, out)  # [B, T]
+            out = logits(model, enc)[mask]
+            kl, top1 = ref.kl(out).double(), ref.top1_match(out)  # [N]
             t = tallies[name]
             for b in range(mask.shape[0]):
-                m = mask[b]
-                t.kl_sum.append(float(kl[b][m].sum()))
-                t.kl_tokens.append(kl[b][m].numpy())
-                t.top1_sum.append(float(top1[b][m].sum()))
-                t.count.append(float(m.sum()))
+                rows = seq_of_row == b
+                t.kl_sum.append(float(kl[rows].sum()))
+                t.kl_tokens.append(kl[rows].numpy())
+                t.top1_sum.append(float(top1[rows].sum()))
+                t.count.append(float(rows.sum()))
 
 
 def passage_nll(models: dict[str, Any], tok: Any, texts: list[str], max_len: int,

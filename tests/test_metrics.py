@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from costopt.cost import cost_per_1m_requests
-from costopt.metrics import (accuracy_and_retention, bootstrap_ci, mean_over_units, ppl_ratio,
+from costopt.metrics import (Reference, accuracy_and_retention, bootstrap_ci, mean_over_units, ppl_ratio,
                              quantile_over_units, token_kl, token_nll, top1_match)
 
 
@@ -74,3 +74,11 @@ def test_cost_per_1m_requests():
     assert cost_per_1m_requests(3.6, 1.0) == pytest.approx(1000.0), "3.6 USD/h x 1 s = 1e-3 USD per request"
     with pytest.raises(ValueError, match="non-negative"):
         cost_per_1m_requests(-1.0, 1.0)
+
+
+def test_reference_matches_the_float64_definition():
+    torch.manual_seed(1)
+    ref, var = torch.randn(6, 50) * 3, torch.randn(6, 50) * 3
+    r = Reference(ref)
+    assert torch.allclose(r.kl(var).double(), token_kl(ref, var), atol=1e-5), "float32 reuse path = definition"
+    assert torch.equal(r.top1_match(var), top1_match(ref, var)), "top-1 agreement matches"
