@@ -1,4 +1,5 @@
-"""Phase 0, preflight: fail in seconds, not hours. Checks settings, the model source and the S3 remote.
+"""Phase 0, preflight: fail in seconds, not hours. Checks settings, the model source, the eval-set sizes
+and the S3 remote.
 
 Run it as `python -m tasks.preflight`. Nothing is written: a bad setting, an unknown model or an
 unreachable artifact store stops the run before any stored artifact or report is touched.
@@ -13,9 +14,11 @@ from costopt.params import Params
 
 
 def preflight(params: Params, ws: Workspace) -> dict[str, Any]:
+    from costopt.evaldata import build_sets
     from costopt.s3 import check_endpoint, parse_s3_url
 
     src = resolve_source(params.ingest.model)
+    build_sets(params.evaldata)  # pure Python, milliseconds: set sizes the generators cannot meet fail here
     remote = {"remote": params.version.remote, "checked": False}
     if params.version.remote.startswith("s3://"):
         bucket, _ = parse_s3_url(params.version.remote)
