@@ -2,7 +2,8 @@
 
 Run it as `python -m tasks.validate`. Metrics (costopt.metrics), each with a 95% bootstrap CI:
 - KL mean and p99, top-1 agreement: teacher-forced over held-out chat prompts followed by the fp32
-  model's own answer, at every real (non-pad) position;
+  model's own answer, at every real (non-pad) position after the prefix all prompts share (the chat
+  template's system block);
 - perplexity ratio on held-out passages;
 - task accuracy and retention on the labeled multiple-choice set (log-likelihood scoring).
 fp32 logits are computed once per batch and compared with every variant in lockstep. The Great
@@ -54,6 +55,18 @@ def prompt_texts(tok: Any, rows: list[dict[str, Any]]) -> list[str]:
             + r.get("reference", "") for r in rows]
 
 
+def shared_prefix_len(tok: Any, texts: list[str]) -> int:
+    """Tokens every text starts with (the chat template's system block). Their logits are the same in
+    every sequence, so counting them would weight one position hundreds of times (it would set the
+    p99 on its own); we measure from the first position that differs."""
+    ids = [tok(t)["input_ids"] for t in texts]
+    n = min(len(x) for x in ids)
+    for i in range(n):
+        if any(x[i] != ids[0][i] for x in ids):
+            return i
+    return n
+
+
 def batches(tok: Any, texts: list[str], max_len: int) -> Iterator[dict[str, torch.Tensor]]:
     tok.padding_side = "right"
     if tok.pad_token is None:
@@ -69,10 +82,12 @@ def logits(model: Any, enc: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def compare_prompts(base: Any, variants: dict[str, Any], tok: Any, texts: list[str], max_len: int,
-                    tallies: dict[str, Tally]) -> None:
-    """KL and top-1 of each variant against fp32 at every real position; [B, T] masks."""
+                    tallies: dict[str, Tally]) -> int:
+    """KL and top-1 of each variant against fp32 at every real position past the shared prefix."""
+    skip = shared_prefix_len(tok, texts) if len(texts) > 1 else 0
     for enc in tqdm(list(batches(tok, texts, max_len)), desc="validate prompts", unit="batch"):
         mask = enc["attention_mask"].bool()  # [B, T]
+        mask[:, :skip] = False
         seq_of_row = torch.arange(mask.shape[0])[:, None].expand_as(mask)[mask]  # [N] real positions only
         ref = Reference(logits(base, enc)[mask])  # [N, V]
         for name, model in variants.items():
@@ -85,6 +100,7 @@ def compare_prompts(base: Any, variants: dict[str, Any], tok: Any, texts: list[s
                 t.kl_tokens.append(kl[rows].numpy())
                 t.top1_sum.append(float(top1[rows].sum()))
                 t.count.append(float(rows.sum()))
+    return skip
 
 
 def passage_nll(models: dict[str, Any], tok: Any, texts: list[str], max_len: int,
@@ -137,7 +153,7 @@ def validate(params: Params, ws: Workspace) -> dict[str, Any]:
     manifest = read_json(ws.data_dir / "manifest.json")
 
     tallies = {name: Tally() for name in ["fp32", *variants]}
-    compare_prompts(base, variants, tok, prompt_texts(tok, prompts), cfg.max_seq_len, tallies)
+    skipped = compare_prompts(base, variants, tok, prompt_texts(tok, prompts), cfg.max_seq_len, tallies)
     passage_nll({"fp32": base, **variants}, tok, [p["text"] for p in passages], cfg.max_seq_len, tallies)
     correct = task_correct({"fp32": base, **variants}, tok, items)
 
@@ -148,6 +164,7 @@ def validate(params: Params, ws: Workspace) -> dict[str, Any]:
                      "chance_accuracy": manifest.get("chance_accuracy"),
                      "ppl_tokens": int(sum(tallies["fp32"].nll_count)),
                      "prompt_tokens": int(sum(tallies[params.quantize.variants[0]].count)),
+                     "shared_prefix_tokens_skipped": skipped,
                      "items": len(items), "prompts": len(prompts), "passages": len(passages)},
         "variants": {name: summarize(tallies[name], tallies["fp32"], correct[name], correct["fp32"],
                                      cfg.bootstrap) for name in variants},
