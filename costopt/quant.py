@@ -29,7 +29,9 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from costopt.kernels import MAX_NATIVE_ROWS, int8_gemm
+from costopt.kernels import int8_gemm
+
+BF16_NATIVE_ROWS = 16  # bf16 GEMM has no FMA on AVX2: past a few rows, widening to fp32 is faster
 
 WEIGHTS = "model.safetensors"
 
@@ -181,7 +183,7 @@ class Bf16Linear(nn.Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() // x.shape[-1] <= MAX_NATIVE_ROWS:
+        if x.numel() // x.shape[-1] <= BF16_NATIVE_ROWS:
             return F.linear(x, self.weight, self.bias)
         bias = None if self.bias is None else self.bias.float()
         return F.linear(x.float(), self.weight.float(), bias).to(torch.bfloat16)

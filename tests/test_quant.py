@@ -28,7 +28,7 @@ def test_unknown_scheme_and_field_are_named():
         config_from_dict({"scheme": "int8_weight_only", "group_size": 7})
 
 
-@pytest.mark.parametrize("M", [1, 3, 5, 16, 40])
+@pytest.mark.parametrize("M", [1, 3, 5, 16, 40, 48, 64])
 def test_int8_gemm_matches_dequantized_reference(M):
     torch.manual_seed(M)
     w = torch.randn(72, 200)
