@@ -14,7 +14,6 @@ leaves the artifacts as they were (`dvc commit --no-relink` never rewrites works
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from costopt.layout import Workspace
+from costopt.modelio import sha256_file
 from costopt.params import Params, VersionParams
 from costopt.s3 import check_endpoint, credentials_env, parse_s3_url
 
@@ -92,14 +92,6 @@ def configure_remote(root: Path, cfg: VersionParams, env: dict[str, str]) -> Non
 def _count(pattern: str, text: str) -> int:
     found = re.search(pattern, text)
     return int(found.group(1)) if found else 0  # "Everything is up to date." prints no count
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _prepare(params: Params, ws: Workspace, create_bucket: bool) -> dict[str, str]:
