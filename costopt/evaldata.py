@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable
 
 from costopt.params import EvalDataParams, ParamsError
 
-GENERATOR_VERSION = 1  # bump when any list or template changes: it invalidates cached data sets
+GENERATOR_VERSION = 2  # 2: calibration prompts carry fp32 answers; bump when any list or template changes: it invalidates cached data sets
 
 Row = dict[str, Any]
 

@@ -8,7 +8,12 @@ between Airflow tasks, never tensors.
     artifacts/data/             prompts, ppl texts, calibration, task set, manifest (evaldata)
     artifacts/variants/<name>/  quantized weights + spec.json                    (quantize)
     artifacts/bench/            baseline.json, variants/<name>.json               (benchmark)
-    artifacts/quality/          quality.json, gates.json, data_docs/             (validate)
+    artifacts/reference/        fp32 top-k log-probs, passage NLL, task answers   (reference)
+    artifacts/quality/variants/ <name>.json (metrics + gate verdict), <name>.docs/ (validate)
+    artifacts/sensitivity/      per-part KL of INT4/INT8 against fp32             (sensitivity)
+    artifacts/calibration/      KL versus calibration-set size                   (calibration_curve)
+    artifacts/search/           search.json, quality.json, gates.json, data_docs/,
+                                variants|bench|quality of the mixed candidates    (search)
     reports/<run_id>/           summary.json, report.html, data_docs/            (report)
     reports/latest -> <run_id>
 """
@@ -21,6 +26,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+
+MIXED_PREFIX = "mixed_"  # names of the search's mixed-precision candidates
 
 
 @dataclass(frozen=True)
@@ -55,8 +63,36 @@ class Workspace:
     def reports_dir(self) -> Path:
         return self.root / "reports"
 
+    @property
+    def reference_dir(self) -> Path:
+        return self.root / "artifacts" / "reference"
+
+    @property
+    def sensitivity_dir(self) -> Path:
+        return self.root / "artifacts" / "sensitivity"
+
+    @property
+    def calibration_dir(self) -> Path:
+        return self.root / "artifacts" / "calibration"
+
+    @property
+    def search_dir(self) -> Path:
+        return self.root / "artifacts" / "search"
+
+    def _owner(self, name: str) -> Path:
+        """Mixed-precision candidates ("mixed_*") belong to the search phase, the rest to quantize."""
+        return self.search_dir if name.startswith(MIXED_PREFIX) else self.root / "artifacts"
+
     def variant_dir(self, name: str) -> Path:
-        return self.variants_dir / name
+        return self._owner(name) / "variants" / name
+
+    def bench_file(self, name: str) -> Path:
+        return (self.search_dir / "bench" if name.startswith(MIXED_PREFIX) else self.bench_dir / "variants") \
+            / f"{name}.json"
+
+    def quality_file(self, name: str) -> Path:
+        return (self.search_dir / "quality" if name.startswith(MIXED_PREFIX) else self.quality_dir / "variants") \
+            / f"{name}.json"
 
 
 def write_json(path: Path, obj: Any) -> Path:

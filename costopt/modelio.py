@@ -79,6 +79,25 @@ def resolve_source(model: str) -> ModelSource:
                            f"Hugging Face id in the local cache (costopt never downloads at run time)")
 
 
+def linear_widths(src: ModelSource) -> dict[str, int]:
+    """{"hidden_size", "intermediate_size"}: the input widths of the model's Linears, read from metadata
+    only (GGUF header or config.json), so preflight can check INT4 group sizes in seconds."""
+    if src.kind == "gguf":
+        import gguf
+
+        fields = gguf.GGUFReader(str(Path(src.path) / src.gguf_file)).fields
+        arch = bytes(fields["general.architecture"].parts[-1]).decode()
+        get = lambda key: int(fields[f"{arch}.{key}"].parts[-1][0])  # noqa: E731
+        return {"hidden_size": get("embedding_length"), "intermediate_size": get("feed_forward_length")}
+    if src.kind == "dir":
+        config = json.loads((Path(src.path) / "config.json").read_text())
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        config = json.loads(Path(try_to_load_from_cache(src.path, "config.json")).read_text())
+    return {k: int(config[k]) for k in ("hidden_size", "intermediate_size")}
+
+
 def _in_hf_cache(model_id: str) -> bool:
     if model_id.count("/") != 1 or any(c in model_id for c in " \\:"):
         return False

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,7 @@ class BenchmarkParams:
     threads: int = 2  # torch intra-op threads
     decode_tokens: int = 64  # new tokens per decode measurement
     decode_repeats: int = 3  # median over repeats
+    decode_batch: int = 8  # the second decode figure: tokens/s summed over this many sequences
     throughput_batch: int = 16  # batch size for the throughput figure
     trace_requests: int = 24  # requests in the fixed latency trace
     trace_seed: int = 7  # the trace is a pure function of this seed
@@ -80,6 +82,7 @@ class BenchmarkParams:
         _check_number(f"{where}.threads", self.threads, 1, 1024, integer=True)
         _check_number(f"{where}.decode_tokens", self.decode_tokens, 2, 4096, integer=True)
         _check_number(f"{where}.decode_repeats", self.decode_repeats, 1, 100, integer=True)
+        _check_number(f"{where}.decode_batch", self.decode_batch, 1, 1024, integer=True)
         _check_number(f"{where}.throughput_batch", self.throughput_batch, 1, 1024, integer=True)
         _check_number(f"{where}.trace_requests", self.trace_requests, 1, 100_000, integer=True)
         _check_number(f"{where}.trace_seed", self.trace_seed, 0, integer=True)
@@ -88,19 +91,94 @@ class BenchmarkParams:
 
 @dataclass(frozen=True)
 class QuantizeParams:
-    variants: tuple[str, ...] = ("bf16", "int8_weight_only", "dynamic_qint8_naive")
+    variants: tuple[str, ...] = ("int8_weight_only", "int8_dynamic", "int8_static", "int4_rtn_g64",
+                                 "int4_gptq_g64", "int4_awq_g64", "dynamic_qint8_naive")  # names to build
+    definitions: dict = field(default_factory=dict)  # extra named variants: name -> {scheme, **config}
 
     def check(self, where: str) -> None:
-        from costopt.quant import SCHEMES  # late: the registry imports torch
+        from costopt.quant import PRESETS, SchemeError, config_from_dict  # late: the registry imports torch
 
+        if not isinstance(self.definitions, dict):
+            raise ParamsError(f"{where}.definitions: expected a mapping name -> {{scheme: ..., ...}}")
+        for name, conf in self.definitions.items():
+            if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9_]{0,63}", name):
+                raise ParamsError(f"{where}.definitions: name {name!r}: expected lower-case letters, digits "
+                                  "and '_' (it names folders and report rows)")
+            if name in PRESETS:
+                raise ParamsError(f"{where}.definitions.{name}: clashes with the preset of that name")
+            if name.startswith("mixed_"):
+                raise ParamsError(f"{where}.definitions.{name}: names starting with 'mixed_' are the search's")
+            if not isinstance(conf, dict):
+                raise ParamsError(f"{where}.definitions.{name}: expected a mapping with 'scheme', got {conf!r}")
+            try:
+                config_from_dict(conf)
+            except SchemeError as exc:
+                raise ParamsError(f"{where}.definitions.{name}: {exc}") from exc
         if not self.variants:
-            raise ParamsError(f"{where}.variants: expected at least one scheme name")
+            raise ParamsError(f"{where}.variants: expected at least one variant name")
+        known = sorted({*PRESETS, *self.definitions})
         for i, name in enumerate(self.variants):
-            if name not in SCHEMES:
-                raise ParamsError(f"{where}.variants[{i}]: unknown scheme {name!r}; "
-                                  f"expected one of {sorted(SCHEMES)}")
+            if name not in known:
+                raise ParamsError(f"{where}.variants[{i}]: unknown variant {name!r}; expected a preset or a "
+                                  f"name from {where}.definitions: {known}")
         if len(set(self.variants)) != len(self.variants):
             raise ParamsError(f"{where}.variants: names must be unique, got {list(self.variants)}")
+
+    def config(self, name: str) -> dict[str, Any]:
+        """The scheme config (dict form) of a variant name."""
+        from costopt.quant import PRESETS
+
+        return dict(self.definitions.get(name) or PRESETS[name])
+
+
+@dataclass(frozen=True)
+class CalibrateParams:
+    source: str = "auto"  # auto: serving logs when they hold prompts, else the project's prompts
+    logs: str = "logs/requests.jsonl"  # serving request log (JSONL with a "prompt" text field)
+    samples: int = 128  # calibration sequences used by GPTQ/AWQ/static INT8
+    max_seq_len: int = 128  # tokens per calibration sequence
+    curve: tuple[int, ...] = (16, 64, 256)  # calibration sizes of the KL-vs-size curve in the report
+    curve_variant: str = "int4_gptq_g64"  # the calibrated variant the curve re-fits ("" = no curve)
+    curve_prompts: int = 64  # held-out prompts the curve's KL is measured on
+
+    def check(self, where: str) -> None:
+        if self.source not in ("auto", "prompts", "logs"):
+            raise ParamsError(f"{where}.source: expected 'auto', 'prompts' or 'logs', got {self.source!r}")
+        if not isinstance(self.logs, str):
+            raise ParamsError(f"{where}.logs: expected a path, got {self.logs!r}")
+        _check_number(f"{where}.samples", self.samples, 1, 100_000, integer=True)
+        _check_number(f"{where}.max_seq_len", self.max_seq_len, 8, 8192, integer=True)
+        _check_number(f"{where}.curve_prompts", self.curve_prompts, 2, 100_000, integer=True)
+        for i, size in enumerate(self.curve):
+            _check_number(f"{where}.curve[{i}]", size, 1, 100_000, integer=True)
+        if not isinstance(self.curve_variant, str):
+            raise ParamsError(f"{where}.curve_variant: expected a variant name or '', got {self.curve_variant!r}")
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    enabled: bool = True  # run the sensitivity scan and the mixed-precision search
+    sensitivity_prompts: int = 16  # calibration prompts the per-part KL is measured on
+    precisions: tuple[str, ...] = ("int4", "int8")  # per-part choices measured (fp32 is always allowed)
+    method: str = "gptq"  # how INT4 parts of a mixed variant are fitted: rtn | gptq | awq
+    group_size: int = 64  # INT4 group size of mixed variants
+    max_evaluations: int = 2  # mixed candidates quantized and validated at most
+    target_margin: float = 0.6  # the first mixed candidate aims at this share of the KL gate
+
+    def check(self, where: str) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ParamsError(f"{where}.enabled: expected true or false, got {self.enabled!r}")
+        _check_number(f"{where}.sensitivity_prompts", self.sensitivity_prompts, 2, 10_000, integer=True)
+        if not self.precisions or any(p not in ("int4", "int8") for p in self.precisions):
+            raise ParamsError(f"{where}.precisions: expected a non-empty subset of ['int4', 'int8'], "
+                              f"got {list(self.precisions)}")
+        if self.method not in ("rtn", "gptq", "awq"):
+            raise ParamsError(f"{where}.method: expected 'rtn', 'gptq' or 'awq', got {self.method!r}")
+        _check_number(f"{where}.group_size", self.group_size, 2, 4096, integer=True)
+        if self.group_size % 2:
+            raise ParamsError(f"{where}.group_size: expected an even number, got {self.group_size!r}")
+        _check_number(f"{where}.max_evaluations", self.max_evaluations, 1, 50, integer=True)
+        _check_number(f"{where}.target_margin", self.target_margin, 0.05, 1.0)
 
 
 @dataclass(frozen=True)
@@ -109,9 +187,12 @@ class Gates:
     kl_p99_max: float = 0.5  # nats/token
     top1_agreement_min: float = 0.93  # share of tokens
     ppl_ratio_max: float = 1.05  # variant ppl / fp32 ppl
-    task_retention_min: float = 0.95  # variant accuracy / fp32 accuracy
+    task_retention_min: float = 0.97  # variant accuracy / fp32 accuracy
+    statistic: str = "ci_bound"  # ci_bound: the pessimistic end of the 95% CI must pass; point: the estimate
 
     def check(self, where: str) -> None:
+        if self.statistic not in ("ci_bound", "point"):
+            raise ParamsError(f"{where}.statistic: expected 'ci_bound' or 'point', got {self.statistic!r}")
         _check_number(f"{where}.kl_mean_max", self.kl_mean_max, 0, 20)
         _check_number(f"{where}.kl_p99_max", self.kl_p99_max, 0, 50)
         _check_number(f"{where}.top1_agreement_min", self.top1_agreement_min, 0, 1)
@@ -161,6 +242,8 @@ class Params:
     evaldata: EvalDataParams = field(default_factory=EvalDataParams)
     benchmark: BenchmarkParams = field(default_factory=BenchmarkParams)
     quantize: QuantizeParams = field(default_factory=QuantizeParams)
+    calibrate: CalibrateParams = field(default_factory=CalibrateParams)
+    search: SearchParams = field(default_factory=SearchParams)
     validate: ValidateParams = field(default_factory=ValidateParams)
     cost: CostParams = field(default_factory=CostParams)
     version: VersionParams = field(default_factory=VersionParams)

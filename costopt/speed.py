@@ -93,13 +93,14 @@ def greedy_decode(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
     return torch.stack(generated, dim=1), t1 - t0, t2 - t1
 
 
-def decode_tok_s(model: Any, tok: Any, prompt: str, new_tokens: int, repeats: int) -> float:
-    """Median batch-1 decode speed, tokens/s, prefill excluded."""
-    enc = encode(tok, [prompt])
+def decode_tok_s(model: Any, tok: Any, prompts: Sequence[str], new_tokens: int, repeats: int,
+                 batch: int = 1) -> float:
+    """Median decode speed at `batch` sequences, new tokens/s summed over the batch, prefill excluded."""
+    enc = encode(tok, [prompts[i % len(prompts)] for i in range(batch)])
     rates = []
     for _ in range(repeats):
         _, _, dt = greedy_decode(model, enc["input_ids"], enc["attention_mask"], new_tokens)
-        rates.append((new_tokens - 1) / dt)
+        rates.append(batch * (new_tokens - 1) / dt)
     return statistics.median(rates)
 
 
@@ -130,7 +131,8 @@ def measure(model: Any, tok: Any, prompts: Sequence[str], cfg: Any, price_per_ho
     warm = encode(tok, [prompts[0]])
     greedy_decode(model, warm["input_ids"], warm["attention_mask"], 4)  # first-call costs (kernel build)
     trace = build_trace(prompts, cfg.trace_requests, cfg.trace_seed, cfg.decode_tokens)
-    bs1 = decode_tok_s(model, tok, prompts[0], cfg.decode_tokens, cfg.decode_repeats)
+    bs1 = decode_tok_s(model, tok, prompts[:1], cfg.decode_tokens, cfg.decode_repeats)
+    bsn = decode_tok_s(model, tok, prompts, cfg.decode_tokens, cfg.decode_repeats, batch=cfg.decode_batch)
     tput = throughput_tok_s(model, tok, prompts, cfg.throughput_batch, cfg.decode_tokens)
     lat = trace_latencies(model, tok, trace, progress)
     p50, p95, p99 = (float(np.percentile(lat, q)) for q in (50, 95, 99))
@@ -139,6 +141,8 @@ def measure(model: Any, tok: Any, prompts: Sequence[str], cfg: Any, price_per_ho
         "variant": name,
         "device": device_label(cfg.threads),
         "decode_tok_s_bs1": round(bs1, 3),
+        "decode_tok_s_batch": round(bsn, 3),
+        "decode_batch": cfg.decode_batch,
         "throughput_tok_s": round(tput, 3),
         "throughput_batch": cfg.throughput_batch,
         "p50_ms": round(p50, 2), "p95_ms": round(p95, 2), "p99_ms": round(p99, 2),

@@ -26,6 +26,7 @@ class VariantSpec:
     size_bytes: int = 0
     fingerprint: str = ""
     fast_kernel: bool = True  # False: quality-only, no kernel here makes it faster
+    calibration: dict[str, Any] | None = None  # {"source": "prompts"|"logs", "samples": n} if calibrated
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

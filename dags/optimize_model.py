@@ -2,10 +2,12 @@
 
 Wiring only: each task is a one-line wrapper of a phase function in `tasks/` (the same functions the
 DVC stages and `python -m tasks.<phase>` run). Nothing heavy is imported at parse time. The form
-(Params) lets a platform engineer pick the model, variants, gate thresholds, price and profile.
+(Params) lets a platform engineer pick the model, variants, gates, price and profile. Variants fan out
+with dynamic task mapping: one quantize -> benchmark -> validate chain per variant.
 
-    preflight -> ingest -> evaldata -> benchmark -> quantize -> [benchmark_variants, validate]
-              -> report -> version
+    preflight -> ingest -> evaldata -> [benchmark, reference, sensitivity, calibration_curve]
+      -> plan -> quantize[v] -> benchmark_variant[v] -> validate[v]   (mapped over the variants)
+      -> search (mixed precision, cheapest passing variant, Pareto front) -> report -> version
 """
 from __future__ import annotations
 
@@ -13,11 +15,15 @@ from datetime import timedelta
 
 from airflow.sdk import Param, dag, get_current_context, task
 
-SCHEMES = ["bf16", "int8_weight_only", "dynamic_qint8_naive"]  # costopt.quant.SCHEMES, kept light
+# costopt.quant.PRESETS, kept light (a test checks they match)
+VARIANTS = ["bf16", "int8_weight_only", "int8_dynamic", "int8_static", "int4_rtn_g64", "int4_gptq_g64",
+            "int4_awq_g64", "int4_rtn_g32", "int4_gptq_g32", "dynamic_qint8_naive"]
+DEFAULT_VARIANTS = ["int8_weight_only", "int8_dynamic", "int8_static", "int4_rtn_g64", "int4_gptq_g64",
+                    "int4_awq_g64", "dynamic_qint8_naive"]  # params.yaml's quantize.variants
 
 
-def _run(phase_module: str, phase: str):
-    """Call tasks.<module>.<phase>(params, ws) for this run's form; returns its small JSON result."""
+def _run(phase_module: str, phase: str, *args):
+    """Call tasks.<module>.<phase>(params, ws, *args) for this run's form; returns its small JSON result."""
     import importlib
 
     from airflow.sdk.exceptions import AirflowFailException
@@ -27,7 +33,7 @@ def _run(phase_module: str, phase: str):
 
     try:
         params, ws = resolve(get_current_context()["params"])
-        return getattr(importlib.import_module(f"tasks.{phase_module}"), phase)(params, ws)
+        return getattr(importlib.import_module(f"tasks.{phase_module}"), phase)(params, ws, *args)
     except USER_ERRORS as exc:  # bad input: retrying cannot help, fail now with the message
         raise AirflowFailException(str(exc)) from exc
 
@@ -42,17 +48,22 @@ def _run(phase_module: str, phase: str):
     params={
         "model": Param("builtin:smollm2-135m-instruct", type="string", minLength=1,
                        description="builtin:<name>, a local model folder, or a Hugging Face id in the local cache"),
-        "variants": Param(SCHEMES, type="array", minItems=1, uniqueItems=True,
-                          items={"type": "string", "enum": SCHEMES},
-                          description="quantization schemes to build and validate"),
+        "variants": Param(DEFAULT_VARIANTS, type="array", minItems=1, uniqueItems=True,
+                          items={"type": "string", "enum": VARIANTS},
+                          description="named variants to build, benchmark and validate"),
         "gates": Param({"kl_mean_max": 0.02, "kl_p99_max": 0.5, "top1_agreement_min": 0.93,
-                        "ppl_ratio_max": 1.05, "task_retention_min": 0.95}, type="object",
+                        "ppl_ratio_max": 1.05, "task_retention_min": 0.97, "statistic": "ci_bound"},
+                       type="object",
                        properties={"kl_mean_max": {"type": "number", "minimum": 0, "maximum": 20},
                                    "kl_p99_max": {"type": "number", "minimum": 0, "maximum": 50},
                                    "top1_agreement_min": {"type": "number", "minimum": 0, "maximum": 1},
                                    "ppl_ratio_max": {"type": "number", "minimum": 1, "maximum": 100},
-                                   "task_retention_min": {"type": "number", "minimum": 0, "maximum": 1.5}},
-                       additionalProperties=False, description="quality gates against fp32"),
+                                   "task_retention_min": {"type": "number", "minimum": 0, "maximum": 1.5},
+                                   "statistic": {"type": "string", "enum": ["ci_bound", "point"]}},
+                       additionalProperties=False,
+                       description="quality gates against fp32; ci_bound: the 95% CI's pessimistic end must pass"),
+        "mixed_precision_search": Param(True, type="boolean",
+                                        description="run the sensitivity scan and search mixed precision"),
         "price_per_hour_usd": Param(0.10, type="number", exclusiveMinimum=0, maximum=10000,
                                     description="machine price, USD per hour"),
         "profile": Param("full", type="string", enum=["quick", "full"],
@@ -79,16 +90,42 @@ def optimize_model():
         return _run("benchmark", "benchmark_baseline")
 
     @task
-    def quantize():
-        return _run("quantize", "quantize_variants")
+    def reference():
+        return _run("reference", "reference")
 
     @task
-    def benchmark_variants():
-        return _run("benchmark", "benchmark_variants")
+    def sensitivity():
+        return _run("sensitivity", "sensitivity")
 
     @task
-    def validate():
-        return _run("validate", "validate")
+    def calibration_curve():
+        return _run("calibcurve", "calibration_curve")
+
+    @task
+    def plan() -> list[str]:
+        return _run("preflight", "variant_names")
+
+    @task(map_index_template="{{ variant }}")
+    def quantize(name: str) -> str:
+        get_current_context()["variant"] = name  # labels the mapped instance in the UI
+        _run("quantize", "quantize_variant", name)
+        return name
+
+    @task(map_index_template="{{ variant }}")
+    def benchmark_variant(name: str) -> str:
+        get_current_context()["variant"] = name  # labels the mapped instance in the UI
+        _run("benchmark", "benchmark_variant", name)
+        return name
+
+    @task(map_index_template="{{ variant }}")
+    def validate(name: str) -> str:
+        get_current_context()["variant"] = name  # labels the mapped instance in the UI
+        _run("validate", "validate_variant", name)
+        return name
+
+    @task
+    def search():
+        return _run("search", "search")
 
     @task
     def report():
@@ -98,9 +135,19 @@ def optimize_model():
     def version():
         return _run("version", "version")
 
-    measured = [benchmark_variants(), validate()]
-    preflight() >> ingest() >> evaldata() >> benchmark() >> quantize() >> measured
-    measured >> report() >> version()
+    data = evaldata()
+    preflight() >> ingest() >> data
+    ready = [benchmark(), reference()]
+    data >> ready
+    names = plan()
+    ready >> names
+    checked = validate.expand(name=benchmark_variant.expand(name=quantize.expand(name=names)))
+    side = [sensitivity(), calibration_curve()]
+    ready >> side[1]
+    data >> side[0]
+    found = search()
+    [checked, *side] >> found
+    found >> report() >> version()
 
 
 optimize_model()

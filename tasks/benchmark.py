@@ -11,7 +11,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from costopt.layout import Workspace, replace_dir, staging_dir, write_json
+from costopt.layout import Workspace, write_json
 from costopt.modelio import load_model_dir
 from costopt.params import Params
 from costopt.speed import measure
@@ -40,19 +40,18 @@ def benchmark_baseline(params: Params, ws: Workspace) -> dict[str, Any]:
     return record
 
 
+def benchmark_variant(params: Params, ws: Workspace, name: str) -> dict[str, Any]:
+    """Measure one variant into artifacts/bench/variants/<name>.json (search candidates: artifacts/search/bench/)."""
+    model, tok = load_variant_model(ws, name)
+    record = _measure(model, tok, name, params, held_out_prompts(ws))
+    write_json(ws.bench_file(name), record)
+    return {k: record[k] for k in ("variant", "decode_tok_s_bs1", "decode_tok_s_batch", "p95_ms",
+                                   "cost_per_1m_requests_usd")}
+
+
 def benchmark_variants(params: Params, ws: Workspace) -> dict[str, Any]:
-    """Measure every variant of params.quantize.variants into artifacts/bench/variants/<name>.json."""
-    prompts = held_out_prompts(ws)
-    stage = staging_dir(ws.bench_dir / "variants")
-    records = {}
-    for name in params.quantize.variants:
-        model, tok = load_variant_model(ws, name)
-        records[name] = _measure(model, tok, name, params, prompts)
-        write_json(stage / f"{name}.json", records[name])
-        del model
-    replace_dir(stage, ws.bench_dir / "variants")
-    return {name: {k: r[k] for k in ("decode_tok_s_bs1", "p95_ms", "cost_per_1m_requests_usd")}
-            for name, r in records.items()}
+    """Measure every variant of quantize.variants (the DVC stage and `--variants`)."""
+    return {name: benchmark_variant(params, ws, name) for name in params.quantize.variants}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
 
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--variants", action="store_true", help="measure the quantized variants instead of fp32")
+    p.add_argument("--variant", help="measure only this variant")
     args = p.parse_args(argv)
+    if args.variant:
+        return execute(lambda params, ws: benchmark_variant(params, ws, args.variant), args)
     return execute(benchmark_variants if args.variants else benchmark_baseline, args)
 
 

@@ -26,6 +26,8 @@ def overrides_from_form(form: dict[str, Any]) -> dict[str, Any]:
     gates = {k: v for k, v in (form.get("gates") or {}).items() if v is not None}
     if gates:
         over["validate"] = {"gates": gates}
+    if form.get("mixed_precision_search") is not None:
+        over["search"] = {"enabled": bool(form["mixed_precision_search"])}
     if form.get("price_per_hour_usd") is not None:
         over["cost"] = {"price_per_hour_usd": form["price_per_hour_usd"]}
     return over

@@ -107,8 +107,12 @@ def evaldata(params: Params, ws: Workspace) -> dict[str, Any]:
                 "chance_accuracy": manifest["chance_accuracy"]}
     sets = build_sets(p)  # before the model loads: bad counts fail in milliseconds
     model, tok = load_model_dir(ws.model_dir)
-    refs = greedy_references(model, tok, [r["messages"] for r in sets["prompts"]], p.reference_tokens)
-    sets["prompts"] = [{**row, "reference": ref} for row, ref in zip(sets["prompts"], refs)]
+    # Held-out prompts and calibration prompts both get the fp32 model's greedy answer: teacher-forced
+    # metrics then see answer positions, and calibration sees the text a served model reads back while
+    # it decodes (prompts alone are ~20 tokens each: too few rows for GPTQ/AWQ statistics).
+    for key in ("prompts", "calibration"):
+        refs = greedy_references(model, tok, [r["messages"] for r in sets[key]], p.reference_tokens)
+        sets[key] = [{**row, "reference": ref} for row, ref in zip(sets[key], refs)]
     families: dict[str, int] = {}
     for item in sets["tasks"]:
         families[item["family"]] = families.get(item["family"], 0) + 1

@@ -67,12 +67,19 @@ GATES = (
 )
 
 
-def _metric_value(variant: str, metric: str, entry: Any) -> float:
-    """`{"value": x, "ci95": [...]}` -> x as float (NaN for None); anything else is a GateError."""
+def _metric_value(variant: str, metric: str, entry: Any, pick: str = "value") -> float:
+    """`{"value": x, "ci95": [lo, hi]}` -> x, lo or hi (`pick`) as float (NaN for None); anything else is
+    a GateError."""
     if not isinstance(entry, dict) or "value" not in entry:
         raise GateError(f"variant {variant!r}, metric {metric!r}: expected {{'value': float|None, 'ci95': "
                         f"[lo, hi]}}, got {entry!r}")
     value = entry["value"]
+    if pick != "value" and value is not None:
+        ci = entry.get("ci95")
+        if not isinstance(ci, (list, tuple)) or len(ci) != 2:
+            raise GateError(f"variant {variant!r}, metric {metric!r}: gates use the 95% CI bound but "
+                            f"ci95 is {ci!r}; expected [lo, hi]")
+        value = ci[0] if pick == "lo" else ci[1]
     if value is None:
         return math.nan
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -80,8 +87,20 @@ def _metric_value(variant: str, metric: str, entry: Any) -> float:
     return float(value)
 
 
-def gate_table(quality_variants: dict[str, dict]) -> "pd.DataFrame":
-    """quality.json's "variants" -> DataFrame [variant, *METRICS], one row per variant; NaN = not measured."""
+def _pick(metric: str, statistic: str) -> str:
+    """Which number of a metric is gated: the estimate, or the CI end on the failing side."""
+    gate = next((g for g in GATES if g.metric == metric), None)
+    if gate is None or statistic == "point":
+        return "value"
+    return "hi" if gate.op == "<=" else "lo"
+
+
+def gate_table(quality_variants: dict[str, dict], statistic: str = "point") -> "pd.DataFrame":
+    """quality.json's "variants" -> DataFrame [variant, *METRICS], one row per variant; NaN = not measured.
+
+    With statistic "ci_bound" each gated column holds the pessimistic end of its 95% CI (the upper
+    bound for "at most" gates, the lower bound for "at least" gates), so a variant passes only when
+    the whole interval clears the threshold's side."""
     import pandas as pd
 
     if not isinstance(quality_variants, dict) or not quality_variants:
@@ -96,7 +115,8 @@ def gate_table(quality_variants: dict[str, dict]) -> "pd.DataFrame":
         if missing:
             raise GateError(f"variant {variant!r}: missing metric(s) {missing}; quality.json must give "
                             f"every variant all of {list(METRICS)}")
-        rows.append({"variant": str(variant), **{m: _metric_value(variant, m, metrics[m]) for m in METRICS}})
+        rows.append({"variant": str(variant),
+                     **{m: _metric_value(variant, m, metrics[m], _pick(m, statistic)) for m in METRICS}})
     return pd.DataFrame(rows, columns=["variant", *METRICS]).astype({m: "float64" for m in METRICS})
 
 
@@ -197,14 +217,16 @@ def _check(gate: Gate, variant: str, value: float, failing: dict, gates: Gates) 
     measured = variant not in failing[(_NOT_NULL, gate.metric)]
     within = variant not in failing[(_RANGE, gate.metric)]
     check = {"metric": gate.metric, "value": value if measured else None, "threshold": bound,
-             "op": gate.op, "passed": measured and within}
+             "op": gate.op, "statistic": _pick(gate.metric, gates.statistic), "passed": measured and within}
     if not measured:
         return check, f"{gate.metric} was not measured"
     if within:
         return check, None
     unit = f" {gate.unit}" if gate.unit else ""
     broken = ">" if gate.op == "<=" else "<"
-    return check, f"{gate.metric} = {_fmt(value, bound)}{unit} {broken} {gate.threshold} = {bound:g}"
+    which = "" if gates.statistic == "point" else (" (95% CI upper bound)" if gate.op == "<=" else
+                                                   " (95% CI lower bound)")
+    return check, f"{gate.metric}{which} = {_fmt(value, bound)}{unit} {broken} {gate.threshold} = {bound:g}"
 
 
 def evaluate_gates(quality_variants: dict[str, dict], gates: Gates, docs_dir: Path, *,
@@ -215,7 +237,7 @@ def evaluate_gates(quality_variants: dict[str, dict], gates: Gates, docs_dir: Pa
     re-run replaces the previous pages instead of piling up old validations. `run_name` labels the run in
     Data Docs (e.g. the Airflow run id). Raises GateError for malformed input or a check GE could not run.
     """
-    table = gate_table(quality_variants)
+    table = gate_table(quality_variants, gates.statistic)
     docs_dir = Path(docs_dir)
     stage = staging_dir(docs_dir)
     try:

@@ -9,8 +9,46 @@ from __future__ import annotations
 from typing import Any
 
 from costopt.layout import Workspace
-from costopt.modelio import resolve_source
-from costopt.params import Params
+from costopt.modelio import linear_widths, resolve_source
+from costopt.params import Params, ParamsError
+
+
+def check_group_sizes(params: Params, widths: dict[str, int]) -> None:
+    """Every INT4 group size (named variants, the mixed search) must divide the model's Linear widths."""
+    from costopt.quant import config_from_dict
+
+    sizes = sorted(set(widths.values()))
+    where = {}
+    for i, name in enumerate(params.quantize.variants):
+        cfg = config_from_dict(params.quantize.config(name))
+        if hasattr(cfg, "group_size"):
+            field = (f"quantize.definitions.{name}.group_size" if name in params.quantize.definitions
+                     else f"quantize.variants[{i}] ({name}): group_size")
+            where[field] = cfg.group_size
+    if params.search.enabled:
+        where["search.group_size"] = params.search.group_size
+    for field, g in where.items():
+        bad = [w for w in sizes if w % g]
+        if bad:
+            fits = [c for c in (16, 32, 64, 96, 128, 192, 256) if all(w % c == 0 for w in sizes)]
+            raise ParamsError(f"{field}: {g} does not divide the layer width(s) {bad} of "
+                              f"{params.ingest.model} ({widths}); group sizes that fit: {fits}")
+
+
+def check_calibration(params: Params, ws: Workspace) -> None:
+    """The calibration set can hold what calibrate.* asks of it (the log source is checked when read)."""
+    cfg = params.calibrate
+    logs = ws.root / cfg.logs if cfg.logs else None
+    if cfg.source == "logs" and (logs is None or not logs.is_file()):
+        raise ParamsError(f"calibrate.source: 'logs' but calibrate.logs {logs} does not exist")
+    from_prompts = cfg.source == "prompts" or logs is None or not logs.is_file()
+    if from_prompts:
+        need = {"calibrate.samples": cfg.samples,
+                "calibrate.curve": max(cfg.curve) if cfg.curve_variant and cfg.curve else 0}
+        for field, n in need.items():
+            if n > params.evaldata.calibration:
+                raise ParamsError(f"{field}: needs {n} calibration prompts but evaldata.calibration is "
+                                  f"{params.evaldata.calibration}; raise evaldata.calibration or lower {field}")
 
 
 def preflight(params: Params, ws: Workspace) -> dict[str, Any]:
@@ -19,6 +57,8 @@ def preflight(params: Params, ws: Workspace) -> dict[str, Any]:
 
     src = resolve_source(params.ingest.model)
     build_sets(params.evaldata)  # pure Python, milliseconds: set sizes the generators cannot meet fail here
+    check_group_sizes(params, linear_widths(src))
+    check_calibration(params, ws)
     remote = {"remote": params.version.remote, "checked": False}
     if params.version.remote.startswith("s3://"):
         bucket, _ = parse_s3_url(params.version.remote)
@@ -26,6 +66,11 @@ def preflight(params: Params, ws: Workspace) -> dict[str, Any]:
         remote["checked"] = True
     return {"model": params.ingest.model, "source": src.kind, "profile": params.profile,
             "workspace": str(ws.root), "variants": list(params.quantize.variants), **remote}
+
+
+def variant_names(params: Params, ws: Workspace) -> list[str]:
+    """The variants this run builds, in order (the DAG maps quantize/benchmark/validate over them)."""
+    return list(params.quantize.variants)
 
 
 def main(argv: list[str] | None = None) -> int:

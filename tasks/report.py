@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
 import os
@@ -26,11 +25,13 @@ from costopt.cost import cost_per_1m_requests
 from costopt.layout import Workspace, read_json, replace_dir, staging_dir, write_json
 from costopt.params import Params
 from costopt.runid import run_id as make_run_id
+from tasks.plots import curve_png, pareto_png, sensitivity_png
 
 BASELINE = "fp32"
 QUALITY_KEYS = ("kl_mean", "kl_p99", "top1_agreement", "ppl_ratio", "task_accuracy", "task_retention")
 SPEED_KEYS = ("decode_tok_s_bs1", "throughput_tok_s", "p50_ms", "p95_ms", "p99_ms")
-SPEED_EXTRAS = ("throughput_batch", "machine_seconds_per_request", "slo_p95_ms", "slo_met")
+SPEED_EXTRAS = ("throughput_batch", "decode_tok_s_batch", "decode_batch", "machine_seconds_per_request",
+                "slo_p95_ms", "slo_met")
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "summary.schema.json"
 WRITERS = {  # dvc.yaml stage -> the command that writes its outputs
     "ingest": "python -m tasks.ingest",
@@ -38,6 +39,10 @@ WRITERS = {  # dvc.yaml stage -> the command that writes its outputs
     "quantize": "python -m tasks.quantize",
     "benchmark_variants": "python -m tasks.benchmark --variants",
     "validate": "python -m tasks.validate",
+    "reference": "python -m tasks.reference",
+    "sensitivity": "python -m tasks.sensitivity",
+    "search": "python -m tasks.search",
+    "calibration_curve": "python -m tasks.calibcurve",
 }
 
 
@@ -63,7 +68,10 @@ class Inputs:
     speeds: dict[str, dict[str, Any]]  # variant name -> speed record
     quality: dict[str, Any]
     gates: dict[str, Any]
-    data_docs: Path | None  # artifacts/quality/data_docs, if validate wrote it
+    data_docs: Path | None  # artifacts/search/data_docs, if the search wrote it
+    search: dict[str, Any]  # artifacts/search/search.json
+    sensitivity: dict[str, Any] | None  # artifacts/sensitivity/sensitivity.json, when the search ran it
+    curve: dict[str, Any] | None  # artifacts/calibration/curve.json, when configured
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -96,22 +104,28 @@ def _model_size(ws: Workspace) -> int:
     return sum(f.stat().st_size for f in files)
 
 
-def _variant_specs(ws: Workspace, base_fingerprint: str) -> dict[str, dict[str, Any]]:
+def _variant_specs(ws: Workspace, base_fingerprint: str, names: list[str]) -> dict[str, dict[str, Any]]:
     specs = {}
-    for path in sorted(ws.variants_dir.glob("*/spec.json")):
-        if path.parent.name.startswith("."):  # a staging or old folder, not a variant
-            continue
-        spec = _load(ws, path, "quantize")
-        if _entry(spec, "name", str(path), "quantize") != path.parent.name:
+    for name in names:
+        path = ws.variant_dir(name) / "spec.json"
+        spec = _load(ws, path, "search" if name.startswith("mixed_") else "quantize")
+        if _entry(spec, "name", str(path), "quantize") != name:
             raise ReportInputError(f"{path}: name {spec['name']!r} differs from its folder "
-                                   f"{path.parent.name!r}; re-run the quantize phase")
+                                   f"{name!r}; re-run the quantize phase")
         if spec.get("base_fingerprint") not in (None, base_fingerprint):
             raise ReportInputError(f"{path}: built from model {spec['base_fingerprint'][:12]}…, but "
                                    f"artifacts/model is {base_fingerprint[:12]}…; re-run the quantize phase")
-        specs[spec["name"]] = spec
+        specs[name] = spec
     if not specs:
-        raise _missing(ws, ws.variants_dir / "<name>" / "spec.json", "quantize")
+        raise ReportInputError(f"{ws.search_dir / 'search.json'}: lists no candidates; re-run the search phase")
     return specs
+
+
+def _optional(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    record = read_json(path)
+    return record if record.get("enabled", True) else None
 
 
 def load_inputs(params: Params, ws: Workspace) -> Inputs:
@@ -121,24 +135,28 @@ def load_inputs(params: Params, ws: Workspace) -> Inputs:
     if _entry(fingerprint, "model", "artifacts/model/fingerprint.json", "ingest") != params.ingest.model:
         raise ReportInputError(f"artifacts/model was ingested from {fingerprint['model']!r} but "
                                f"ingest.model is {params.ingest.model!r}; re-run the ingest phase")
-    bench, quality_dir = ws.bench_dir, ws.quality_dir
-    specs = _variant_specs(ws, fp)
+    search = _load(ws, ws.search_dir / "search.json", "search")
+    names = _entry(search, "candidates", "artifacts/search/search.json", "search")
+    specs = _variant_specs(ws, fp, list(names))
     inputs = Inputs(
         fingerprint=fingerprint,
         model_size=_model_size(ws),
-        baseline_speed=_load(ws, bench / "baseline.json", "benchmark"),
+        baseline_speed=_load(ws, ws.bench_dir / "baseline.json", "benchmark"),
         specs=specs,
-        speeds={n: _load(ws, bench / "variants" / f"{n}.json", "benchmark_variants") for n in specs},
-        quality=_load(ws, quality_dir / "quality.json", "validate"),
-        gates=_load(ws, quality_dir / "gates.json", "validate"),
-        data_docs=quality_dir / "data_docs" if (quality_dir / "data_docs").is_dir() else None,
+        speeds={n: _load(ws, ws.bench_file(n), "benchmark_variants") for n in specs},
+        quality=_load(ws, ws.search_dir / "quality.json", "search"),
+        gates=_load(ws, ws.search_dir / "gates.json", "search"),
+        data_docs=ws.search_dir / "data_docs" if (ws.search_dir / "data_docs").is_dir() else None,
+        search=search,
+        sensitivity=_optional(ws.sensitivity_dir / "sensitivity.json"),
+        curve=_optional(ws.calibration_dir / "curve.json"),
     )
     for name in specs:
         for file, record in (("quality.json", inputs.quality), ("gates.json", inputs.gates)):
-            known = _entry(record, "variants", f"artifacts/quality/{file}", "validate")
+            known = _entry(record, "variants", f"artifacts/search/{file}", "search")
             if name not in known:
-                raise ReportInputError(f"artifacts/quality/{file} has no entry for variant {name!r} "
-                                       f"(it has {sorted(known)}); re-run the validate phase")
+                raise ReportInputError(f"artifacts/search/{file} has no entry for variant {name!r} "
+                                       f"(it has {sorted(known)}); re-run the search phase")
     return inputs
 
 
@@ -223,6 +241,8 @@ def _variant_row(inp: Inputs, name: str, base: dict[str, Any], price: float) -> 
                  "reasons": [str(r) for r in verdict.get("reasons", [])],
                  "checks": verdict.get("checks", [])},
         "fingerprint": spec.get("fingerprint"),
+        "fast_kernel": bool(spec.get("fast_kernel", True)),  # False: "quality-only" on this CPU
+        "calibration": spec.get("calibration"),
     }
 
 
@@ -264,12 +284,35 @@ def build_summary(params: Params, inp: Inputs) -> dict[str, Any]:
         "data_docs": "data_docs/index.html" if docs else None,  # relative to the summary's folder
         "baseline": base,
         "variants": variants,
-        "search": {"gates": _entry(inp.gates, "thresholds", "artifacts/quality/gates.json", "validate"),
-                   "picked": pick_cheapest(variants),
-                   "front": pareto_front([base, *variants]),
-                   "evaluations": len(variants)},
+        "search": _search_section(inp, variants, base),
+        "sensitivity": _sensitivity_section(inp.sensitivity),
+        "calibration_curve": inp.curve,
         "deployed": [],  # the deploy phase fills this in
     }
+
+
+def _search_section(inp: Inputs, variants: list[dict[str, Any]], base: dict[str, Any]) -> dict[str, Any]:
+    """Picked and front recomputed from the rows at this price; they must agree with the search phase."""
+    picked, front = pick_cheapest(variants), pareto_front([base, *variants])
+    if picked != inp.search.get("picked"):
+        raise ReportInputError(f"artifacts/search/search.json picked {inp.search.get('picked')!r} but the "
+                               f"measured rows give {picked!r}; re-run the search phase")
+    return {"gates": _entry(inp.gates, "thresholds", "artifacts/search/gates.json", "search"),
+            "statistic": inp.gates["thresholds"].get("statistic", "point"),
+            "picked": picked, "front": front, "evaluations": len(variants),
+            "evaluations_detail": inp.search.get("evaluations_detail"),
+            "mixed": inp.search.get("mixed")}
+
+
+def _sensitivity_section(sens: dict[str, Any] | None) -> dict[str, Any] | None:
+    if sens is None:
+        return None
+    scan = sens["scan"]
+    first = scan["precisions"][0]
+    order = sorted(scan["parts"], key=lambda p: scan["parts"][p][first], reverse=True)
+    return {"precisions": scan["precisions"], "group_size": scan["group_size"], "tokens": scan["tokens"],
+            "int4_method": scan.get("int4_method"), "seconds": scan.get("seconds"),
+            "most_sensitive": order[:10], "parts": scan["parts"], "part_cost_us": sens["costs"]["parts"]}
 
 
 def check_summary(summary: dict[str, Any], schema_path: Path = SCHEMA) -> None:
@@ -313,47 +356,6 @@ def summary_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def pareto_png(summary: dict[str, Any]) -> bytes:
-    """Cost per 1M requests (x) against KL mean (y, symlog so fp32's 0 shows), front highlighted."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-
-    front, picked = summary["search"]["front"], summary["search"]["picked"]
-    pts = [r for r in _rows(summary)
-           if r["cost_per_1m_requests_usd"] is not None and r["quality"]["kl_mean"] is not None]
-    fig = Figure(figsize=(7.5, 4.8), dpi=110, layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    positive = [r["quality"]["kl_mean"] for r in pts if r["quality"]["kl_mean"] > 0]
-    ax.set_yscale("symlog", linthresh=10 ** math.floor(math.log10(min(positive))) if positive else 1e-3)
-    by_name = {r["name"]: r for r in pts}
-    line = [by_name[n] for n in front if n in by_name]
-    ax.plot([r["cost_per_1m_requests_usd"] for r in line], [r["quality"]["kl_mean"] for r in line],
-            color="#f0a020", lw=6, alpha=0.35, zorder=1, solid_capstyle="round")
-    style = {True: ("o", "#2a9d2a"), False: ("X", "#d62728"), None: ("o", "#888888")}
-    for r in pts:
-        marker, color = ("s", "#222222") if r["name"] == BASELINE else style[r["gate"]["passed"]]
-        x, y = r["cost_per_1m_requests_usd"], r["quality"]["kl_mean"]
-        ax.scatter([x], [y], marker=marker, s=140 if r["name"] == picked else 70, color=color, zorder=3,
-                   edgecolors="#f0a020" if r["name"] in front else "none", linewidths=2)
-        ax.annotate(r["name"] + (" (picked)" if r["name"] == picked else ""), (x, y),
-                    textcoords="offset points", xytext=(7, 6), fontsize=8)
-    ax.set_xlabel("cost per 1M requests (USD)")
-    ax.set_ylabel("KL mean vs fp32 (nats/token, symlog)")
-    ax.set_title("Cost versus quality")
-    ax.grid(True, alpha=0.3)
-    ax.legend(handles=[
-        Line2D([], [], marker="s", ls="", color="#222222", label="fp32 baseline"),
-        Line2D([], [], marker="o", ls="", color="#2a9d2a", label="gates passed"),
-        Line2D([], [], marker="X", ls="", color="#d62728", label="gates failed"),
-        Line2D([], [], color="#f0a020", lw=6, alpha=0.35, label="Pareto front"),
-    ], fontsize=8, loc="best")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})  # no version stamp: stable bytes
-    return buf.getvalue()
-
-
 CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:2em;color:#222;max-width:1400px}
 table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right;
 vertical-align:top}th{background:#f3f3f3}td.l,th.l{text-align:left}.ci{color:#777;font-size:12px}
@@ -381,11 +383,14 @@ def _table_row(r: dict[str, Any], summary: dict[str, Any]) -> str:
         tags.append("picked")
     if r["name"] in summary["search"]["front"]:
         tags.append("front")
+    if r.get("fast_kernel") is False:
+        tags.append("quality-only: no fast kernel on this CPU")
     cells = [
         f'<td class="l"><b>{html.escape(r["name"])}</b><br><span class="ci">{", ".join(tags)}</span></td>',
         f'<td class="l">{html.escape(r["precision"])}</td>',
         f'<td>{r["size_bytes"] / 1e6:.1f}<br><span class="ci">×{_fmt(r.get("size_ratio"), ".3f")}</span></td>',
         f'<td>{_fmt(s["decode_tok_s_bs1"], ".1f")}<br><span class="ci">×{_fmt(r.get("speedup_bs1"), ".2f")}</span></td>',
+        f'<td>{_fmt(s.get("decode_tok_s_batch"), ".1f")}</td>',
         f'<td>{_fmt(s["throughput_tok_s"], ".1f")}</td>', f'<td>{_fmt(s["p95_ms"], ".0f")}</td>',
         f'<td>{_fmt(r["cost_per_1m_requests_usd"], ".2f")}<br><span class="ci">×{_fmt(r.get("cost_ratio"), ".3f")}</span></td>',
         f'<td>{_with_ci(r, "kl_mean", ".4f")}</td>', f'<td>{_with_ci(r, "top1_agreement", ".3f")}</td>',
@@ -396,10 +401,42 @@ def _table_row(r: dict[str, Any], summary: dict[str, Any]) -> str:
     return f"<tr{cls}>{''.join(cells)}</tr>"
 
 
-def render_html(summary: dict[str, Any], png: bytes) -> str:
+def _mixed_html(search: dict[str, Any]) -> str:
+    mixed = search.get("mixed") or {}
+    if not mixed.get("enabled"):
+        return "<p>The mixed-precision search was off in this run (search.enabled: false).</p>"
+    rows = "".join(
+        f"<tr><td class='l'>{html.escape(t['name'])}</td><td class='l'>{html.escape(t['label'])}</td>"
+        f"<td>{t['index']}</td><td>{_fmt(t['predicted_kl'], '.4f')}</td><td>{_fmt(t['measured_kl'], '.4f')}</td>"
+        f"<td>{'pass' if t['passed'] else 'FAIL'}</td></tr>" for t in mixed.get("trials", []))
+    return (f"<p>{len(mixed.get('path', []))} mixed assignments planned from the sensitivity scan and the "
+            f"kernel cost table; {len(mixed.get('trials', []))} quantized and validated (binary search on the "
+            f"path, cheapest passing: <b>{html.escape(str(mixed.get('best')))}</b>).</p>"
+            f"<table><tr><th class='l'>candidate</th><th class='l'>plan</th><th>path index</th>"
+            f"<th>predicted KL</th><th>measured KL</th><th>gates</th></tr>{rows}</table>")
+
+
+def _figures_html(summary: dict[str, Any], figures: dict[str, bytes]) -> str:
+    out = []
+    titles = {"sensitivity": "Per-part sensitivity", "curve": "KL versus calibration size"}
+    for key, title in titles.items():
+        if key in figures:
+            data = base64.b64encode(figures[key]).decode("ascii")
+            out.append(f'<h2>{title}</h2><img alt="{title}" src="data:image/png;base64,{data}">')
+    curve = summary.get("calibration_curve")
+    if curve:
+        cells = "".join(f"<tr><td>{p['samples']}</td><td>{_with_ci({'quality': {'k': p['kl_mean']['value']}, 'quality_ci95': {'k': p['kl_mean']['ci95']}}, 'k', '.4f')}</td></tr>"
+                        for p in curve["points"])
+        out.append(f"<table><tr><th>calibration samples</th><th>KL mean [95% CI]</th></tr>{cells}</table>")
+    return "\n".join(out)
+
+
+def render_html(summary: dict[str, Any], png: bytes, figures: dict[str, bytes] | None = None) -> str:
     """The human report: one self-contained page (inline CSS, the plot as a base64 PNG)."""
     esc, search = html.escape, summary["search"]
-    heads = ["variant", "precision", "size MB<br>(× fp32)", "decode tok/s bs1<br>(speedup)", "throughput tok/s",
+    batch = summary["baseline"]["speed"].get("decode_batch", "n")
+    heads = ["variant", "precision", "size MB<br>(× fp32)", "decode tok/s bs1<br>(speedup)",
+             f"decode tok/s bs{batch}", "throughput tok/s",
              "p95 ms", "cost / 1M req USD<br>(× fp32)", "KL mean<br>[95% CI]", "top-1<br>[95% CI]",
              "ppl ratio<br>[95% CI]", "task acc<br>[95% CI]", "task retention<br>[95% CI]", "gate"]
     rows = "\n".join(_table_row(r, summary) for r in _rows(summary))
@@ -431,6 +468,9 @@ per hour / 3600 × machine-seconds per request × 10<sup>6</sup>. Ratios in pare
 <h2>Cost versus quality</h2>
 <img alt="cost versus KL mean, Pareto front highlighted" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">
 <p>Pareto front: {esc(", ".join(search["front"]) or "–")}</p>
+<h2>Mixed-precision search</h2>
+{_mixed_html(search)}
+{_figures_html(summary, figures or {})}
 <h2>Gate thresholds</h2>
 <table><tr><th class="l">threshold</th><th>value</th></tr>{gates}</table>
 <h2>Data quality</h2>
@@ -463,7 +503,12 @@ def write_report(summary: dict[str, Any], final: Path, data_docs: Path | None) -
         write_json(stage / "summary.json", summary)
         if data_docs is not None:
             shutil.copytree(data_docs, stage / "data_docs")
-        (stage / "report.html").write_text(render_html(summary, pareto_png(summary)), encoding="utf-8")
+        figures = {}
+        if summary.get("sensitivity"):
+            figures["sensitivity"] = sensitivity_png(summary["sensitivity"])
+        if summary.get("calibration_curve"):
+            figures["curve"] = curve_png(summary["calibration_curve"])
+        (stage / "report.html").write_text(render_html(summary, pareto_png(summary), figures), encoding="utf-8")
         replace_dir(stage, final)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)  # leave no half-written folder; the old report stays

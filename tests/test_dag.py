@@ -8,10 +8,14 @@ import pytest
 
 PROJECT = Path(__file__).resolve().parents[1]
 EXPECTED_EDGES = {
-    "preflight": {"ingest"}, "ingest": {"evaldata"}, "evaldata": {"benchmark"}, "benchmark": {"quantize"},
-    "quantize": {"benchmark_variants", "validate"}, "benchmark_variants": {"report"},
-    "validate": {"report"}, "report": {"version"}, "version": set(),
+    "preflight": {"ingest"}, "ingest": {"evaldata"},
+    "evaldata": {"benchmark", "reference", "sensitivity"},
+    "benchmark": {"plan", "calibration_curve"}, "reference": {"plan", "calibration_curve"},
+    "plan": {"quantize"}, "quantize": {"benchmark_variant"}, "benchmark_variant": {"validate"},
+    "validate": {"search"}, "sensitivity": {"search"}, "calibration_curve": {"search"},
+    "search": {"report"}, "report": {"version"}, "version": set(),
 }
+MAPPED = {"quantize", "benchmark_variant", "validate"}  # dynamic task mapping over the variants
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +57,14 @@ def test_task_graph(dagbag):
     assert graph == EXPECTED_EDGES, f"task graph changed: {graph}"
 
 
+def test_variants_fan_out_with_dynamic_task_mapping(dagbag):
+    from airflow.sdk.definitions.mappedoperator import MappedOperator
+
+    dag = dagbag.dags["optimize_model"]
+    mapped = {t.task_id for t in dag.tasks if isinstance(t, MappedOperator)}
+    assert mapped == MAPPED, f"mapped tasks: {mapped}"
+
+
 def test_form_has_a_typed_schema(dagbag):
     params = dagbag.dags["optimize_model"].params
     schema = {k: params.get_param(k).schema for k in params.keys()}
@@ -61,11 +73,13 @@ def test_form_has_a_typed_schema(dagbag):
     assert schema["gates"]["properties"]["top1_agreement_min"]["maximum"] == 1, "gate ranges are in the form"
 
 
-def test_form_schemes_match_the_registry(dagbag):
-    from costopt.quant import SCHEMES
+def test_form_variants_match_the_presets(dagbag):
+    from costopt.params import QuantizeParams
+    from costopt.quant import PRESETS
 
-    enum = dagbag.dags["optimize_model"].params.get_param("variants").schema["items"]["enum"]
-    assert sorted(enum) == sorted(SCHEMES), "the DAG form must offer exactly the registered schemes"
+    param = dagbag.dags["optimize_model"].params.get_param("variants")
+    assert sorted(param.schema["items"]["enum"]) == sorted(PRESETS), "the form must offer exactly the presets"
+    assert set(param.value) <= set(PRESETS) and param.value, "the default selection is made of presets"
 
 
 @pytest.mark.parametrize("key,value", [("profile", "turbo"), ("price_per_hour_usd", -1),

@@ -22,6 +22,8 @@ from costopt.s3 import MotoServer
 PROJECT = Path(__file__).resolve().parents[1]
 SCHEMA = PROJECT / "schemas" / "summary.schema.json"
 pytestmark = pytest.mark.e2e
+# One of each kind the run must handle: weight-only INT8, W8A8, INT4 RTN and calibrated (AWQ), the naive one.
+VARIANTS = ["int8_weight_only", "int8_dynamic", "int4_rtn_g64", "int4_awq_g64", "dynamic_qint8_naive"]
 
 
 def _files(root: Path) -> list[str]:
@@ -78,7 +80,7 @@ def run(tmp_path_factory):
         env = airflow_env(base / "airflow")
         airflow = str(Path(sys.executable).with_name("airflow"))
         subprocess.run([airflow, "db", "migrate"], env=env, check=True, capture_output=True)
-        proc = dags_test(env, {"profile": "quick", "workspace": str(ws)}, base / "run.log")
+        proc = dags_test(env, {"profile": "quick", "workspace": str(ws), "variants": VARIANTS}, base / "run.log")
         yield {"ws": ws, "env": env, "proc": proc, "base": base, "s3": s3}
 
 
@@ -92,8 +94,14 @@ def test_summary_meets_the_contract(run):
     summary = json.loads((run["ws"] / "reports" / "latest" / "summary.json").read_text())
     jsonschema.validate(summary, json.loads(SCHEMA.read_text()))
     assert summary["profile"] == "quick", "the run used the quick profile"
-    names = {v["name"] for v in summary["variants"]}
-    assert {"bf16", "int8_weight_only", "dynamic_qint8_naive"} <= names, f"variants: {names}"
+    names = [v["name"] for v in summary["variants"]]
+    assert names[:len(VARIANTS)] == VARIANTS, f"every mapped variant is reported, in order: {names}"
+    mixed = [n for n in names if n.startswith("mixed_")]
+    assert len(mixed) == 1, f"the quick profile evaluates one mixed-precision candidate: {names}"
+    for v in summary["variants"]:
+        speed = v["speed"]
+        assert speed["decode_tok_s_bs1"] > 0 and speed["decode_tok_s_batch"] > 0, f"{v['name']}: {speed}"
+    assert summary["search"]["evaluations"] == len(VARIANTS) + 1, f"search: {summary['search']}"
     assert (run["ws"] / "reports" / "latest" / "report.html").is_file(), "the human report exists"
     assert (run["ws"] / "reports" / "latest" / "data_docs" / "index.html").is_file(), "GE Data Docs are in the report"
 
@@ -109,6 +117,36 @@ def test_gate_keeps_the_naive_one_liner_out(run):
     assert int8["quality"]["kl_mean"] < 0.02 and int8["quality"]["top1_agreement"] > 0.93, \
         f"per-channel INT8 stays close to fp32: {int8['quality']}"
     assert summary["search"]["picked"] != "dynamic_qint8_naive", "a failed variant is never picked"
+
+
+def test_report_shows_sensitivity_curve_and_front(run):
+    summary = json.loads((run["ws"] / "reports" / "latest" / "summary.json").read_text())
+    sens = summary["sensitivity"]
+    assert len(sens["parts"]) == 60, "SmolLM2-135M has 30 blocks x (attention, MLP)"
+    assert all(sens["parts"][p]["int4"] > sens["parts"][p]["int8"] for p in sens["parts"]), \
+        "INT4 costs more KL than INT8 in every part"
+    curve = summary["calibration_curve"]
+    assert [p["samples"] for p in curve["points"]] == [4, 8], f"quick-profile curve: {curve}"
+    page = (run["ws"] / "reports" / "latest" / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3, "Pareto, sensitivity and calibration-curve plots"
+    assert set(summary["search"]["front"]) <= {"fp32", *[v["name"] for v in summary["variants"]]}
+
+
+def test_sensitivity_ranking_is_stable_across_seeds(run):
+    """Two disjoint-seeded draws of sensitivity prompts rank the parts alike (Spearman >= 0.8)."""
+    from scipy.stats import spearmanr
+
+    from costopt.layout import Workspace
+    from costopt.params import load_params
+    from tasks.sensitivity import run_scan
+
+    ws = run["ws"]
+    params = load_params(ws / "params.yaml", profile="quick",
+                         overrides={"search": {"sensitivity_prompts": 8, "precisions": ["int4"]}})
+    a, b = (run_scan(params, Workspace(ws), seed)["parts"] for seed in (1, 2))
+    parts = sorted(a)
+    rho = spearmanr([a[p]["int4"] for p in parts], [b[p]["int4"] for p in parts]).statistic
+    assert rho >= 0.8, f"sensitivity ranking moved between seeds: Spearman {rho:.3f}"
 
 
 def test_task_set_scores_above_chance(run):
@@ -143,6 +181,18 @@ def test_bad_input_fails_early_and_keeps_what_is_stored(run):
     assert "ingest.model" in proc.stdout + proc.stderr, "the error names the field"
     proc = dags_test(env, {"profile": "turbo", "workspace": str(ws)}, run["base"] / "bad-param.log")
     assert proc.returncode != 0, "a DAG param outside its schema must be refused"
+    proc = dags_test(env, {"profile": "quick", "workspace": str(ws), "variants": ["int3_magic"]},
+                     run["base"] / "bad-scheme.log")
+    assert proc.returncode != 0, "an unknown variant name must be refused"
+    bad = ws / "bad-params.yaml"
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["quantize"]["definitions"] = {"int4_g128": {"scheme": "int4_weight_only", "group_size": 128}}
+    params["quantize"]["variants"] = ["int4_g128"]
+    bad.write_text(yaml.safe_dump(params))
+    cli = subprocess.run([sys.executable, "-m", "tasks.preflight", "--params", str(bad), "--workspace", str(ws)],
+                         cwd=PROJECT, capture_output=True, text=True, env=env)
+    assert cli.returncode == 2, f"preflight must refuse group size 128 on widths 576/1536: {cli.stderr}"
+    assert "quantize.definitions.int4_g128.group_size: 128 does not divide" in cli.stderr, cli.stderr
     assert os.readlink(latest) == before_target, "reports/latest still points at the good run"
     assert digest_tree(ws, ["artifacts", "reports"]) == before, "no stored artifact or report changed"
     assert (ws / "dvc.lock").read_bytes() == lock, "dvc.lock unchanged"

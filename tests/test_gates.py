@@ -15,6 +15,7 @@ import pytest
 from costopt.params import Gates
 from tasks.gates import GATES, METRICS, GateError, evaluate_gates, gate_table
 
+POINT = Gates(statistic="point")  # these cases gate the estimates; CI bounds have their own test below
 GOOD = {"kl_mean": 0.005, "kl_p99": 0.12, "top1_agreement": 0.967, "ppl_ratio": 1.01,
         "task_retention": 1.0, "task_accuracy": 0.52}
 
@@ -35,7 +36,7 @@ QUALITY = {
     "dynamic_qint8_naive": variant(kl_mean=2.4517, kl_p99=9.3, top1_agreement=0.38, ppl_ratio=3.2,
                                    task_retention=0.61, task_accuracy=0.31),
     "unmeasured": variant(kl_mean=None, ppl_ratio=None, task_accuracy=None),
-    "at_threshold": at_threshold(Gates()),
+    "at_threshold": at_threshold(POINT),
     "just_over": variant(ppl_ratio=1.0500004),
 }
 
@@ -47,7 +48,7 @@ def docs_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def verdicts(docs_dir) -> dict:
-    return evaluate_gates(QUALITY, Gates(), docs_dir)
+    return evaluate_gates(QUALITY, POINT, docs_dir)
 
 
 def test_variant_within_all_gates_passes_with_no_reasons(verdicts):
@@ -63,7 +64,7 @@ def test_kl_over_threshold_fails_naming_metric_value_and_threshold(verdicts):
     assert v["passed"] is False, f"KL 2.45 nats/token is over kl_mean_max 0.02 and must fail, got {v}"
     assert v["reasons"] == ["kl_mean = 2.45 nats/token > kl_mean_max = 0.02"], f"reason: {v['reasons']}"
     kl = v["checks"][0]
-    assert kl == {"metric": "kl_mean", "value": 2.45, "threshold": 0.02, "op": "<=", "passed": False}, \
+    assert kl == {"metric": "kl_mean", "value": 2.45, "threshold": 0.02, "op": "<=", "statistic": "value", "passed": False}, \
         f"the kl_mean check records value, threshold and op: {kl}"
     assert all(c["passed"] for c in v["checks"][1:]), f"only kl_mean fails: {v['checks']}"
 
@@ -75,7 +76,7 @@ def test_several_failing_metrics_give_several_reasons(verdicts):
                             "kl_p99 = 9.3 nats/token > kl_p99_max = 0.5",
                             "top1_agreement = 0.38 < top1_agreement_min = 0.93",
                             "ppl_ratio = 3.2 > ppl_ratio_max = 1.05",
-                            "task_retention = 0.61 < task_retention_min = 0.95"], f"reasons: {v['reasons']}"
+                            "task_retention = 0.61 < task_retention_min = 0.97"], f"reasons: {v['reasons']}"
     assert not any(c["passed"] for c in v["checks"]), f"every check fails: {v['checks']}"
 
 
@@ -102,7 +103,7 @@ def test_value_just_over_threshold_prints_enough_digits(verdicts):
 
 
 def test_verdicts_are_json_and_echo_default_thresholds(verdicts):
-    assert verdicts["thresholds"] == dataclasses.asdict(Gates()), f"thresholds echoed: {verdicts['thresholds']}"
+    assert verdicts["thresholds"] == dataclasses.asdict(POINT), f"thresholds echoed: {verdicts['thresholds']}"
     assert set(verdicts["variants"]) == set(QUALITY), f"one verdict per variant: {sorted(verdicts['variants'])}"
     text = json.dumps(verdicts, allow_nan=False)
     assert json.loads(text) == verdicts, "gates.json round-trips through strict JSON"
@@ -123,7 +124,7 @@ def test_data_docs_index_written_and_shows_the_validation(verdicts, docs_dir):
 
 
 def test_thresholds_come_from_params_and_rerun_replaces_docs(verdicts, docs_dir):
-    loose = Gates(kl_mean_max=3.0, kl_p99_max=10.0, top1_agreement_min=0.3, ppl_ratio_max=4.0,
+    loose = Gates(statistic="point", kl_mean_max=3.0, kl_p99_max=10.0, top1_agreement_min=0.3, ppl_ratio_max=4.0,
                   task_retention_min=0.5)
     quality = {"dynamic_qint8_naive": QUALITY["dynamic_qint8_naive"], "unmeasured": QUALITY["unmeasured"]}
     out = evaluate_gates(quality, loose, docs_dir)
@@ -152,7 +153,24 @@ def test_gate_table_has_one_row_per_variant_and_nan_for_unmeasured():
 ])
 def test_malformed_quality_raises_naming_variant_and_metric(quality, words, tmp_path):
     with pytest.raises(GateError) as err:
-        evaluate_gates(quality, Gates(), tmp_path / "data_docs")
+        evaluate_gates(quality, POINT, tmp_path / "data_docs")
     for word in words:
         assert word in str(err.value), f"error should mention {word}: {err.value}"
     assert list(tmp_path.iterdir()) == [], f"bad input writes nothing: {list(tmp_path.iterdir())}"
+
+
+def test_ci_bound_gates_use_the_pessimistic_end_of_the_interval(tmp_path):
+    """A variant whose estimate passes but whose 95% CI crosses the threshold fails under ci_bound."""
+    close = variant(kl_mean=0.019, task_retention=0.975)  # CIs: kl [0.0171, 0.0209], retention [0.8775, 1.07]
+    quality = {"close": close, "clear": variant(kl_mean=0.001, task_retention=1.0)}
+    for metric, ci in {"task_retention": [0.98, 1.02], "top1_agreement": [0.96, 0.97], "ppl_ratio": [1.0, 1.02],
+                       "kl_p99": [0.1, 0.14]}.items():
+        quality["clear"][metric]["ci95"] = ci
+    ci = evaluate_gates(quality, Gates(statistic="ci_bound"), tmp_path / "ci")
+    point = evaluate_gates(quality, Gates(statistic="point"), tmp_path / "point")
+    assert point["variants"]["close"]["passed"], "the estimates pass"
+    assert not ci["variants"]["close"]["passed"], "the CI bounds do not"
+    reasons = " ".join(ci["variants"]["close"]["reasons"])
+    assert "kl_mean (95% CI upper bound) = 0.0209" in reasons, f"reason names the bound: {reasons}"
+    assert "task_retention (95% CI lower bound) = 0.8775" in reasons, f"reason names the bound: {reasons}"
+    assert ci["variants"]["clear"]["passed"], f"a clear margin passes: {ci['variants']['clear']['reasons']}"

@@ -26,6 +26,16 @@ def test_project_params_load_in_both_profiles():
     ({"version": {"remote": "not-a-url"}}, None, "version.remote"),
     ({"ingest": {"colour": "blue"}}, None, "ingest"),
     ({"nonsense": {}}, None, "nonsense"),
+    ({"quantize": {"definitions": {"g7": {"scheme": "int4_weight_only", "group_size": 7}}}}, None,
+     "quantize.definitions.g7: int4_weight_only.group_size"),
+    ({"quantize": {"definitions": {"x": {"scheme": "int4_weight_only", "method": "hqq"}}}}, None,
+     "int4_weight_only.method"),
+    ({"quantize": {"definitions": {"x": {"scheme": "int3"}}}}, None, "quantize.definitions.x: scheme"),
+    ({"validate": {"gates": {"statistic": "median"}}}, None, "validate.gates.statistic"),
+    ({"calibrate": {"samples": 0}}, None, "calibrate.samples"),
+    ({"calibrate": {"source": "web"}}, None, "calibrate.source"),
+    ({"search": {"precisions": ["int2"]}}, None, "search.precisions"),
+    ({"search": {"group_size": 33}}, None, "search.group_size"),
 ])
 def test_bad_values_name_their_field(section, value, field):
     with pytest.raises(ParamsError) as err:
@@ -52,3 +62,33 @@ def test_overrides_are_validated_like_the_file():
     assert p.validate.gates.kl_mean_max == 0.05, "override applied"
     with pytest.raises(ParamsError, match="ppl_ratio_max"):
         params_from_dict({}, overrides={"validate": {"gates": {"ppl_ratio_max": 0.5}}})
+
+
+def _preflight_params(**over):
+    return params_from_dict(over)
+
+
+def test_group_size_must_divide_the_model_widths():
+    from tasks.preflight import check_group_sizes
+
+    widths = {"hidden_size": 576, "intermediate_size": 1536}  # SmolLM2-135M: 128 does not divide 576
+    ok = params_from_dict({"quantize": {"variants": ["int4_rtn_g64"]}})
+    check_group_sizes(ok, widths)
+    bad = params_from_dict({"quantize": {"variants": ["g128"], "definitions": {
+        "g128": {"scheme": "int4_weight_only", "group_size": 128}}}})
+    with pytest.raises(ParamsError, match=r"quantize.definitions.g128.group_size: 128 does not divide .*576"):
+        check_group_sizes(bad, widths)
+    with pytest.raises(ParamsError, match="search.group_size"):
+        check_group_sizes(params_from_dict({"search": {"group_size": 128},
+                                            "quantize": {"variants": ["int8_weight_only"]}}), widths)
+
+
+def test_calibration_that_cannot_be_met_fails_in_preflight(tmp_path):
+    from costopt.layout import Workspace
+    from tasks.preflight import check_calibration
+
+    ws = Workspace(tmp_path)
+    with pytest.raises(ParamsError, match="calibrate.samples: needs 300"):
+        check_calibration(params_from_dict({"calibrate": {"samples": 300}}), ws)
+    with pytest.raises(ParamsError, match="calibrate.source: 'logs'"):
+        check_calibration(params_from_dict({"calibrate": {"source": "logs"}}), ws)

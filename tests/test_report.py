@@ -78,13 +78,26 @@ def build_workspace(root: Path, case: dict = CASE) -> Workspace:
                          metric(0.58), "task_retention": metric(0.97, 0.05)}
         verdicts[name] = {"passed": passed, "reasons": [] if passed else
                           [f"kl_mean = {kl:.4f} nats/token > kl_mean_max = 0.02"], "checks": []}
-    write(art / "quality" / "quality.json", {"baseline": {"task_accuracy": metric(0.6, 0.06), "ppl": 12.3,
-                                                          "chance_accuracy": 0.29, "tokens": 900, "items": 60},
-                                             "variants": quality})
-    write(art / "quality" / "gates.json", {"thresholds": dataclasses.asdict(Params().validate.gates),
-                                           "variants": verdicts,
-                                           "data_docs": "artifacts/quality/data_docs/index.html"})
-    write(art / "quality" / "data_docs" / "index.html", "<html>data docs</html>")
+    write(art / "search" / "quality.json", {"baseline": {"task_accuracy": metric(0.6, 0.06), "ppl": 12.3,
+                                                         "chance_accuracy": 0.29, "tokens": 900, "items": 60},
+                                            "variants": quality})
+    write(art / "search" / "gates.json", {"thresholds": dataclasses.asdict(Params().validate.gates),
+                                          "variants": verdicts,
+                                          "data_docs": "artifacts/search/data_docs/index.html"})
+    write(art / "search" / "data_docs" / "index.html", "<html>data docs</html>")
+    passing = {n: s for n, (s, _, ok) in case.items() if ok}
+    write(art / "search" / "search.json", {
+        "candidates": list(case), "picked": min(passing, key=passing.get) if passing else None,
+        "front": [], "evaluations": len(case), "mixed": {"enabled": False}})
+    parts = {f"layers.{i}.{k}": {"int4": 0.01 * (i + 1) * (2 if k == "mlp" else 1), "int8": 1e-4 * (i + 1)}
+             for i in range(3) for k in ("self_attn", "mlp")}
+    write(art / "sensitivity" / "sensitivity.json", {
+        "enabled": True, "scan": {"parts": parts, "tokens": 321, "precisions": ["int4", "int8"], "group_size": 64,
+                                  "int4_method": "rtn", "seconds": 1.0},
+        "costs": {"parts": {p: {"fp32": 100.0, "int8": 40.0, "int4": 30.0} for p in parts}}})
+    write(art / "calibration" / "curve.json", {
+        "enabled": True, "variant": "int4_gptq_g64", "prompts": 8, "rtn_kl_mean": 0.3, "skipped_sizes": [],
+        "points": [{"samples": n, "source": "prompts", "kl_mean": metric(0.2 / n ** 0.5, 0.01)} for n in (4, 16, 64)]})
     return Workspace(root)
 
 
@@ -117,7 +130,7 @@ def test_summary_follows_the_contract(ran):
     ws, result, summary = ran
     jsonschema.validate(summary, json.loads(SCHEMA.read_text()))
     assert summary["run_id"] == run_id(Params(), FINGERPRINT), "run id must come from params and fingerprint"
-    assert [v["name"] for v in summary["variants"]] == sorted(CASE), f"variants: {summary['variants']}"
+    assert [v["name"] for v in summary["variants"]] == list(CASE), f"variants: {summary['variants']}"
     base = summary["baseline"]
     assert (base["name"], base["precision"], base["transforms"]) == ("fp32", "fp32", []), f"baseline: {base}"
     assert base["quality"] == {"kl_mean": 0, "kl_p99": 0, "top1_agreement": 1, "ppl_ratio": 1,
@@ -210,8 +223,9 @@ def test_summary_table_lists_every_variant(ran):
 
 
 @pytest.mark.parametrize("path, stage", [
-    ("artifacts/quality/quality.json", "validate"),
-    ("artifacts/quality/gates.json", "validate"),
+    ("artifacts/search/quality.json", "search"),
+    ("artifacts/search/gates.json", "search"),
+    ("artifacts/search/search.json", "search"),
     ("artifacts/bench/baseline.json", "benchmark"),
     ("artifacts/bench/variants/int8.json", "benchmark_variants"),
     ("artifacts/model/fingerprint.json", "ingest"),

@@ -1,5 +1,5 @@
 """Validation helpers that decide which positions count."""
-from tasks.validate import shared_prefix_len
+from tasks.reference import shared_prefix_len
 
 
 class CharTokenizer:

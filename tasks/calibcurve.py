@@ -1,0 +1,80 @@
+"""Phase 3b, calibration_curve: how a calibrated variant's KL changes with the calibration-set size.
+
+Run it as `python -m tasks.calibcurve`. Re-fits `calibrate.curve_variant` (a GPTQ, AWQ or static INT8
+variant) on the first n calibration samples for each n in `calibrate.curve` (16/64/256 by default) and
+measures its KL mean (95% CI) on the first `calibrate.curve_prompts` held-out prompts against the
+stored fp32 reference. For INT4 schemes the same config with round-to-nearest (no calibration) is
+measured too, as the floor the calibration has to beat. Writes artifacts/calibration/curve.json;
+an "enabled": false record when no curve is configured.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from tqdm import tqdm
+
+from costopt.layout import Workspace, write_json
+from costopt.metrics import mean_over_units
+from costopt.modelio import load_model_dir
+from costopt.params import Params, ParamsError
+from costopt.quant import SCHEMES, config_from_dict, quantize
+
+
+def _kl(model: Any, ref: Any, prompts: int, resamples: int) -> dict[str, Any]:
+    from tasks.validate import Tally, compare_prompts
+
+    tally = Tally()
+    compare_prompts(model, ref, tally, limit=prompts)
+    return mean_over_units(tally.kl_sum, tally.count, resamples).to_dict()
+
+
+def calibration_curve(params: Params, ws: Workspace) -> dict[str, Any]:
+    from tasks.quantize import calibration_rows, calibration_set
+    from tasks.reference import load_reference
+
+    cfg = params.calibrate
+    out = ws.calibration_dir / "curve.json"
+    if not cfg.curve_variant or not cfg.curve:
+        write_json(out, {"enabled": False})
+        return {"enabled": False}
+    known = {*params.quantize.variants, *params.quantize.definitions}
+    from costopt.quant import PRESETS
+    if cfg.curve_variant not in known | set(PRESETS):
+        raise ParamsError(f"calibrate.curve_variant: unknown variant {cfg.curve_variant!r}; expected a preset "
+                          f"or a quantize.definitions name")
+    config = config_from_dict(params.quantize.config(cfg.curve_variant))
+    if not SCHEMES[config.scheme].calibrated(config):
+        raise ParamsError(f"calibrate.curve_variant: {cfg.curve_variant!r} reads no calibration data; "
+                          "expected a GPTQ, AWQ or static INT8 variant")
+    rows, source = calibration_rows(params, ws, max(cfg.curve))
+    sizes = [n for n in cfg.curve if n <= len(rows)]
+    if not sizes:
+        raise ParamsError(f"calibrate.curve: sizes {list(cfg.curve)} all exceed the {len(rows)} calibration "
+                          f"samples available from {source}")
+    ref = load_reference(params, ws)
+    prompts = min(cfg.curve_prompts, len(ref.texts))
+    points = []
+    for n in tqdm(sizes, desc="calibration curve", unit="size"):
+        model, tok = load_model_dir(ws.model_dir)
+        model = quantize(model, config, calibration_set(params, ws, tok, n))
+        points.append({"samples": n, "source": source,
+                       "kl_mean": _kl(model, ref, prompts, params.validate.bootstrap)})
+    rtn = None
+    if config.scheme == "int4_weight_only":
+        model, _ = load_model_dir(ws.model_dir)
+        rtn_cfg = config_from_dict({**config.to_dict(), "method": "rtn"})
+        rtn = _kl(quantize(model, rtn_cfg), ref, prompts, params.validate.bootstrap)["value"]
+    record = {"enabled": True, "variant": cfg.curve_variant, "config": config.to_dict(), "prompts": prompts,
+              "points": points, "rtn_kl_mean": rtn, "skipped_sizes": [n for n in cfg.curve if n not in sizes]}
+    write_json(out, record)
+    return {"variant": cfg.curve_variant, "kl_mean": {p["samples"]: p["kl_mean"]["value"] for p in points},
+            "rtn_kl_mean": rtn}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tasks.cli import run_phase
+    return run_phase(__doc__.splitlines()[0], calibration_curve, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
