@@ -8,7 +8,6 @@ for its pick is measured end to end like every other variant's (`tasks.benchmark
 """
 from __future__ import annotations
 
-import statistics
 import time
 from typing import Any
 
@@ -18,17 +17,21 @@ from torch import nn
 
 from costopt.quant import parts
 
-REPEATS = 30  # timed calls per shape and kernel; the median is kept
+REPEATS = 30  # timed calls per shape and kernel; the fastest is kept
 
 
 def _time_us(fn, repeats: int = REPEATS) -> float:
+    """The fastest of `repeats` calls, us. Not the median: when another process holds a core, an
+    OpenMP parallel region can wait a whole scheduler slice for its second thread (measured: 8 ms
+    instead of 70 us per call while a test run shared the 2 cores), and the minimum is the estimate
+    least disturbed by that."""
     fn()  # warm-up (and the first-call kernel build)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e6)
-    return statistics.median(times)
+    return min(times)
 
 
 def shape_timings(shapes: set[tuple[int, int]], group_size: int, threads: int) -> dict[str, dict[str, float]]:

@@ -158,7 +158,7 @@ class CalibrateParams:
 @dataclass(frozen=True)
 class SearchParams:
     enabled: bool = True  # run the sensitivity scan and the mixed-precision search
-    sensitivity_prompts: int = 16  # calibration prompts the per-part KL is measured on
+    sensitivity_prompts: int = 8  # calibration prompts the per-part KL is measured on
     precisions: tuple[str, ...] = ("int4", "int8")  # per-part choices measured (fp32 is always allowed)
     method: str = "gptq"  # how INT4 parts of a mixed variant are fitted: rtn | gptq | awq
     group_size: int = 64  # INT4 group size of mixed variants
