@@ -24,6 +24,7 @@ from tqdm import tqdm
 from costopt import calib
 from costopt.capture import State, decoder, first_block_inputs, run_block, watch_inputs
 from costopt.qmodules import Int4Linear, Int8Linear, W8A8Linear
+from costopt.quant import set_module
 
 SEQUENTIAL = True  # fit block i on the quantized blocks' outputs (GPTQ's reference); False: float inputs
 MAX_ROWS = 4096  # activation rows kept per Linear for the AWQ / SmoothQuant searches (memory bound)
@@ -108,11 +109,6 @@ def _layer_index(name: str) -> int:
     return int(m.group(1))
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def apply_plan(model: nn.Module, plan: dict[str, str], cfg: Any, calibration: Any,
                sequential: bool = SEQUENTIAL) -> nn.Module:
     """Replace every Linear in `plan` (full name -> kind) in place; calibrated kinds fit on `calibration`.
@@ -123,7 +119,7 @@ def apply_plan(model: nn.Module, plan: dict[str, str], cfg: Any, calibration: An
     wanted = {n: _needs_data(k, method) for n, k in plan.items() if k != "fp32"}
     if not any(h or r for h, r in wanted.values()):
         for name in wanted:
-            _set_module(model, name, build(plan[name], model.get_submodule(name), cfg, None))
+            set_module(model, name, build(plan[name], model.get_submodule(name), cfg, None))
         return model
     _, layers, _, _ = decoder(model)
     states = first_block_inputs(model, calibration.batches, calibration.skip)
@@ -143,7 +139,7 @@ def apply_plan(model: nn.Module, plan: dict[str, str], cfg: Any, calibration: An
                     select(j)
                     outputs.append(run_block(layer, state.hidden, state.kwargs))
         for name in names:
-            _set_module(model, name, build(plan[name], model.get_submodule(name), cfg, collectors.get(name)))
+            set_module(model, name, build(plan[name], model.get_submodule(name), cfg, collectors.get(name)))
         collectors.clear()
         if sequential or outputs is None:
             states = [s.advance(layer) for s in states]

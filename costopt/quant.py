@@ -256,11 +256,12 @@ def _skeleton(model: nn.Module, cfg: SchemeConfig) -> nn.Module:
     }
     for name, kind in plan.items():
         if kind != "fp32":
-            _set_module(model, name, make[kind](model.get_submodule(name)))
+            set_module(model, name, make[kind](model.get_submodule(name)))
     return _quantize_head(model, getattr(cfg, "head", "int8"))
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` at the dotted path `name` inside `model`."""
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
@@ -307,7 +308,7 @@ def _tied_head(model: nn.Module) -> bool:
 
 def _int8_dynamic(model: nn.Module, cfg: Int8DynamicConfig, calib: Calibration | None) -> nn.Module:
     for name, lin in block_linears(model).items():
-        _set_module(model, name, W8A8Linear.from_linear(lin))
+        set_module(model, name, W8A8Linear.from_linear(lin))
     return _quantize_head(model, "int8")
 
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from costopt.capture import State, decoder, first_block_inputs, head_logits
 from costopt.metrics import Reference
-from costopt.quant import parts
+from costopt.quant import parts, set_module
 
 def simulated(linear: nn.Linear, precision: str, group_size: int) -> nn.Linear:
     """An fp32 Linear holding `linear`'s weight after INT4 (RTN, grouped) or INT8 (per channel) rounding."""
@@ -54,18 +54,13 @@ def simulated(linear: nn.Linear, precision: str, group_size: int) -> nn.Linear:
 def swapped(model: nn.Module, replacements: dict[str, nn.Module]) -> Iterator[None]:
     """Temporarily put `replacements` (full module name -> module) into the model."""
     originals = {name: model.get_submodule(name) for name in replacements}
-
-    def put(name: str, module: nn.Module) -> None:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, module)
-
     try:
         for name, module in replacements.items():
-            put(name, module)
+            set_module(model, name, module)
         yield
     finally:
         for name, module in originals.items():
-            put(name, module)
+            set_module(model, name, module)
 
 
 def _layer_of(part: str) -> int:

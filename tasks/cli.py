@@ -39,6 +39,18 @@ def run_phase(description: str, phase: Callable[[Params, Workspace], Any],
     return execute(phase, parser(description).parse_args(argv))
 
 
+def run_variant_phase(description: str, one: Callable[[Params, Workspace, str], Any],
+                      every: Callable[[Params, Workspace], Any], argv: list[str] | None = None,
+                      parser_: argparse.ArgumentParser | None = None) -> int:
+    """A phase that runs per variant: `--variant NAME` runs `one` for it, otherwise `every` runs."""
+    p = parser_ or parser(description)
+    p.add_argument("--variant", help="only this variant (default: every one of quantize.variants)")
+    args = p.parse_args(argv)
+    if args.variant:
+        return execute(lambda params, ws: one(params, ws, args.variant), args)
+    return execute(every, args)
+
+
 def execute(phase: Callable[[Params, Workspace], Any], args: argparse.Namespace) -> int:
     """Run one phase with parsed flags; user errors become one line on stderr and exit code 2."""
     try:

@@ -120,14 +120,8 @@ def quantize_variants(params: Params, ws: Workspace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tasks.cli import execute, parser
-
-    p = parser(__doc__.splitlines()[0])
-    p.add_argument("--variant", help="build only this variant (default: all of quantize.variants)")
-    args = p.parse_args(argv)
-    if args.variant:
-        return execute(lambda params, ws: quantize_variant(params, ws, args.variant), args)
-    return execute(quantize_variants, args)
+    from tasks.cli import run_variant_phase
+    return run_variant_phase(__doc__.splitlines()[0], quantize_variant, quantize_variants, argv)
 
 
 if __name__ == "__main__":

@@ -116,14 +116,8 @@ def validate(params: Params, ws: Workspace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tasks.cli import execute, parser
-
-    p = parser(__doc__.splitlines()[0])
-    p.add_argument("--variant", help="validate only this variant (default: all of quantize.variants)")
-    args = p.parse_args(argv)
-    if args.variant:
-        return execute(lambda params, ws: validate_variant(params, ws, args.variant), args)
-    return execute(validate, args)
+    from tasks.cli import run_variant_phase
+    return run_variant_phase(__doc__.splitlines()[0], validate_variant, validate, argv)
 
 
 if __name__ == "__main__":
