@@ -3,6 +3,7 @@
     python -m costopt.kernels                     # M in {1, 8}: median us per call, ours and maintained ones
     python -m costopt.kernels --rows 16,32,48,64  # crossover: native vs BLAS fallback per decode step
     python -m costopt.kernels --json out.json     # also write the numbers
+    python -m costopt.kernels --step              # one whole decode step's 211 GEMVs, weights cold
     python -m costopt.kernels --stat min          # fastest batch instead of the median (busy machines)
 
 The shapes are SmolLM2-135M's (hidden 576, intermediate 1536, 3 KV heads of 64, tied 49152-row head).
@@ -166,6 +167,33 @@ def crossover_row(N: int, Kin: int, M: int, timer: Timer) -> dict[str, float]:
     }
 
 
+def decode_step(shapes: dict, timer: Timer) -> list[dict]:
+    """ms for one decode step's GEMVs (M = 1) with every matrix distinct, as in a real forward pass.
+
+    The per-shape table calls one matrix again and again, so all but the LM head stay in cache; a real
+    step reads each of the 135M parameters once, from DRAM. That is where fewer weight bytes pay off.
+    """
+    gen = torch.Generator().manual_seed(0)
+    mats = [(N, Kin) for N, Kin, count in shapes.values() for _ in range(count)]
+    xs = {Kin: torch.randn(1, Kin, generator=gen) for _, Kin in mats}
+    row: dict = {"shape": "decode step, cold weights (ms)", "M": 1}
+    w32 = [torch.randn(N, Kin, generator=gen) for N, Kin in mats]  # 540 MB for the whole model
+    row["fp32"] = timer(lambda: [F.linear(xs[w.shape[1]], w) for w in w32]) / 1000
+    del w32
+    w8 = [(torch.randint(-127, 128, (N, Kin), generator=gen, dtype=torch.int8), torch.rand(N, generator=gen))
+          for N, Kin in mats]
+    row["int8_gemm"] = timer(lambda: [K.int8_gemm(xs[w.shape[1]], w, sc) for w, sc in w8]) / 1000
+    row["w8a8_dyn"] = timer(lambda: [K.w8a8_gemm(xs[w.shape[1]], w, sc, None) for w, sc in w8]) / 1000
+    del w8
+    for g in (32, 64):
+        w4 = [(torch.randint(0, 256, (N, Kin // 2), generator=gen, dtype=torch.uint8),
+               torch.rand(N, Kin // g, generator=gen), torch.rand(N, Kin // g, generator=gen) * 15)
+              for N, Kin in mats]
+        row[f"int4_gemm_g{g}"] = timer(lambda: [K.int4_gemm(xs[p.shape[1] * 2], p, sc, z, g)
+                                                for p, sc, z in w4]) / 1000
+    return [row]
+
+
 def _table(rows: list[dict], keys: list[str]) -> str:
     head = ["shape", "M"] + keys
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
@@ -175,39 +203,62 @@ def _table(rows: list[dict], keys: list[str]) -> str:
     return "\n".join(lines)
 
 
+def crossover_sweep(shapes: dict, Ms: list[int], timer: Timer) -> list[dict]:
+    """Per shape and M, native vs fallback; plus their sum over one decode step's matrices (ms)."""
+    rows = []
+    for M in Ms:
+        step = dict.fromkeys(("int4_native", "int4_blas", "w8a8_native", "w8a8_blas"), 0.0)
+        for name, (N, Kin, count) in shapes.items():
+            r = crossover_row(N, Kin, M, timer)
+            rows.append({"shape": name, "M": M, **r})
+            for k in step:
+                step[k] += count * r[k] / 1000
+        label = "decode step (ms)" if len(shapes) == len(SHAPES) else "these shapes' share of a step (ms)"
+        rows.append({"shape": label, "M": M, **step})
+        print(_table(rows[-1:], list(step)).splitlines()[-1], flush=True)
+    return rows
+
+
+def kernel_table(shapes: dict, timer: Timer, alternatives: bool) -> list[dict]:
+    """Every kernel (and the maintained alternatives) per shape at M = 1 and 8."""
+    rows = []
+    for name, (N, Kin, _) in shapes.items():
+        for M in (1, 8):
+            rows.append({"shape": name, "M": M, **shape_row(N, Kin, M, timer, alternatives)})
+            print(f"{name} M={M}: " + ", ".join(f"{k}={v:.1f}" for k, v in rows[-1].items()
+                                                if isinstance(v, float)), flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2, help="torch and OpenMP threads")
     ap.add_argument("--repeats", type=int, default=9, help="timed batches per figure")
     ap.add_argument("--stat", choices=sorted(STAT), default="median", help="figure kept over the batches")
     ap.add_argument("--rows", default="", help="comma-separated M values: run the crossover sweep instead")
+    ap.add_argument("--step", action="store_true", help="time whole decode steps with cold weights instead")
     ap.add_argument("--no-alternatives", action="store_true", help="skip the maintained kernels (slow)")
+    names = [n.split()[0] for n in SHAPES]
+    ap.add_argument("--shapes", default="", help=f"comma-separated subset of {names}")
     ap.add_argument("--json", default="", help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     timer = functools.partial(time_us, repeats=args.repeats, stat=args.stat)
+    wanted = set(args.shapes.split(",")) if args.shapes else set(names)
+    if wanted - set(names):
+        ap.error(f"--shapes: unknown {sorted(wanted - set(names))}; choose from {names}")
+    shapes = {n: v for n, v in SHAPES.items() if n.split()[0] in wanted}
     if not K.native_available():
         print(f"warning: native kernels unavailable ({K.native_failure()}); timing the fallbacks")
-    rows = []
     if args.rows:
-        for M in (int(v) for v in args.rows.split(",")):
-            step = dict.fromkeys(("int4_native", "int4_blas", "w8a8_native", "w8a8_blas"), 0.0)
-            for name, (N, Kin, count) in SHAPES.items():
-                r = crossover_row(N, Kin, M, timer)
-                rows.append({"shape": name, "M": M, **r})
-                for k in step:
-                    step[k] += count * r[k] / 1000
-            rows.append({"shape": "decode step (ms)", "M": M, **step})
-            print(_table(rows[-1:], list(step)).splitlines()[-1], flush=True)
+        rows = crossover_sweep(shapes, [int(v) for v in args.rows.split(",")], timer)
+    elif args.step:
+        rows = decode_step(shapes, timer)
     else:
-        for name, (N, Kin, _) in SHAPES.items():
-            for M in (1, 8):
-                timings = shape_row(N, Kin, M, timer, not args.no_alternatives)
-                rows.append({"shape": name, "M": M, **timings})
-                print(f"{name} M={M}: " + ", ".join(f"{k}={v:.1f}" for k, v in rows[-1].items()
-                                                    if isinstance(v, float)), flush=True)
+        rows = kernel_table(shapes, timer, not args.no_alternatives)
     keys = [k for k in rows[0] if k not in ("shape", "M")]
-    print(f"\n{args.stat} microseconds per call, {args.threads} threads\n" + _table(rows, keys))
+    print(f"\n{args.stat} of {args.repeats} batches, {args.threads} threads; microseconds per call unless the "
+          f"row says ms\n" + _table(rows, keys))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"unit": f"microseconds per call ({args.stat})", "threads": args.threads,

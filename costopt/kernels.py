@@ -2,9 +2,12 @@
 
 Three kernels, one C source each in `csrc/`, for small batches (decode, short prefill) on this AVX2
 CPU (no AVX-512, no VNNI); above a measured row count each falls back to de-quantize + BLAS, which
-wins once the work is compute-bound. Run `python -m costopt.kernels` to time them on the built-in
-model's shapes (`costopt.kernelbench`); the figures quoted here are medians from that command on the
-2-core AMD EPYC (Zen 3) reference machine with 2 threads.
+wins once the work is compute-bound. `python -m costopt.kernels` (`costopt.kernelbench`) reruns every
+figure below: medians, 2 threads, the 2-core AMD EPYC (Zen 3) reference machine, whose timings drift
+by 10-30% from run to run. Per call at M=1, weights hot in cache (576x576 | LM head 49152x576): fp32
+`F.linear` 53 us | 15.4 ms, `int8_gemm` 38 | 2.35 ms, `int4_gemm` g=32 38 | 2.0 ms, g=64 34 | 1.66 ms,
+`w8a8_gemm` 25 | 2.4 ms. One whole decode step's 211 GEMVs with cold weights, as in a real forward
+(`--step`): fp32 68 ms, INT8 13.5, W8A8 14.2, INT4 g=32 12.6, g=64 9.7.
 
 - `int8_gemm`: INT8 weights, fp32 activations. The stock `aten._weight_int8pack_mm` takes a slow
   scalar path for fp32 activations (5-10x slower than fp32 `F.linear`), its bf16 path costs accuracy
@@ -12,21 +15,29 @@ model's shapes (`costopt.kernelbench`); the figures quoted here are medians from
   of a dequantize-and-reduce GEMV measured slower than fp32; torchao's int8 weight-only path lowers to
   the same aten op. Ours reads 4x fewer weight bytes than fp32.
 - `int4_gemm`: grouped INT4 weights in the canonical storage format (see `pack_int4`), fp32
-  activations. Maintained alternatives, measured: `aten._weight_int4pack_mm_for_cpu` (the tinygemm
-  CPU kernel, which is also what torchao 0.18's CPU int4 weight-only path, `Int4OpaqueTensor`, calls)
-  takes a scalar path for fp32 activations on AVX2: 8-10x slower than fp32 `F.linear` (437 vs 55 us
-  for 576x576 at M=1, 32 vs 11 ms for the LM head). Its bf16-activation path is vectorized but still
-  1.4-1.5x slower than our INT8 kernel at M=1 (2.5 vs 1.8 ms on the LM head) and rounds activations
-  to bf16. So we wrote our own; it reads the canonical format directly, no repacking.
+  activations, read as stored (no repacking). Maintained alternatives, measured at M=1: torch's
+  `aten._weight_int4pack_mm_for_cpu` (tinygemm; also what torchao 0.18's CPU INT4 weight-only path,
+  `Int4OpaqueTensor` via `PrototypeInt4WeightOnlyConfig`, calls; the non-prototype
+  `Int4WeightOnlyConfig` has no CPU layout) takes a scalar path for fp32 activations on AVX2: 404 us
+  on 576x576 and 59 ms on the head, 4-8x slower than fp32. Its bf16-activation path is vectorized (58
+  us, 3.2 ms) but still slower than ours and rounds activations to bf16. torchao: 581 us, 34 ms.
+  The scale and zero are fp32 per group, 0.25 bytes per weight at g=32 on top of the 0.5 of the codes,
+  which is why g=64 decodes faster than g=32.
 - `w8a8_gemm`: INT8 activations (per-token dynamic or per-tensor static scale) x INT8 weights with
-  int32 accumulation through `vpmaddwd`. `torch._int_mm` runs on CPU for any M but takes a slow path
-  here (4-10x slower than fp32 `F.linear`), and torchao 0.18's `Int8DynamicActivationInt8WeightConfig`
-  lowers to it plus Python-level activation quantization (10-15x slower than fp32 at M=1).
+  int32 accumulation through `vpmaddwd`. Alternatives: `torch._int_mm` runs on CPU for any M (M=1 too)
+  but slowly here (201 us on 576x576, 19 ms on the head, before quantizing activations); torchao 0.18's
+  `Int8DynamicActivationInt8WeightConfig` lowers to it plus Python-level quantization (879 us, 18 ms).
+  fbgemm's `quantized::linear_dynamic` (torch.ao dynamic quantization) is the strong one: 62 us on
+  576x576 and 2.4 ms on the head at M=1 (ours 25 us, 2.4 ms), and on par or faster at M=8 (75 us vs
+  73, head 4.0 vs 5.9 ms), but with other numerics: per-tensor asymmetric uint8 activations and 7-bit
+  reduced range, not per-token symmetric INT8.
 
 A C source is compiled with the system C compiler into a per-user cache (keyed by a hash of the source
 and the flags) the first time its kernel is needed, about a second, and loaded with ctypes. Without a
 compiler or AVX2, or with COSTOPT_DISABLE_NATIVE=1, every kernel falls back to the same numerics in
-torch, and `native_available()` / `native_failure()` say so.
+torch, and `native_available()` / `native_failure()` say so. The kernels use OpenMP over output rows
+with `torch.get_num_threads()` threads; when other processes hold the cores, a 2-thread call can stall
+for a scheduler slice (milliseconds), as torch's own parallel ops do.
 """
 from __future__ import annotations
 
@@ -57,13 +68,17 @@ _EXPORTS = {  # kernel (csrc/<kernel>.c) -> {C function: (argtypes, restype)}
 }
 KERNELS = tuple(_EXPORTS)
 
-# Above these many activation rows de-quantize + BLAS wins (`python -m costopt.kernels` measures both).
-# INT8: over one decode step's 211 weight matrices, native/BLAS = 102/512 ms at 16 rows, 269/415 at 48,
-# 389/355 at 64, 945/588 at 128.
+# Above these many activation rows de-quantize + BLAS wins. Figures: one decode step's 211 weight matrices
+# (30 layers x 7 + the LM head), native/fallback ms, 2 threads (`python -m costopt.kernels --rows ...`).
+# INT8: 102/512 at 16 rows, 269/415 at 48, 389/355 at 64, 945/588 at 128.
 MAX_NATIVE_ROWS = 48
-INT4_MAX_NATIVE_ROWS = 48  # set from measurement below, see `costopt.kernelbench`
-W8A8_MAX_NATIVE_ROWS = 48  # set from measurement below, see `costopt.kernelbench`
-W8A8_MAX_K = 2**31 // 127**2  # int32 accumulation of |code| <= 127 products cannot overflow below this
+# INT4 (g=32): 107/219 at 16, 171/244 at 32, 283/295 at 48, 335/314 at 64, 682/445 at 128. The small
+# matrices cross near 32 rows, the LM head (whose de-quantization alone is ~50 ms) only past 256.
+INT4_MAX_NATIVE_ROWS = 48
+# W8A8 (dynamic): 52/233 at 16, 140/336 at 48, 366/525 at 128, 867/946 at 256, 1477/1694 at 384. Past
+# 256 only the LM head still gains; gate/up and down already lose a few percent there.
+W8A8_MAX_NATIVE_ROWS = 256
+W8A8_MAX_K = 2**31 // 127**2  # int32 sums of |code| <= 127 products cannot overflow below this K
 
 _lock = threading.Lock()
 _libs: dict[str, ctypes.CDLL] = {}
@@ -147,9 +162,14 @@ def native_failure(name: str | None = None) -> str | None:
 
 
 def _native_for(name: str, x: torch.Tensor, max_rows: int) -> ctypes.CDLL | None:
-    if x.shape[0] > max_rows or x.device.type != "cpu" or x.dtype != torch.float32:
+    if x.shape[0] > max_rows or not x.is_cpu or x.dtype != torch.float32:
         return None
     return native_library(name)
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    # A decode step makes ~200 of these calls of 10-50 us each, so the fast path skips even no-op casts.
+    return t if t.dtype is torch.float32 and t.is_contiguous() else t.float().contiguous()
 
 
 def int8_gemm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -229,13 +249,15 @@ def int4_gemm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: 
     """
     M, K = x.shape
     N = packed.shape[0]
-    _check_int4(K, packed, scale, zero, group_size)
+    G = K // group_size if group_size > 0 else -1
+    if not (group_size % 2 == 0 and G * group_size == K and packed.dtype == torch.uint8
+            and packed.shape == (N, K // 2) and scale.shape == (N, G) and zero.shape == (N, G)):
+        _check_int4(K, packed, scale, zero, group_size)  # raises, naming the problem
     lib = _native_for("int4_gemm", x, INT4_MAX_NATIVE_ROWS) if group_size % 16 == 0 else None
     if lib is None:
         return F.linear(x, dequantize_int4(packed, scale, zero, group_size).to(x.dtype))
-    x, packed = x.contiguous(), packed.contiguous()
-    scale, zero = scale.float().contiguous(), zero.float().contiguous()
-    y = torch.empty(M, N, dtype=torch.float32)
+    x, packed, scale, zero = x.contiguous(), packed.contiguous(), _fp32(scale), _fp32(zero)
+    y = x.new_empty(M, N)
     if lib.costopt_int4_gemm(x.data_ptr(), packed.data_ptr(), scale.data_ptr(), zero.data_ptr(),
                              y.data_ptr(), M, N, K, group_size, torch.get_num_threads()):
         raise MemoryError(f"int4_gemm: no memory for a {M}x{K} activation scratch buffer")
@@ -284,7 +306,7 @@ def w8a8_gemm(x: torch.Tensor, w: torch.Tensor, wscale: torch.Tensor,
     """
     M, K = x.shape
     N = w.shape[0]
-    if w.dtype != torch.int8 or tuple(w.shape) != (N, K) or tuple(wscale.shape) != (N,):
+    if w.dtype != torch.int8 or w.shape != (N, K) or wscale.shape != (N,):
         raise ValueError(f"w8a8_gemm: need w int8 [N, {K}] and wscale [N], got w {w.dtype} "
                          f"{tuple(w.shape)}, wscale {tuple(wscale.shape)}")
     if act_scale is not None and not act_scale > 0:
@@ -292,8 +314,8 @@ def w8a8_gemm(x: torch.Tensor, w: torch.Tensor, wscale: torch.Tensor,
     lib = _native_for("w8a8_gemm", x, W8A8_MAX_NATIVE_ROWS) if K <= W8A8_MAX_K else None
     if lib is None:
         return _w8a8_fallback(x, w, wscale, act_scale).to(x.dtype)
-    x, w, wscale = x.contiguous(), w.contiguous(), wscale.float().contiguous()
-    y = torch.empty(M, N, dtype=torch.float32)
+    x, w, wscale = x.contiguous(), w.contiguous(), _fp32(wscale)
+    y = x.new_empty(M, N)
     if lib.costopt_w8a8_gemm(x.data_ptr(), w.data_ptr(), wscale.data_ptr(),
                              0.0 if act_scale is None else float(act_scale), y.data_ptr(),
                              M, N, K, torch.get_num_threads()):

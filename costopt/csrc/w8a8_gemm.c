@@ -23,6 +23,8 @@
 #include <math.h>
 
 #define MT 4 /* activation rows per tile: 2 x 4 accumulators + 2 weights + 1 activation of 16 ymm */
+#define PREFETCH 1152 /* bytes ahead in the weights: reading two rows at once from DRAM (M = 1 on the LM
+                       * head) ran 1.6x slower than one row at a time without it, and on par with it */
 #define INLINE static inline __attribute__((always_inline))
 #define ROUND_EVEN (_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC) /* half to even, like torch.round */
 
@@ -78,6 +80,8 @@ INLINE void dot2(const int16_t *xq, const int8_t *w0, int32_t *out, int K) {
     __m256i a0 = _mm256_setzero_si256(), a1 = a0, b0 = a0, b1 = a0;
     int k = 0;
     for (; k + 32 <= K; k += 32) {
+        _mm_prefetch((const char *)(w0 + k + PREFETCH), _MM_HINT_T0);
+        _mm_prefetch((const char *)(w1 + k + PREFETCH), _MM_HINT_T0);
         __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + k));
         __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + k + 16));
         a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(widen(w0 + k), x0));
