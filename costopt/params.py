@@ -223,6 +223,39 @@ class CostParams:
 
 
 @dataclass(frozen=True)
+class ServeParams:
+    enabled: bool = True  # deploy the winners on a loopback KServe server and load-test them
+    variants: tuple[str, ...] = ("picked", "int8_weight_only")  # served next to fp32 if they passed their
+    # gates; "picked" is the search's pick
+    max_batch: int = 16  # sequences decoding together (continuous batching)
+    max_wait_ms: float = 50.0  # ms an idle engine waits to fill a batch (the seed paper's 50 ms)
+    max_queue: int = 256  # queued requests; beyond it 429 with Retry-After
+    reserved_high: int = 2  # batch slots only high-priority requests may use
+    log_prompts: bool = False  # write prompt text into the request log (calibrate.logs) for calibration
+    loadtest_requests: int = 32  # requests per load-test point in the demo (make bench runs longer)
+    loadtest_concurrency: tuple[int, ...] = (4, 16)  # closed-loop concurrencies the demo measures
+    trace_seed: int = 11  # the serving trace is a pure function of this seed
+
+    def check(self, where: str) -> None:
+        for flag in ("enabled", "log_prompts"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ParamsError(f"{where}.{flag}: expected true or false, got {getattr(self, flag)!r}")
+        if not self.variants or not all(isinstance(v, str) and v for v in self.variants):
+            raise ParamsError(f"{where}.variants: expected a non-empty list of variant names or 'picked', "
+                              f"got {list(self.variants)!r}")
+        _check_number(f"{where}.max_batch", self.max_batch, 1, 256, integer=True)
+        _check_number(f"{where}.max_wait_ms", self.max_wait_ms, 0, 10_000)
+        _check_number(f"{where}.max_queue", self.max_queue, 2, 1_000_000, integer=True)
+        _check_number(f"{where}.reserved_high", self.reserved_high, 0, self.max_batch - 1, integer=True)
+        _check_number(f"{where}.loadtest_requests", self.loadtest_requests, 1, 100_000, integer=True)
+        if not self.loadtest_concurrency:
+            raise ParamsError(f"{where}.loadtest_concurrency: expected at least one concurrency")
+        for i, c in enumerate(self.loadtest_concurrency):
+            _check_number(f"{where}.loadtest_concurrency[{i}]", c, 1, 1024, integer=True)
+        _check_number(f"{where}.trace_seed", self.trace_seed, 0, 2**31 - 1, integer=True)
+
+
+@dataclass(frozen=True)
 class VersionParams:
     remote: str = "s3://costopt-artifacts/dvc"  # DVC remote URL
     endpoint_url: str = "http://127.0.0.1:5555"  # S3-compatible endpoint; "" means AWS
@@ -246,6 +279,7 @@ class Params:
     search: SearchParams = field(default_factory=SearchParams)
     validate: ValidateParams = field(default_factory=ValidateParams)
     cost: CostParams = field(default_factory=CostParams)
+    serve: ServeParams = field(default_factory=ServeParams)
     version: VersionParams = field(default_factory=VersionParams)
 
     def to_dict(self) -> dict[str, Any]:

@@ -7,7 +7,8 @@ with dynamic task mapping: one quantize -> benchmark -> validate chain per varia
 
     preflight -> ingest -> evaldata -> [benchmark, reference, sensitivity, calibration_curve]
       -> plan -> quantize[v] -> benchmark_variant[v] -> validate[v]   (mapped over the variants)
-      -> search (mixed precision, cheapest passing variant, Pareto front) -> report -> version
+      -> search (mixed precision, cheapest passing variant, Pareto front)
+      -> deploy (fp32 + the winners on a loopback KServe server, short load test) -> report -> version
 """
 from __future__ import annotations
 
@@ -128,6 +129,10 @@ def optimize_model():
         return _run("search", "search")
 
     @task
+    def deploy():
+        return _run("deploy", "deploy")
+
+    @task
     def report():
         return _run("report", "report")
 
@@ -147,7 +152,7 @@ def optimize_model():
     data >> side[0]
     found = search()
     [checked, *side] >> found
-    found >> report() >> version()
+    found >> deploy() >> report() >> version()
 
 
 optimize_model()

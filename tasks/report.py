@@ -72,6 +72,7 @@ class Inputs:
     search: dict[str, Any]  # artifacts/search/search.json
     sensitivity: dict[str, Any] | None  # artifacts/sensitivity/sensitivity.json, when the search ran it
     curve: dict[str, Any] | None  # artifacts/calibration/curve.json, when configured
+    serving: dict[str, Any] | None = None  # artifacts/serving/serving.json, when the deploy phase ran
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -150,6 +151,7 @@ def load_inputs(params: Params, ws: Workspace) -> Inputs:
         search=search,
         sensitivity=_optional(ws.sensitivity_dir / "sensitivity.json"),
         curve=_optional(ws.calibration_dir / "curve.json"),
+        serving=_optional(ws.root / "artifacts" / "serving" / "serving.json"),
     )
     for name in specs:
         for file, record in (("quality.json", inputs.quality), ("gates.json", inputs.gates)):
@@ -270,7 +272,7 @@ def build_summary(params: Params, inp: Inputs) -> dict[str, Any]:
     variants = [_variant_row(inp, name, base, price) for name in inp.specs]
     base_q = inp.quality["baseline"]
     docs = inp.data_docs is not None and (inp.data_docs / "index.html").is_file()
-    return {
+    summary = {
         "run_id": make_run_id(params, inp.fingerprint["fingerprint"]),
         "model": inp.fingerprint["model"],
         "profile": params.profile,
@@ -287,8 +289,12 @@ def build_summary(params: Params, inp: Inputs) -> dict[str, Any]:
         "search": _search_section(inp, variants, base),
         "sensitivity": _sensitivity_section(inp.sensitivity),
         "calibration_curve": inp.curve,
-        "deployed": [],  # the deploy phase fills this in
+        "deployed": (inp.serving or {}).get("deployed", []),  # what the deploy phase served, fingerprints
     }
+    if inp.serving and inp.serving.get("serving"):
+        summary["serving"] = inp.serving["serving"]
+        summary["serving_left_out"] = inp.serving.get("left_out", {})
+    return summary
 
 
 def _search_section(inp: Inputs, variants: list[dict[str, Any]], base: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ EXPECTED_EDGES = {
     "benchmark": {"plan", "calibration_curve"}, "reference": {"plan", "calibration_curve"},
     "plan": {"quantize"}, "quantize": {"benchmark_variant"}, "benchmark_variant": {"validate"},
     "validate": {"search"}, "sensitivity": {"search"}, "calibration_curve": {"search"},
-    "search": {"report"}, "report": {"version"}, "version": set(),
+    "search": {"deploy"}, "deploy": {"report"}, "report": {"version"}, "version": set(),
 }
 MAPPED = {"quantize", "benchmark_variant", "validate"}  # dynamic task mapping over the variants
 

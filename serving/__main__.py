@@ -1,0 +1,74 @@
+"""`python -m serving`: start the KServe model server with a library of precision variants.
+
+    .venv-serving/bin/python -m serving --workspace . --variants fp32 int8_weight_only --http_port 8080
+
+Flags only; the model class is `serving.model.VariantModel`, the library `serving.library`. KServe's
+own flags (`--http_port`, `--grpc_port`, `--enable_grpc`, ...) come from `kserve.model_server.parser`.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from kserve import model_server
+from kserve.model_server import ModelServer
+
+from serving.admission import AdmissionConfig
+from serving.model import ServeOptions
+
+defaults, admission_defaults = ServeOptions(), AdmissionConfig()
+parser = argparse.ArgumentParser(parents=[model_server.parser], description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+parser.add_argument("--workspace", type=Path, default=Path("."), help="the pipeline's workspace (artifacts/)")
+parser.add_argument("--variants", nargs="+", default=["fp32"], help="variants to serve: fp32 or quantized names")
+parser.add_argument("--max_batch", type=int, default=admission_defaults.max_batch, help="sequences per step")
+parser.add_argument("--max_wait_ms", type=float, default=admission_defaults.max_wait_ms,
+                    help="longest an idle engine waits to fill a batch")
+parser.add_argument("--max_queue", type=int, default=admission_defaults.max_queue, help="queued requests")
+parser.add_argument("--reserved_high", type=int, default=admission_defaults.reserved_high,
+                    help="batch slots only high-priority requests may use")
+parser.add_argument("--high_queue_reserve", type=int, default=admission_defaults.high_queue_reserve,
+                    help="queue places only high-priority requests may take")
+parser.add_argument("--default_deadline_s", type=float, default=admission_defaults.default_deadline_s,
+                    help="deadline of a request that sets no x-costopt-deadline-ms")
+parser.add_argument("--fixed_batching", action="store_true", help="turn off adaptive batch parameters")
+parser.add_argument("--max_len", type=int, default=defaults.max_len, help="prompt + answer tokens per sequence")
+parser.add_argument("--max_tokens_limit", type=int, default=defaults.max_tokens_limit, help="largest max_tokens")
+parser.add_argument("--max_prompt_tokens", type=int, default=defaults.max_prompt_tokens, help="longest prompt")
+parser.add_argument("--max_body_bytes", type=int, default=1 << 20, help="largest request body")
+parser.add_argument("--threads", type=int, default=defaults.threads, help="torch threads per engine")
+parser.add_argument("--request_log", type=Path, default=None, help="JSONL request log (none: no log)")
+parser.add_argument("--log_prompts", action="store_true", help="write prompt text into the request log")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser.parse_args(argv)
+    try:
+        admission = AdmissionConfig(max_queue=args.max_queue, high_queue_reserve=args.high_queue_reserve,
+                                    max_batch=args.max_batch, reserved_high=args.reserved_high,
+                                    max_wait_ms=args.max_wait_ms, default_deadline_s=args.default_deadline_s,
+                                    adaptive=not args.fixed_batching)
+        if args.max_body_bytes < 1024:
+            raise ValueError(f"max_body_bytes: {args.max_body_bytes}; must be >= 1024")
+    except ValueError as exc:
+        parser.error(str(exc).replace("AdmissionConfig.", "--"))
+    options = ServeOptions(workspace=args.workspace.resolve(), admission=admission, max_len=args.max_len,
+                           max_tokens_limit=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
+                           threads=args.threads)
+    from serving.api import register
+    from serving.library import ModelLibrary
+    from serving.protocol import ApiError
+    from serving.reqlog import RequestLog
+
+    library = ModelLibrary(options)
+    try:
+        models = [library.load_now(name) for name in args.variants]
+    except ApiError as exc:
+        parser.error(f"--variants: {exc.message}")
+    register(model_server.app, library, RequestLog(args.request_log, args.log_prompts), args.max_body_bytes)
+    ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, registered_models=library,
+                enable_grpc=args.enable_grpc).start(models)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""The engine loop: admission control and the continuous-batching engine, driven from asyncio.
+
+One `EngineLoop` per served variant. Request handlers call `submit()` (a full queue raises
+`QueueFull`, sent as HTTP 429) and read the returned `Generation`'s tokens as they come. The loop task
+alternates two things: between steps it asks the `Admission` controller which queued requests join
+the batch (expired ones fail with `DeadlineExceeded` before they use compute) and applies
+cancellations; then it runs one `Engine.step()` in the variant's own worker thread, so the event loop
+keeps serving HTTP while the model computes, and hands each new token to its request.
+
+`retire()` is the hot-switch half of this module: the loop stops taking requests, lets every queued
+and running one finish on its own weights, then ends. Handlers that race with a retire get
+`Retired` from `submit()` and resubmit to the variant's replacement.
+
+    loop = EngineLoop(engine, Admission(AdmissionConfig()), name="int8")
+    gen = loop.submit(prompt_ids, SamplingParams(max_new_tokens=32), priority="high", deadline_s=5)
+    async for token_id in gen: ...
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Sequence
+
+from serving.admission import Admission, Priority, Ticket
+from serving.engine import Engine, SamplingParams, StepEvent
+
+
+class Retired(RuntimeError):
+    """The loop is draining for a hot switch; resubmit to the variant's new loop."""
+
+
+@dataclass(eq=False)
+class Generation:
+    """One request's progress: token ids arrive on `queue`; the last item is its finish reason or an error."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    priority: Priority
+    submitted: float  # time.monotonic() s
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    ticket: Ticket | None = None
+    started: float | None = None  # monotonic s when it joined the batch
+    first_token: float | None = None  # monotonic s of its first token
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: BaseException | None = None
+    cancelled: bool = False
+
+    async def __aiter__(self) -> AsyncIterator[int]:
+        while True:
+            item = await self.queue.get()
+            if isinstance(item, int):
+                yield item
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                return
+
+
+class EngineLoop:
+    """Runs one engine: admission between steps, steps in a worker thread, tokens to their requests."""
+
+    def __init__(self, engine: Engine, admission: Admission, name: str,
+                 on_step: Callable[[int, float, int], None] | None = None) -> None:
+        self.engine, self.admission, self.name = engine, admission, name
+        self._on_step = on_step  # (batch, seconds, tokens) -> metrics
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"engine-{name}")
+        self._ids = itertools.count()
+        self._live: dict[int, Generation] = {}  # seq_id -> generation, for those in the engine
+        self._to_cancel: list[int] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._retiring = False
+        self.done = asyncio.Event()  # set when a retired loop has finished its last request
+
+    # -- handlers' side -----------------------------------------------------------------------------
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, priority: Any = None,
+               deadline_s: float | None = None) -> Generation:
+        """Queue a request; raises QueueFull (-> 429), Retired (resubmit elsewhere) or ValueError."""
+        if self._retiring:
+            raise Retired(self.name)
+        gen = Generation(list(prompt_ids), params, Priority.parse(priority), time.monotonic())
+        gen.ticket = self.admission.submit(gen, gen.priority, deadline_s)
+        self._ensure_task()
+        self._wake.set()
+        return gen
+
+    def cancel(self, gen: Generation) -> None:
+        """The client went away: drop it from the queue, or free its engine slot before the next step."""
+        if gen.finish_reason is not None or gen.error is not None or gen.cancelled:
+            return
+        gen.cancelled = True
+        if gen.ticket is not None and self.admission.cancel(gen.ticket):
+            return
+        for seq_id, live in self._live.items():
+            if live is gen:
+                self._to_cancel.append(seq_id)
+                self._wake.set()
+                return
+
+    @property
+    def in_flight(self) -> int:
+        return self.admission.queued() + len(self._live)
+
+    def running_by_priority(self) -> tuple[int, int]:
+        return len(self._live), sum(g.priority == Priority.HIGH for g in self._live.values())
+
+    async def retire(self) -> None:
+        """Take no new requests; return once every queued and running one has finished."""
+        self._retiring = True
+        self._wake.set()
+        if self.in_flight == 0:
+            await self._stop()
+        else:
+            await self.done.wait()
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def _ensure_task(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"engine-{self.name}")
+
+    async def _stop(self) -> None:
+        self.done.set()
+        self._pool.shutdown(wait=False)
+
+    async def _run(self) -> None:
+        while True:
+            running, running_high = self.running_by_priority()
+            admitted, expired = self.admission.take(running, running_high)
+            for t in expired:
+                self._finish(t.payload, error=self.admission.deadline_error(t))
+            adds = [(next(self._ids), t.payload) for t in admitted if not t.payload.cancelled]
+            cancels, self._to_cancel = self._to_cancel, []
+            if adds or cancels or self.engine.has_work():
+                await self._step(adds, cancels)
+                continue
+            if self._retiring and self.in_flight == 0:
+                await self._stop()
+                return
+            self._wake.clear()
+            wait = self.admission.next_wakeup(0)
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=wait)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _step(self, adds: list[tuple[int, Generation]], cancels: list[int]) -> None:
+        now = time.monotonic()
+        for seq_id, gen in adds:
+            gen.started = now
+            self._live[seq_id] = gen
+        t0 = time.perf_counter()
+        try:
+            events = await asyncio.get_running_loop().run_in_executor(self._pool, self._work, adds, cancels)
+        except Exception as exc:  # a failed step fails every request in the batch, never the server
+            for seq_id in list(self._live):
+                self._finish(self._live.pop(seq_id), error=exc)
+            return
+        seconds = time.perf_counter() - t0
+        batch = len(self._live)
+        self._deliver(events)
+        tokens = sum(e.token_id is not None for e in events)
+        self.admission.observe_step(batch, seconds, tokens)
+        if self._on_step is not None:
+            self._on_step(batch, seconds, tokens)
+
+    def _work(self, adds: list[tuple[int, Generation]], cancels: list[int]) -> list[StepEvent]:
+        """In the worker thread: the only place that touches the engine."""
+        for seq_id in cancels:
+            self.engine.cancel(seq_id)
+        failed = []
+        for seq_id, gen in adds:
+            try:
+                self.engine.add(seq_id, gen.prompt_ids, gen.params)
+            except (ValueError, RuntimeError) as exc:  # checked by the handler first; never fatal here
+                failed.append(StepEvent(seq_id, None, "error:" + str(exc)))
+        return failed + self.engine.step()
+
+    def _deliver(self, events: list[StepEvent]) -> None:
+        now = time.monotonic()
+        for ev in events:
+            gen = self._live.get(ev.seq_id)
+            if gen is None:
+                continue
+            if ev.token_id is not None:
+                gen.first_token = gen.first_token or now
+                gen.tokens.append(ev.token_id)
+                gen.queue.put_nowait(ev.token_id)
+            if ev.finish_reason is not None:
+                del self._live[ev.seq_id]
+                if ev.finish_reason.startswith("error:"):
+                    self._finish(gen, error=ValueError(ev.finish_reason[len("error:"):]))
+                else:
+                    self._finish(gen, reason=ev.finish_reason)
+
+    def _finish(self, gen: Generation, reason: str | None = None, error: BaseException | None = None) -> None:
+        gen.finish_reason, gen.error = reason, error
+        gen.queue.put_nowait(error if error is not None else reason)

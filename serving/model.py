@@ -1,0 +1,192 @@
+"""`VariantModel`: one precision variant of the model as a `kserve.Model`, with its own engine loop.
+
+`load()` reads the variant from the workspace the pipeline wrote (`fp32` is the ingested model; any
+other name is a variant folder with its `spec.json`, rebuilt exactly as the validate phase measured
+it), builds its continuous-batching `Engine` and `EngineLoop`, and sets `self.ready`. Nothing comes
+from a hub. `generate()` is the one path every API takes (OpenAI chat and completions, streamed or
+not, and Open Inference Protocol v2 `predict`): it checks the request against the limits, queues it
+and yields text as tokens come.
+
+    model = VariantModel("int8_weight_only", ServeOptions(workspace=Path(".")))
+    model.load()
+    async for delta, finish in model.generate(model.encode_chat(messages), SamplingParams(...)): ...
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Sequence
+
+import kserve
+from kserve.errors import InvalidInput
+from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+
+from serving import metrics
+from serving.admission import Admission, AdmissionConfig
+from serving.driver import EngineLoop, Generation
+from serving.engine import Engine, SamplingParams
+from serving.protocol import ApiError
+
+BASELINE = "fp32"  # the ingested model, served as is
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    workspace: Path = Path(".")
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    max_len: int = 2048  # tokens per sequence, prompt + answer: the KV cache's length
+    max_tokens_limit: int = 512  # largest max_tokens a request may ask for
+    max_prompt_tokens: int = 1536  # longest prompt accepted, tokens
+    default_max_tokens: int = 128  # when a chat request sets none
+    threads: int = 2  # torch threads per engine step
+
+
+def load_weights(workspace: Path, name: str) -> tuple[Any, Any]:
+    """(model, tokenizer) of `name` from the workspace: fp32 or a variant the pipeline quantized."""
+    from costopt.layout import Workspace
+    from costopt.modelio import load_model_dir
+    from costopt.variants import load_variant_model
+
+    ws = Workspace(workspace)
+    if not (ws.model_dir / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{ws.model_dir}: no ingested model; run the pipeline (make demo) or "
+                                f"`dvc pull` first")
+    if name == BASELINE:
+        return load_model_dir(ws.model_dir)
+    return load_variant_model(ws, name)
+
+
+class Detokenizer:
+    """Token ids in, new text out; holds back a trailing partial UTF-8 character."""
+
+    def __init__(self, tok: Any) -> None:
+        self.tok, self.ids, self.text = tok, [], ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        delta, self.text = text[len(self.text):], text
+        return delta
+
+
+class VariantModel(kserve.Model):
+    def __init__(self, name: str, options: ServeOptions) -> None:
+        super().__init__(name)
+        self.options = options
+        self.loop: EngineLoop | None = None
+        self.tokenizer: Any = None
+        self.info: dict[str, Any] = {}
+
+    def load(self) -> bool:
+        import torch
+
+        torch.set_num_threads(self.options.threads)
+        t0 = time.perf_counter()
+        model, self.tokenizer = load_weights(self.options.workspace, self.name)
+        eos = self.tokenizer.eos_token_id
+        engine = Engine(model, eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
+                        max_batch=self.options.admission.max_batch, max_len=self.options.max_len)
+        admission = Admission(self.options.admission)
+        self.loop = EngineLoop(engine, admission, self.name,
+                               on_step=lambda b, s, t: metrics.observe_step(self.name, b, s, t))
+        self.info = {"name": self.name, "load_seconds": round(time.perf_counter() - t0, 2),
+                     "instance": uuid.uuid4().hex[:12]}
+        metrics.LOADED.labels(self.name).set(1)
+        self.ready = True
+        return self.ready
+
+    # -- encoding -----------------------------------------------------------------------------------
+    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+    def encode_text(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def check_lengths(self, prompt_ids: Sequence[int], max_tokens: int, field_name: str) -> None:
+        """400s naming the field and the limit, before anything is queued."""
+        o = self.options
+        if max_tokens > o.max_tokens_limit:
+            raise ApiError(400, f"max_tokens: {max_tokens} is over this server's limit of "
+                                f"{o.max_tokens_limit}", param="max_tokens")
+        if not prompt_ids:
+            raise ApiError(400, f"{field_name}: empty after tokenization", param=field_name)
+        if len(prompt_ids) > o.max_prompt_tokens:
+            raise ApiError(400, f"{field_name}: {len(prompt_ids)} tokens is over the limit of "
+                                f"{o.max_prompt_tokens} prompt tokens", param=field_name)
+        if len(prompt_ids) + max_tokens > o.max_len:
+            raise ApiError(400, f"max_tokens: {len(prompt_ids)} prompt tokens + max_tokens {max_tokens} is "
+                                f"over the context limit of {o.max_len} tokens", param="max_tokens")
+
+    # -- generation ---------------------------------------------------------------------------------
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, priority: Any,
+               deadline_s: float | None) -> Generation:
+        if self.loop is None or not self.ready:
+            raise ApiError(503, f"model {self.name!r} is not ready", type_="model_not_ready")
+        return self.loop.submit(prompt_ids, params, priority, deadline_s)
+
+    async def stream(self, gen: Generation, stops: Sequence[str] = ()) -> AsyncIterator[tuple[str, str | None]]:
+        """(text delta, None)... then ("", finish_reason). Stop strings end the answer before them."""
+        detok, held = Detokenizer(self.tokenizer), ""
+        keep = max((len(s) for s in stops), default=1) - 1  # chars that may be a stop string's start
+        try:
+            async for token_id in gen:
+                held += detok.push(token_id)
+                cut = min((i for i in (held.find(s) for s in stops) if i >= 0), default=-1)
+                if cut >= 0:
+                    if held[:cut]:
+                        yield held[:cut], None
+                    self.loop.cancel(gen)
+                    gen.finish_reason = "stop"
+                    yield "", "stop"
+                    return
+                if len(held) > keep:
+                    out, held = held[:len(held) - keep], held[len(held) - keep:]
+                    yield out, None
+            if held:
+                yield held, None
+            yield "", "length" if gen.finish_reason == "length" else "stop"
+        finally:
+            self.loop.cancel(gen)  # no-op unless the client went away mid-answer
+
+    async def predict(self, payload: InferRequest | dict, headers: dict[str, str] | None = None,
+                      response_headers: dict[str, str] | None = None) -> InferResponse:
+        """Open Inference Protocol v2: input `text_input` (BYTES, one prompt per element, sent through the
+        chat template) -> output `text_output`. Parameters: max_tokens, temperature, top_p, seed."""
+        if not isinstance(payload, InferRequest):
+            raise InvalidInput("v2 infer: expected an inference request with inputs")
+        inp = payload.get_input_by_name("text_input")
+        if inp is None or inp.datatype != "BYTES":
+            raise InvalidInput("inputs: expected one input named 'text_input' with datatype BYTES")
+        prompts = [p.decode() if isinstance(p, bytes) else str(p) for p in inp.data]
+        if not 1 <= len(prompts) <= 16:
+            raise InvalidInput(f"text_input: expected 1 to 16 prompts, got {len(prompts)}")
+        params = dict(payload.parameters or {})
+        try:
+            sampling = SamplingParams(max_new_tokens=int(params.get("max_tokens", self.options.default_max_tokens)),
+                                      temperature=float(params.get("temperature", 0.0)),
+                                      top_p=float(params.get("top_p", 1.0)),
+                                      seed=None if params.get("seed") is None else int(params["seed"]))
+        except (TypeError, ValueError) as exc:
+            raise InvalidInput(f"parameters: {exc}") from None
+        gens = []
+        for text in prompts:
+            ids = self.encode_chat([{"role": "user", "content": text}])
+            try:
+                self.check_lengths(ids, sampling.max_new_tokens, "text_input")
+            except ApiError as exc:
+                raise InvalidInput(exc.message) from None
+            gens.append(self.submit(ids, sampling, (headers or {}).get("x-costopt-priority"), None))
+        outs = []
+        for gen in gens:
+            outs.append("".join([d async for d, _ in self.stream(gen)]))
+        return InferResponse(response_id=payload.id or uuid.uuid4().hex, model_name=self.name,
+                             infer_outputs=[InferOutput("text_output", [len(outs)], "BYTES", outs)])
+
+    def stop(self) -> None:
+        metrics.LOADED.labels(self.name).set(0)
+        self.ready = False

@@ -1,0 +1,178 @@
+"""Deploy phase helpers: start the KServe model server (serving environment) on loopback, stop it.
+
+The pipeline and the server live in different Python environments (DESIGN.md), so the server is a
+process: `.venv-serving/bin/python -m serving --workspace WS --variants ...`. `start_server` waits for
+KServe's `/v2/health/ready` and fails with the server's own log when it exits or never gets ready; the
+returned `ServerProcess` stops it (a context manager too). On Kubernetes the same variants are
+InferenceServices (infra/); here they are one multi-variant server.
+
+    with start_server(ws.root, ["fp32", "int8_weight_only"], log=Path("server.log")) as srv:
+        httpx.post(f"{srv.url}/openai/v1/chat/completions", json=...)
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import httpx
+
+PROJECT = Path(__file__).resolve().parents[1]
+SERVING_PYTHON = PROJECT / ".venv-serving" / "bin" / "python"
+
+
+class DeployError(RuntimeError):
+    """The server did not start: the message carries the end of its log."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen
+    port: int
+    log: Path
+    variants: tuple[str, ...]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def logs(self, chars: int = 6000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.is_file() else ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serving_python() -> Path:
+    py = Path(os.environ.get("COSTOPT_SERVING_PYTHON") or SERVING_PYTHON)
+    if not py.is_file():
+        raise DeployError(f"{py}: the serving environment is missing; `make venv` (or `make demo`) creates it")
+    return py
+
+
+def start_server(workspace: Path, variants: Sequence[str], log: Path, flags: Sequence[str] = (),
+                 port: int | None = None, python: Path | None = None, timeout_s: float = 300) -> ServerProcess:
+    """Start `python -m serving` for `variants` of `workspace` and wait until KServe reports ready."""
+    port = port or free_port()
+    cmd = [str(python or serving_python()), "-m", "serving", "--workspace", str(workspace),
+           "--variants", *variants, "--http_port", str(port), "--enable_grpc", "false", *flags]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_PROXY": "127.0.0.1,localhost"}
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, cwd=PROJECT, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    server = ServerProcess(proc, port, log, tuple(variants))
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(timeout=2, trust_env=False) as http:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise DeployError(f"the model server exited with code {proc.returncode}:\n{server.logs()}")
+            try:
+                if http.get(f"{server.url}/v2/health/ready").status_code == 200:
+                    return server
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+    server.stop()
+    raise DeployError(f"the model server was not ready after {timeout_s:.0f} s:\n{server.logs()}")
+
+
+# ------------------------------------------------------------------------------------- the phase
+
+def _git_revision(root: Path) -> str | None:
+    proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def choose_variants(params: Any, ws: Any) -> tuple[list[str], dict[str, str]]:
+    """(variants to serve, fp32 first; {name: why it is left out}) from the search's pick and the gates."""
+    from costopt.layout import read_json
+
+    search, gates = read_json(ws.search_dir / "search.json"), read_json(ws.search_dir / "gates.json")
+    chosen, left_out = ["fp32"], {}
+    for want in params.serve.variants:
+        name = search.get("picked") if want == "picked" else want
+        if not name:
+            left_out[want] = "the search picked nothing (no variant passed its gates)"
+        elif name not in gates["variants"]:
+            left_out[name] = "not built in this run (quantize.variants)"
+        elif not gates["variants"][name]["passed"]:
+            left_out[name] = "failed its gates: " + "; ".join(gates["variants"][name]["reasons"])
+        elif name not in chosen:
+            chosen.append(name)
+    return chosen, left_out
+
+
+def _fingerprint(ws: Any, name: str) -> str:
+    from costopt.layout import read_json
+
+    if name == "fp32":
+        return read_json(ws.model_dir / "fingerprint.json")["fingerprint"]
+    return read_json(ws.variant_dir(name) / "spec.json")["fingerprint"]
+
+
+def deploy(params: Any, ws: Any) -> dict[str, Any]:
+    """Serve the winners (fp32 + the passing `serve.variants`) on loopback, run the short load test on
+    the serving trace, stop the server, and write artifacts/serving/serving.json (`deployed`, `serving`)."""
+    from costopt.cost import cost_per_1m_requests
+    from costopt.layout import read_json, write_json
+    from costopt.workload import build_trace, trace_meta
+    from tasks.loadtest import run_load, serving_section, summarize
+
+    cfg, out_dir = params.serve, ws.root / "artifacts" / "serving"
+    if not cfg.enabled:
+        result = {"deployed": [], "serving": None, "skipped": "serve.enabled is false"}
+        write_json(out_dir / "serving.json", result)
+        return result
+    variants, left_out = choose_variants(params, ws)
+    items = build_trace(max(cfg.loadtest_requests, 16), cfg.trace_seed)
+    flags = ["--max_batch", str(cfg.max_batch), "--max_wait_ms", str(cfg.max_wait_ms),
+             "--max_queue", str(cfg.max_queue), "--reserved_high", str(cfg.reserved_high),
+             "--request_log", str(ws.root / params.calibrate.logs), *(["--log_prompts"] if cfg.log_prompts else [])]
+    price, runs = params.cost.price_per_hour_usd, []
+    with start_server(ws.root, variants, out_dir / "server.log", flags) as srv:
+        for c in cfg.loadtest_concurrency:
+            for name in dict.fromkeys([variants[-1], "fp32"]):  # the cheapest deployed one, then fp32
+                res = run_load(srv.url, name, items, concurrency=c, requests=cfg.loadtest_requests)
+                config = {"batching": True, "cache": False, "routing": False, "variants": [name]}
+                runs.append({**summarize(res, price, config), "variant": name})
+    base = read_json(ws.bench_dir / "baseline.json")
+    naive = round(cost_per_1m_requests(price, float(base["machine_seconds_per_request"])), 4)
+    costs = [r["cost_per_1m_requests_usd"] for r in runs if r["errors"] == 0 and r["cost_per_1m_requests_usd"]]
+    revision = _git_revision(ws.root)
+    result = {
+        "deployed": [{"name": n, "fingerprint": _fingerprint(ws, n), "where": "loopback KServe server "
+                      "(python -m serving), stopped after the load test", "dvc_revision": revision} for n in variants],
+        "left_out": left_out,
+        "serving": serving_section(trace_meta(items), runs, naive_cost_per_1m_requests_usd=naive,
+                                   optimized_cost_per_1m_requests_usd=min(costs) if costs else None),
+    }
+    write_json(out_dir / "serving.json", result)
+    return {"deployed": variants, "left_out": left_out, "runs": len(runs)}
+
+
+if __name__ == "__main__":
+    from tasks.cli import run_phase
+
+    raise SystemExit(run_phase("Deploy the winners on loopback and load-test them", deploy))

@@ -1,0 +1,128 @@
+"""`make bench`, serving part: the load test of the model server on the fixed request trace, one run.
+
+    python -m tasks.servebench [--workspace DIR] [--scale 1.0] [--json artifacts/serve-bench.json]
+
+Starts real servers from the serving environment on loopback and replays the `serving-v1` trace with
+the load generator (`tasks.loadtest`), measuring side by side in one run:
+1. continuous batching (batch up to 16) vs batch-1 serving, both at concurrency 16, fp32;
+2. throughput and p50/p95/p99 at concurrency 1, 4, 16 and 64 for fp32 and INT8 weight-only;
+3. cost per 1M requests of the serving setup vs the naive path (fp32, batch 1, plain HF `generate`,
+   one request after another, timed in this process on the same trace items);
+4. overload: the sustainable rate is the continuous-batching fp32 throughput at concurrency 16; an open
+   loop at twice that rate checks that admitted requests meet their deadlines, the rest get a fast
+   429, high priority keeps its p99 within its deadline (its SLO), and nothing admitted is lost.
+Prints Markdown tables and writes the JSON (`serving` section shape, DESIGN.md) for BENCHMARKS.md.
+`--scale` multiplies every request count (0.25 for a quick look).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from costopt.layout import Workspace, write_json
+from costopt.params import load_params
+from costopt.workload import build_trace, trace_meta
+from tasks.deploy import start_server
+from tasks.loadtest import markdown_table, run_load, serving_section, summarize
+
+TRACE_SEED = 11
+INT8 = "int8_weight_only"
+SWEEP = {1: 12, 4: 24, 16: 48, 64: 96}  # concurrency -> requests
+BATCH1_REQUESTS = 24  # batch-1 serving is slow; enough for a median and a p99 at concurrency 16
+NAIVE_REQUESTS = 12
+OVERLOAD_SECONDS = 60  # open-loop duration at 2x the sustainable rate
+
+
+def _config(variants: Sequence[str], batching: bool) -> dict[str, Any]:
+    return {"batching": batching, "cache": False, "routing": False, "variants": list(variants)}
+
+
+def naive_seconds_per_request(ws: Workspace, items: Sequence[Any], threads: int) -> tuple[float, list[float]]:
+    """fp32, batch 1, plain `generate` (greedy), one request after another: machine-seconds per request."""
+    import torch
+
+    from costopt.modelio import load_model_dir
+
+    torch.set_num_threads(threads)
+    model, tok = load_model_dir(ws.model_dir)
+    times = []
+    with torch.inference_mode():
+        for item in items:
+            ids = tok.apply_chat_template(list(item.messages), add_generation_prompt=True, return_tensors="pt",
+                                          return_dict=True)
+            t0 = time.perf_counter()
+            model.generate(**ids, max_new_tokens=item.max_tokens, do_sample=False,
+                           pad_token_id=tok.eos_token_id)
+            times.append(time.perf_counter() - t0)
+    return statistics.fmean(times), times
+
+
+def run(ws: Workspace, price: float, threads: int, scale: float, logs: Path) -> dict[str, Any]:
+    n = lambda k: max(4, int(round(k * scale)))  # noqa: E731
+    items = build_trace(max(n(max(SWEEP.values())), 200), TRACE_SEED)
+    runs: list[dict[str, Any]] = []
+    with start_server(ws.root, ["fp32", INT8], logs / "server-batching.log") as srv:
+        for variant in ("fp32", INT8):
+            for c, k in SWEEP.items():
+                res = run_load(srv.url, variant, items, concurrency=c, requests=n(k), progress=True)
+                runs.append({**summarize(res, price, _config([variant], True)), "label": f"{variant} c={c}"})
+        sustainable = next(r for r in runs if r["label"] == "fp32 c=16")["throughput_req_s"]
+        rate = 2 * sustainable
+        res = run_load(srv.url, "fp32", items, rate=rate, requests=max(8, int(rate * OVERLOAD_SECONDS * scale)),
+                       progress=True)
+        overload = {**summarize(res, price, _config(["fp32"], True)), "label": f"fp32 open loop {rate:.2f} req/s (2x)",
+                    "sustainable_req_s": sustainable}
+        runs.append(overload)
+    with start_server(ws.root, ["fp32"], logs / "server-batch1.log",
+                      flags=["--max_batch", "1", "--reserved_high", "0", "--fixed_batching"]) as srv:
+        res = run_load(srv.url, "fp32", items, concurrency=16, requests=n(BATCH1_REQUESTS), progress=True)
+        runs.append({**summarize(res, price, _config(["fp32"], False)), "label": "fp32 batch-1 serving c=16"})
+    naive_s, _ = naive_seconds_per_request(ws, items[:n(NAIVE_REQUESTS)], threads)
+    from costopt.cost import cost_per_1m_requests
+
+    naive_cost = cost_per_1m_requests(price, naive_s)
+    best = min((r for r in runs if r.get("label", "").endswith("c=16") and r["config"]["batching"]),
+               key=lambda r: r["cost_per_1m_requests_usd"] or float("inf"))
+    cb = next(r for r in runs if r["label"] == "fp32 c=16")
+    b1 = next(r for r in runs if r["label"] == "fp32 batch-1 serving c=16")
+    section = serving_section(trace_meta(items), runs, naive_cost_per_1m_requests_usd=round(naive_cost, 4),
+                              optimized_cost_per_1m_requests_usd=best["cost_per_1m_requests_usd"])
+    section["comparison"] = {
+        "continuous_vs_batch1_throughput_ratio": round(cb["throughput_req_s"] / b1["throughput_req_s"], 2),
+        "continuous_p99_ms": cb["p99_ms"], "batch1_p99_ms": b1["p99_ms"],
+        "naive_seconds_per_request": round(naive_s, 3), "optimized_setup": best["label"],
+        "naive_vs_optimized_cost_ratio": round(naive_cost / best["cost_per_1m_requests_usd"], 2),
+    }
+    return section
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workspace", default=None, help="folder holding artifacts/ (default: .)")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--scale", type=float, default=1.0, help="multiplies every request count")
+    p.add_argument("--json", type=Path, default=Path("artifacts/serve-bench.json"))
+    args = p.parse_args(argv)
+    if not 0 < args.scale <= 10:
+        p.error(f"--scale: expected a number in (0, 10], got {args.scale}")
+    params = load_params(args.params)
+    ws = Workspace.from_env(args.workspace)
+    from tasks.bench import ensure_artifacts
+
+    ensure_artifacts(params, ws)
+    section = run(ws, params.cost.price_per_hour_usd, params.benchmark.threads, args.scale,
+                  ws.root / "artifacts" / "serve-bench-logs")
+    write_json(ws.root / args.json if not args.json.is_absolute() else args.json, section)
+    print(markdown_table(section["runs"]))
+    print(json.dumps(section["comparison"], indent=2))
+    print(f"naive {section['naive_cost_per_1m_requests_usd']} vs optimized "
+          f"{section['optimized_cost_per_1m_requests_usd']} USD per 1M requests")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

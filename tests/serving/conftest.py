@@ -1,0 +1,36 @@
+"""Serving tests run in the serving environment (.venv-serving): `make test` runs them with its pytest.
+
+`workspace` builds, once per session, what the pipeline would leave behind: the ingested built-in
+model and an INT8 weight-only variant, made by the pipeline environment's own phases (subprocesses,
+as a deployment would find them on disk). `server` is a real `python -m serving` process on a free
+loopback port (see servers.py).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from servers import PIPELINE_PY, VARIANT, phase, start_server
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory) -> Path:
+    if not PIPELINE_PY.is_file():
+        pytest.fail(f"{PIPELINE_PY} is missing: run `make test`, which creates both environments")
+    ws = tmp_path_factory.mktemp("ws")
+    phase(ws, "tasks.ingest")
+    phase(ws, "tasks.quantize", "--variant", VARIANT)
+    return ws
+
+
+@pytest.fixture(scope="module")
+def server(workspace, tmp_path_factory):
+    """fp32 and INT8 behind one server; small limits so bad-input tests are cheap."""
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    reqlog = log.with_name("requests.jsonl")
+    srv = start_server(workspace, log, "--max_tokens_limit", "64", "--max_prompt_tokens", "512",
+                       "--max_body_bytes", "65536", "--request_log", str(reqlog), "--log_prompts")
+    srv.request_log = reqlog
+    yield srv
+    srv.stop()

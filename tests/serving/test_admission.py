@@ -1,0 +1,320 @@
+"""Admission control: priority order, reserved slots, queue bounds, deadlines, partial batches and the
+adaptive wait and batch cap, all driven by a fake clock (no sleeping, no HTTP, no model)."""
+import itertools
+import json
+
+import pytest
+
+from serving.admission import Admission, AdmissionConfig, DeadlineExceeded, Priority, QueueFull
+
+H, N, L = Priority.HIGH, Priority.NORMAL, Priority.LOW
+
+
+class Clock:
+    def __init__(self, t: float = 1000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+def make(clock=None, **overrides):
+    cfg = AdmissionConfig(**{"adaptive": False, **overrides})
+    clock = clock or Clock()
+    return Admission(cfg, clock), clock
+
+
+def payloads(tickets):
+    return [t.payload for t in tickets]
+
+
+def test_priority_parse_accepts_names_and_numbers():
+    assert Priority.parse(None) is N, "no priority means NORMAL"
+    assert Priority.parse("HiGh") is H and Priority.parse(" low ") is L, "names parse in any case"
+    assert Priority.parse(0) is H and Priority.parse(2) is L, "0/1/2 parse as HIGH/NORMAL/LOW"
+    for bad in ("urgent", 3, -1, True, 1.0):
+        with pytest.raises(ValueError, match="priority.*'high', 'normal', 'low'"):
+            Priority.parse(bad)
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("max_queue", 0, r"\[1, "),
+    ("high_queue_reserve", 256, r"\[0, 255\]"),
+    ("max_batch", 2.5, "integer"),
+    ("reserved_high", 16, r"\[0, 15\]"),
+    ("max_wait_ms", -1.0, r"\[0, 10000\]"),
+    ("max_wait_ms", float("nan"), "number"),
+    ("default_deadline_s", 0, r"\(0, "),
+    ("adaptive", "yes", "true or false"),
+])
+def test_config_errors_name_the_field_and_range(field, value, expected):
+    with pytest.raises(ValueError, match=rf"AdmissionConfig\.{field}: expected .*{expected}"):
+        AdmissionConfig(**{field: value})
+
+
+def test_config_round_trips_and_rejects_unknown_keys():
+    cfg = AdmissionConfig(max_queue=64, high_queue_reserve=8, max_batch=8, reserved_high=1, max_wait_ms=20.0,
+                          default_deadline_s=5.0, adaptive=False)
+    again = AdmissionConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg, f"to_dict/from_dict through JSON must give the same config, got {again}"
+    assert AdmissionConfig.from_dict({}) == AdmissionConfig(), "an empty dict gives the defaults"
+    with pytest.raises(ValueError, match="unknown key 'max_wait'"):
+        AdmissionConfig.from_dict({"max_wait": 10})
+
+
+def test_admits_by_priority_then_first_come():
+    adm, _ = make(max_batch=16, reserved_high=0)
+    for name, p in [("n1", N), ("l1", L), ("h1", H), ("n2", N), ("h2", H), ("l2", L)]:
+        adm.submit(name, p)
+    admitted, expired = adm.take(running=0, running_high=0)
+    assert payloads(admitted) == ["h1", "h2", "n1", "n2", "l1", "l2"], f"order was {payloads(admitted)}"
+    assert expired == [], "nothing was past its deadline"
+
+
+def test_never_more_than_free_slots_and_rest_stay_queued():
+    adm, _ = make(max_batch=4, reserved_high=0)
+    for i in range(6):
+        adm.submit(i)
+    admitted, _ = adm.take(running=1, running_high=0)
+    assert payloads(admitted) == [0, 1, 2], f"3 free slots (4 - 1 running) take the 3 oldest, got {payloads(admitted)}"
+    assert adm.queued() == 3, "the rest stay queued"
+    assert adm.take(running=4, running_high=0)[0] == [], "a full batch admits nothing"
+
+
+def test_reserved_slots_are_left_for_high():
+    adm, _ = make(max_batch=8, reserved_high=2)
+    for i in range(10):
+        adm.submit(f"n{i}", N)
+    admitted, _ = adm.take(running=0, running_high=0)
+    assert len(admitted) == 6, f"NORMAL may use 8 - 2 reserved = 6 slots, got {len(admitted)}"
+    assert adm.take(running=6, running_high=0)[0] == [], "NORMAL never takes the 2 reserved slots"
+    adm.submit("h0", H), adm.submit("h1", H), adm.submit("h2", H)
+    admitted, _ = adm.take(running=6, running_high=0)
+    assert payloads(admitted) == ["h0", "h1"], f"HIGH takes the 2 reserved slots and no more, got {payloads(admitted)}"
+    # HIGH running does not use up NORMAL's share: 3 HIGH + 2 NORMAL running leave 3 slots, all usable by NORMAL
+    admitted, _ = adm.take(running=5, running_high=3)
+    assert payloads(admitted) == ["h2", "n6", "n7"], f"got {payloads(admitted)}"
+
+
+def test_queue_bound_keeps_places_for_high():
+    adm, clock = make(max_queue=10, high_queue_reserve=3)
+    for i in range(7):
+        adm.submit(i, N if i % 2 else L)
+    for p in (N, L):
+        with pytest.raises(QueueFull) as err:
+            adm.submit("late", p)
+        assert err.value.priority is p, "the error carries the rejected priority"
+        assert err.value.retry_after_s >= 1, f"Retry-After is at least 1 s, got {err.value.retry_after_s}"
+        assert err.value.retry_after_s == int(err.value.retry_after_s), "Retry-After is whole seconds"
+    for i in range(3):
+        adm.submit(f"h{i}", H)
+    with pytest.raises(QueueFull):
+        adm.submit("h-late", H)
+    snap = adm.snapshot()
+    assert snap["queued"] == {"high": 3, "normal": 3, "low": 4}, f"queue depths were {snap['queued']}"
+    assert snap["counters"]["rejected"] == {"high": 1, "normal": 1, "low": 1}, f"got {snap['counters']['rejected']}"
+
+
+def test_retry_after_is_the_drain_time_at_the_measured_service_rate():
+    adm, clock = make(max_queue=40, high_queue_reserve=0, max_batch=4, reserved_high=0, default_deadline_s=600)
+    # an engine finishing 4 requests every 0.5 s (8 req/s) for 3 s, with the queue kept fed
+    adm.take(running=0, running_high=0)
+    for step in range(7):
+        for i in range(4):
+            adm.submit((step, i))
+        assert len(adm.take(running=0, running_high=0)[0]) == 4, "the last 4 finished, 4 more start"
+        clock.advance(0.5)
+    for i in range(40 - adm.queued()):
+        adm.submit(("fill", i))
+    with pytest.raises(QueueFull) as err:
+        adm.submit("late")
+    rate = adm.snapshot()["service_rate"]
+    assert 6.0 < rate < 10.0, f"service rate should be about 8 req/s, measured {rate:.2f}"
+    expected = -(-40 // rate)  # 40 ahead, rounded up
+    assert err.value.retry_after_s == expected, f"Retry-After {err.value.retry_after_s}, expected {expected}"
+    # with no engine running at all, the queue is gone (admitted or expired) by its latest deadline
+    idle, clock2 = make(max_queue=2, high_queue_reserve=0, default_deadline_s=30)
+    idle.submit("a"), clock2.advance(5), idle.submit("b")
+    with pytest.raises(QueueFull) as err:
+        idle.submit("c")
+    assert err.value.retry_after_s == 30, f"bounded by the last deadline (30 s away), got {err.value.retry_after_s}"
+
+
+def test_expired_tickets_come_back_once_and_are_never_admitted():
+    adm, clock = make(max_batch=8, reserved_high=0)
+    old = adm.submit("old", N, deadline_s=1.0)
+    fresh = adm.submit("fresh", L, deadline_s=10.0)
+    clock.advance(1.5)
+    admitted, expired = adm.take(running=2, running_high=0)  # slots are free
+    assert expired == [old], f"the ticket past its deadline expires, got {payloads(expired)}"
+    assert admitted == [fresh], f"only the live ticket is admitted, got {payloads(admitted)}"
+    assert adm.take(running=3, running_high=0) == ([], []), "an expired ticket is reported once"
+    err = adm.deadline_error(old)
+    assert isinstance(err, DeadlineExceeded) and "1.500 s" in str(err) and "1.000 s" in str(err), \
+        f"the message says how long it waited and its deadline: {err}"
+    assert adm.snapshot()["counters"]["expired"]["normal"] == 1, "expiry is counted"
+
+
+def test_deadline_must_be_positive():
+    adm, _ = make()
+    for bad in (0, -1.0, float("inf"), "soon"):
+        with pytest.raises(ValueError, match="deadline"):
+            adm.submit("x", deadline_s=bad)
+
+
+def test_idle_engine_starts_a_partial_batch_after_max_wait():
+    adm, clock = make(max_batch=8, reserved_high=2, max_wait_ms=50.0)
+    adm.submit("a"), adm.submit("b")
+    assert adm.take(0, 0)[0] == [], "an idle engine holds a partial batch"
+    clock.advance(0.049)
+    assert adm.take(0, 0)[0] == [], "still held at 49 ms"
+    clock.advance(0.001)
+    assert payloads(adm.take(0, 0)[0]) == ["a", "b"], "the partial batch starts at 50 ms"
+
+
+def test_idle_engine_starts_at_once_when_the_batch_is_full():
+    adm, _ = make(max_batch=8, reserved_high=2, max_wait_ms=50.0)
+    for i in range(5):
+        adm.submit(i)
+    assert adm.take(0, 0)[0] == [], "5 of the 6 non-HIGH slots: wait"
+    adm.submit(5)
+    assert len(adm.take(0, 0)[0]) == 6, "6 queued fill the non-HIGH slots: start without waiting"
+
+
+def test_high_never_waits_for_a_batch():
+    adm, _ = make(max_batch=8, max_wait_ms=50.0)
+    adm.submit("n")
+    adm.submit("h", H)
+    assert payloads(adm.take(0, 0)[0]) == ["h", "n"], "a queued HIGH starts the batch at once"
+
+
+def test_running_engine_takes_newcomers_at_the_next_step():
+    adm, _ = make(max_batch=8, max_wait_ms=50.0)
+    adm.submit("n")
+    assert payloads(adm.take(running=1, running_high=0)[0]) == ["n"], "continuous batching: no wait"
+
+
+def test_cancel_removes_only_queued_tickets():
+    adm, _ = make(max_batch=8, reserved_high=0)
+    a, b = adm.submit("a", H), adm.submit("b", H)
+    assert adm.cancel(a) is True, "a queued ticket is cancelled"
+    assert adm.cancel(a) is False, "a second cancel finds nothing"
+    assert payloads(adm.take(0, 0)[0]) == ["b"], "the cancelled ticket is never admitted"
+    assert adm.cancel(b) is False, "an admitted ticket is no longer queued"
+    assert adm.snapshot()["counters"]["cancelled"]["high"] == 1, "cancels are counted"
+
+
+def test_next_wakeup_says_when_take_can_act():
+    adm, clock = make(max_batch=8, reserved_high=0, max_wait_ms=50.0)
+    assert adm.next_wakeup(0) is None, "nothing queued: sleep until a submit"
+    adm.submit("a")
+    clock.advance(0.020)
+    assert adm.next_wakeup(0) == pytest.approx(0.030), "an idle engine wakes when the oldest has waited 50 ms"
+    assert adm.next_wakeup(running=3) == 0.0, "a running engine with free slots admits at once"
+    assert adm.next_wakeup(running=8) == pytest.approx(60.0 - 0.020), "a full batch: wake for the first expiry"
+    clock.advance(adm.next_wakeup(0))
+    assert payloads(adm.take(0, 0)[0]) == ["a"], "take admits exactly when next_wakeup said"
+    adm.submit("h", H)
+    assert adm.next_wakeup(0) == 0.0, "HIGH is admissible at once"
+
+
+def test_short_deadline_is_started_not_left_to_expire():
+    adm, clock = make(max_batch=8, max_wait_ms=50.0)
+    adm.submit("hurry", deadline_s=0.04)
+    wake = adm.next_wakeup(0)
+    assert wake == pytest.approx(0.02), f"held at most half its 40 ms deadline, next_wakeup was {wake}"
+    clock.advance(wake)
+    admitted, expired = adm.take(0, 0)
+    assert payloads(admitted) == ["hurry"] and expired == [], "it starts before its deadline"
+
+
+def test_adaptive_wait_shrinks_at_a_trickle():
+    adm, clock = make(adaptive=True, max_batch=8, max_wait_ms=50.0)
+    for i in range(10):  # one request every 2 s, each served alone
+        adm.submit(i)
+        admitted, _ = adm.take(0, 0)
+        assert payloads(admitted) == [i], f"at 0.5 req/s a lone request starts at once, request {i} was held"
+        clock.advance(2.0)
+    assert adm.snapshot()["max_wait_ms"] == 0.0, "at 0.5 req/s no partner is expected within 50 ms"
+    fixed, fixed_clock = make(adaptive=False, max_batch=8, max_wait_ms=50.0)
+    fixed.submit("x")
+    assert fixed.take(0, 0)[0] == [], "without adaptive the lone request waits the configured 50 ms"
+
+
+def test_adaptive_wait_stays_near_max_at_a_high_rate():
+    adm, clock = make(adaptive=True, max_queue=4096, high_queue_reserve=0, max_batch=64, reserved_high=0,
+                      max_wait_ms=50.0)
+    for i in range(3000):  # 1000 req/s for 3 s, drained by a busy engine
+        adm.submit(i)
+        adm.take(running=1, running_high=0)
+        clock.advance(0.001)
+    wait_ms = adm.snapshot()["max_wait_ms"]
+    assert 48.0 < wait_ms <= 49.1, f"at 1000 req/s wait max_wait - 1/rate = about 49 ms, got {wait_ms:.2f}"
+    adm.submit("lone")
+    wake = adm.next_wakeup(0)
+    assert wake == pytest.approx(wait_ms / 1000), f"next_wakeup {wake} follows the effective wait {wait_ms} ms"
+    clock.advance(wake - 0.001)
+    assert adm.take(0, 0)[0] == [], "held until the effective wait"
+    clock.advance(0.001)
+    assert payloads(adm.take(0, 0)[0]) == ["lone"], "started at the effective wait"
+
+
+def simulate(adm, clock, step_s, steps=4000):
+    """A fake engine: one request submitted per step (more than it can serve); requests decode 60 to 140
+    steps (mean 100) of step_s(batch) seconds each. Returns the batch size of every step."""
+    lengths = itertools.cycle([60, 140, 80, 120, 100])
+    left, batches = [], []  # steps left per running sequence
+    for i in range(steps):
+        try:
+            adm.submit(i)
+        except QueueFull:
+            pass
+        admitted, _ = adm.take(running=len(left), running_high=0)
+        left += [next(lengths) for _ in admitted]
+        seconds = step_s(len(left))
+        clock.advance(seconds)
+        adm.observe_step(len(left), seconds, len(left))
+        batches.append(len(left))
+        left = [n - 1 for n in left if n > 1]
+    return batches
+
+
+def test_adaptive_batch_shrinks_when_steps_would_miss_deadlines():
+    # step time 10 ms + 10 ms per sequence, 100 steps per request, 10.5 s deadline: a mean request decodes in
+    # 10 s at batch 9 and 11 s at batch 10, so the cap should be 9
+    adm, clock = make(adaptive=True, max_batch=16, reserved_high=0, default_deadline_s=10.5)
+    batches = simulate(adm, clock, lambda b: 0.01 + 0.01 * b)
+    cap, steady = adm.snapshot()["max_batch"], batches[-1000:]
+    assert cap == 9, f"the largest batch at which a mean request meets its deadline is 9, cap is {cap}"
+    assert max(batches) == 16, "before anything finished, the batch grew to the configured 16"
+    assert set(steady) == {9}, f"under overload the engine runs full capped batches, got {sorted(set(steady))}"
+    fixed, fixed_clock = make(adaptive=False, max_batch=16, reserved_high=0, default_deadline_s=10.5)
+    batches = simulate(fixed, fixed_clock, lambda b: 0.01 + 0.01 * b)
+    assert set(batches[-1000:]) == {16}, "without adaptive the configured max_batch is used"
+
+
+@pytest.mark.parametrize("step_s,deadline_s,why", [
+    (lambda b: 0.03 - 0.0001 * b, 10.0, "steps do not grow with the batch (memory-bound), a smaller one is no faster"),
+    (lambda b: 0.02 + 0.001 * b, 1.0, "even one sequence misses a 1 s deadline (2 s a request), shrinking cannot save it"),
+])
+def test_adaptive_batch_stays_at_max_when_shrinking_cannot_help(step_s, deadline_s, why):
+    adm, clock = make(adaptive=True, max_batch=16, reserved_high=0, default_deadline_s=deadline_s)
+    batches = simulate(adm, clock, step_s)
+    assert adm.snapshot()["max_batch"] == 16, f"the cap stays at 16: {why}"
+    assert set(batches[-1000:]) == {16}, f"the engine keeps running full batches: {why}"
+
+
+def test_counters_account_for_every_submit():
+    adm, clock = make(max_queue=6, high_queue_reserve=2, max_batch=2, reserved_high=0)
+    tickets = [adm.submit(i, deadline_s=1.0 + i) for i in range(4)]
+    with pytest.raises(QueueFull):
+        adm.submit("rejected")
+    adm.cancel(tickets[3])
+    clock.advance(1.5)
+    admitted, expired = adm.take(0, 0)
+    c = {k: v["normal"] for k, v in adm.snapshot()["counters"].items()}
+    assert (len(admitted), len(expired)) == (2, 1), f"1 expired, 2 admitted, got {len(admitted)}, {len(expired)}"
+    assert c == {"submitted": 5, "admitted": 2, "rejected": 1, "expired": 1, "cancelled": 1}, f"counters {c}"

@@ -1,0 +1,58 @@
+"""Hot switch: a variant is replaced, and another unloaded and loaded again, while requests flow, with
+zero failed requests; in-flight requests finish on the weights they started on."""
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+
+VARIANT = "int8_weight_only"
+BODY = {"model": VARIANT, "messages": [{"role": "user", "content": "Name three colours."}],
+        "max_tokens": 24, "temperature": 0}
+
+
+async def _traffic(url: str, stop: asyncio.Event, results: list) -> None:
+    async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+        while not stop.is_set():
+            r = await http.post("/openai/v1/chat/completions", json=BODY)
+            results.append((r.status_code, r.headers.get("x-costopt-instance"),
+                            r.json()["choices"][0]["message"]["content"] if r.status_code == 200 else r.text))
+
+
+async def _switch(url: str) -> list[int]:
+    results: list = []
+    stop = asyncio.Event()
+    workers = [asyncio.create_task(_traffic(url, stop, results)) for _ in range(6)]
+    codes = []
+    async with httpx.AsyncClient(base_url=url, timeout=300) as http:
+        while len(results) < 6:
+            await asyncio.sleep(0.2)
+        codes.append((await http.post(f"/v2/repository/models/{VARIANT}/load")).status_code)  # replace
+        codes.append((await http.post("/v2/repository/models/fp32/unload")).status_code)
+        codes.append((await http.post("/v2/repository/models/fp32/load")).status_code)
+        n = len(results)
+        while len(results) < n + 6:
+            await asyncio.sleep(0.2)
+    stop.set()
+    await asyncio.gather(*workers)
+    return codes, results
+
+
+def test_replace_and_reload_under_traffic_fail_nothing(server):
+    codes, results = asyncio.run(_switch(server.url))
+    assert codes == [200, 200, 200], f"load, unload and load succeed: {codes}"
+    failed = [r for r in results if r[0] != 200]
+    assert not failed, f"zero failed requests during the switch: {failed[:3]}"
+    instances = [r[1] for r in results]
+    assert len(set(instances)) == 2, f"the replacement answers after the switch: {sorted(set(instances))}"
+    assert instances[-1] != instances[0], "the last requests were answered by the replacement"
+    assert len({r[2] for r in results}) == 1, "same weights reloaded: every greedy answer is the same"
+    models = httpx.get(f"{server.url}/openai/v1/models", timeout=30).json()["data"]
+    assert {m["id"] for m in models} == {"fp32", VARIANT}, f"both variants serve again: {models}"
+
+
+def test_unknown_variant_load_is_404_and_unload_of_missing_is_404(server):
+    r = httpx.post(f"{server.url}/v2/repository/models/int3_magic/load", timeout=30)
+    assert r.status_code == 404 and "int3_magic" in r.text and VARIANT in r.text, r.text
+    r = httpx.post(f"{server.url}/v2/repository/models/int3_magic/unload", timeout=30)
+    assert r.status_code == 404, r.text

@@ -1,0 +1,147 @@
+"""The real model server on loopback with the real built-in model: OpenAI client (plain and streamed),
+Open Inference Protocol v2, Prometheus metrics, the request log, and bad input (4xx naming the field,
+never a 5xx, and the server keeps serving)."""
+from __future__ import annotations
+
+import json
+import socket
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+VARIANT = "int8_weight_only"  # made by the session fixture `workspace` (conftest.py)
+
+MESSAGES = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/openai/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_openai_client_chat_round_trip(client):
+    out = client.chat.completions.create(model=VARIANT, messages=MESSAGES, max_tokens=12, temperature=0)
+    assert out.choices[0].message.content.strip(), "the answer has text"
+    assert out.choices[0].finish_reason in ("stop", "length"), out.choices[0].finish_reason
+    assert 1 <= out.usage.completion_tokens <= 12, f"usage counts the answer: {out.usage}"
+    assert out.usage.prompt_tokens > 5, f"usage counts the prompt: {out.usage}"
+
+
+def test_stream_equals_plain_answer_and_reports_usage(client):
+    plain = client.chat.completions.create(model="fp32", messages=MESSAGES, max_tokens=16, temperature=0)
+    chunks = list(client.chat.completions.create(model="fp32", messages=MESSAGES, max_tokens=16, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content, "greedy streamed text equals the plain answer"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == plain.usage.completion_tokens, \
+        "the last chunk carries usage"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [plain.choices[0].finish_reason], f"one finish reason at the end: {finishes}"
+
+
+def test_completions_endpoint_and_model_list(client):
+    out = client.completions.create(model=VARIANT, prompt="The capital of France is", max_tokens=6, temperature=0)
+    assert out.choices[0].text, "a completion has text"
+    names = {m.id for m in client.models.list().data}
+    assert names == {"fp32", VARIANT}, f"/v1/models lists the served variants: {names}"
+
+
+def test_stop_string_ends_the_answer(client):
+    out = client.chat.completions.create(model="fp32", messages=[{"role": "user", "content": "Count: 1, 2, 3, 4, 5, 6"}],
+                                         max_tokens=40, temperature=0)
+    full = out.choices[0].message.content
+    assert len(full) > 4, f"the unstopped answer is long enough to cut: {full!r}"
+    stop = full[2:4]
+    cut = client.chat.completions.create(model="fp32", messages=[{"role": "user", "content": "Count: 1, 2, 3, 4, 5, 6"}],
+                                         max_tokens=40, temperature=0, stop=[stop])
+    assert cut.choices[0].message.content == full[:full.index(stop)], "the answer ends before the stop string"
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_open_inference_protocol_v2(server):
+    with httpx.Client(base_url=server.url, timeout=120) as http:
+        assert http.get("/v2/health/live").status_code == 200
+        assert http.get("/v2/health/ready").status_code == 200
+        assert http.get(f"/v2/models/{VARIANT}/ready").status_code == 200
+        body = {"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES", "data": ["Say hello."]}],
+                "parameters": {"max_tokens": 8}}
+        r = http.post(f"/v2/models/{VARIANT}/infer", json=body)
+        assert r.status_code == 200, r.text
+        out = r.json()["outputs"][0]
+        assert out["name"] == "text_output" and out["datatype"] == "BYTES" and out["data"][0], out
+        bad = http.post(f"/v2/models/{VARIANT}/infer", json={"inputs": [{"name": "x", "shape": [1],
+                                                                          "datatype": "INT32", "data": [1]}]})
+        assert bad.status_code == 400 and "text_input" in bad.text, f"a wrong input is named: {bad.text}"
+
+
+def test_metrics_parse_and_count_requests(server, client):
+    client.chat.completions.create(model=VARIANT, messages=MESSAGES, max_tokens=4, temperature=0,
+                                   extra_headers={"x-costopt-priority": "high"})
+    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name in ("costopt_requests", "costopt_request_latency_seconds", "costopt_queue_depth",
+                 "costopt_batch_size", "costopt_generated_tokens", "costopt_rejections"):
+        assert name in families, f"/metrics has {name}"
+    ok_high = [s for s in families["costopt_requests"].samples
+               if s.labels.get("variant") == VARIANT and s.labels.get("priority") == "high"
+               and s.labels.get("outcome") == "ok" and s.name.endswith("_total")]
+    assert ok_high and ok_high[0].value >= 1, "the high-priority request is counted by variant and priority"
+
+
+def test_request_log_lines(server, client):
+    client.chat.completions.create(model=VARIANT, messages=MESSAGES, max_tokens=4, temperature=0,
+                                   extra_headers={"x-costopt-tenant": "team-a"})
+    rows = [json.loads(line) for line in server.request_log.read_text().splitlines()]
+    mine = [r for r in rows if r["tenant"] == "team-a"]
+    assert mine, "the request is logged with its tenant"
+    row = mine[-1]
+    for key in ("time", "variant", "prompt_sha256", "prompt_tokens", "completion_tokens", "latency_ms"):
+        assert key in row, f"log line has {key}: {row}"
+    assert row["messages"] == MESSAGES, "with --log_prompts the chat messages are kept for calibration"
+
+
+def _post(server, path: str, body: bytes | dict, **headers: str) -> httpx.Response:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(server.url + path, content=data, timeout=60,
+                      headers={"content-type": "application/json", **headers})
+
+
+@pytest.mark.parametrize("body, headers, status, named", [
+    (b"{not json", {}, 400, "JSON"),
+    ({"model": VARIANT}, {}, 400, "messages"),
+    ({"model": VARIANT, "messages": "hi"}, {}, 400, "messages"),
+    ({"model": VARIANT, "messages": MESSAGES, "max_tokens": "many"}, {}, 400, "max_tokens"),
+    ({"model": VARIANT, "messages": MESSAGES, "max_tokens": 65}, {}, 400, "64"),
+    ({"model": VARIANT, "messages": MESSAGES, "temperature": 9}, {}, 400, "temperature"),
+    ({"model": "int3_magic", "messages": MESSAGES}, {}, 404, "int3_magic"),
+    ({"model": VARIANT, "messages": [{"role": "user", "content": "word " * 600}]}, {}, 400, "512"),
+    ({"model": VARIANT, "messages": MESSAGES}, {"x-costopt-priority": "urgent"}, 400, "x-costopt-priority"),
+    ({"model": VARIANT, "messages": MESSAGES}, {"x-costopt-deadline-ms": "soon"}, 400, "x-costopt-deadline-ms"),
+    (b"[1, 2]", {}, 400, "JSON object"),
+])
+def test_bad_requests_get_a_4xx_naming_the_field(server, body, headers, status, named):
+    r = _post(server, "/openai/v1/chat/completions", body, **headers)
+    assert r.status_code == status, f"expected {status}, got {r.status_code}: {r.text}"
+    assert named in r.json()["error"]["message"], f"the error names {named!r}: {r.text}"
+
+
+def test_oversized_body_is_413_and_server_keeps_serving(server, client):
+    big = {"model": VARIANT, "messages": [{"role": "user", "content": "x" * 70_000}]}
+    r = _post(server, "/openai/v1/chat/completions", big)
+    assert r.status_code == 413 and "65536" in r.text, f"413 names the limit: {r.status_code} {r.text}"
+    assert client.chat.completions.create(model=VARIANT, messages=MESSAGES, max_tokens=2).choices, "still serving"
+
+
+def test_client_disconnect_mid_stream_leaves_server_serving(server, client):
+    body = json.dumps({"model": "fp32", "messages": MESSAGES, "max_tokens": 60, "stream": True,
+                       "temperature": 0}).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as s:
+        s.sendall(b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        assert b"data:" in s.recv(4096), "the stream started"
+    out = client.chat.completions.create(model="fp32", messages=MESSAGES, max_tokens=4)
+    assert out.choices[0].message.content is not None, "the server still answers after a client hung up"
+    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    assert "costopt_requests_total" in text and 'outcome="error"' not in text, "no request ended in error"
