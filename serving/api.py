@@ -70,6 +70,22 @@ class _TooBig(Exception):
     pass
 
 
+class NoVersions:
+    """ASGI middleware: KServe answers 501 to OIP v2's optional model versions; a request naming one is
+    a client error here (one version per variant name), so it gets a 400 naming the field."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v2/models/") and (
+                "/versions/" in scope["path"] or b"model_version=" in scope.get("query_string", b"")):
+            err = ApiError(400, "model_version: variants are not versioned here; each variant name is one "
+                                "version (load another name to serve another)", param="model_version")
+            return await error_response(err)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 def _headers(request: Request) -> tuple[Priority, float | None, str]:
     h = request.headers
     try:
@@ -132,7 +148,8 @@ class OpenAIRoutes:
                 log["prompt"] = req.text()
                 ids = model.encode_text(log["prompt"])
             log["prompt_tokens"] = len(ids)
-            wanted = req.wanted_tokens(model.options.default_max_tokens)
+            opts = model.options
+            wanted = req.wanted_tokens(min(opts.default_max_tokens, opts.max_tokens_limit))
             model.check_lengths(ids, wanted, "messages" if chat else "prompt")
             sampling = SamplingParams(max_new_tokens=wanted, temperature=req.temperature, top_p=req.top_p,
                                       seed=req.seed)
@@ -272,3 +289,4 @@ def register(app: FastAPI, library: ModelLibrary, reqlog: RequestLog, max_body_b
     router.add_api_route("/v2/repository/models/{model_name}/unload", repo.unload, methods=["POST"], tags=["V2"])
     app.include_router(router)
     app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(NoVersions)

@@ -1,22 +1,23 @@
 """The continuous-batching engine: one model, one KV cache, one iteration per `step()`.
 
 Sequences join (`add`) and leave (EOS, stop id, `max_new_tokens`, `cancel`) between steps. A step runs
-ONE forward over a packed, unpadded row of tokens: the whole prompt of every sequence added since the
-last step (prefill; its first token comes out of this step) followed by the last token of every other
-running sequence (decode). Every Linear therefore runs once per step over all rows, whatever module it
-is (costopt's quantized modules included). Not thread-safe: the driver calls add/cancel/step from one
+ONE forward over a packed, unpadded row of tokens: the newest token of every running sequence
+(decode) followed by the whole prompt of every sequence added since the last step (prefill; its first
+token comes out of this step). Every Linear therefore runs once per step over all rows, whatever
+module it is (costopt's quantized modules included). Not thread-safe: the driver calls add/cancel/step from one
 thread. Timing entry point (real model, 2 threads): `python -m serving.engine --batch 1 16 [--hf]`.
 
-Why not transformers' own manager (`transformers.generation.continuous_batching`, 5.24), read and run
-here on CPU fp32: (a) it runs, but sized from free memory it allocates dense masks that took 27 s to
-fill for a 2-layer toy model; `num_blocks`/`max_batch_tokens` must be set by hand. (b) It owns a
-background thread with queues, not a step we drive; sampling on/off is one flag per manager, and it
-samples from the global torch RNG (seeded once), so a request's sampled tokens change with its batch
-mates (measured: same seed, 0/1/2 mates -> three different outputs); `cancel_request` emits nothing.
-Per-request max_new_tokens, EOS ids and streaming do work. (c) Swapped Linears (Int8Linear) work:
-greedy tokens matched `generate`. (d) Speed: see the table below. Its CPU decode has no fast path
-(the block-table path needs flash-attn kernels), so every step attends through one dense
-[new tokens, all cached tokens of the batch] mask. We keep our own ~400 lines instead.
+Why not transformers' own manager (`transformers.generation.continuous_batching`, 5.24; source read,
+runs in /tmp on toy models and the real one): (a) it runs on CPU fp32, but sized from free host memory
+by default it allocated masks that took 27 s to fill for a 2-layer toy model; `num_blocks` and
+`max_batch_tokens` must be set by hand. (b) Per-request max_new_tokens, EOS ids, streaming and
+`cancel_request` work, but it is a background thread fed through queues, not a step we drive; a
+cancel emits nothing; sampling on/off is one flag per manager (per-request temperature/top_p only
+with `per_request_processors`), and it samples from the global torch RNG seeded once, so a request's
+tokens change with its batch mates (same seed with 0, 1, 2 mates: three different outputs). (c) With
+costopt's Int8Linear swapped in, its greedy tokens equal `generate`'s. (d) It is the slowest option
+at batch 16 (table below): on CPU it has no decode fast path (that needs flash-attn kernels), so each
+step attends through one dense [new tokens, every cached token of the batch] mask. Hence our own.
 
 Why our own forward rather than HF's forward with a cache object: HF caches give all rows one
 `cache_position`, so per-sequence positions need left padding and re-padding or cropping whenever a
@@ -26,22 +27,35 @@ forward uses the model's own submodules (embed_tokens, rotary_emb, each layer's 
 mlp, norm, lm_head), and computes the LM head only for the rows that need a token.
 
 Prefill choice: all newcomers' prompts go into the same forward as the decode rows rather than being
-chunked. On this CPU a prompt's cost is its FLOPs either way; chunking would only spread that stall
-over more steps (later first token, an extra pass over the weights per chunk), while fusing shares
-one pass over the weights with the decode rows. The driver bounds the stall by how many it admits.
+chunked. On this CPU a prompt's cost is its FLOPs either way (16 prompts, 958 tokens: 4.3 s on one
+core, about 14 decode steps); chunking would only spread that stall over more steps, delay the first
+token and add a pass over the weights per chunk, while fusing shares one pass with the decode rows.
+The driver bounds the stall by how many it admits per step.
 
-KV cache: one tensor [layers, 2, max_batch, kv_heads, max_len, head_dim] allocated up front
-(torch.empty: the OS commits pages only as they are written, so resident memory grows with use).
-Running sequences occupy slots 0..running-1 (a finished sequence's slot takes the last one's cache),
-so decode attends over one contiguous slice. Size for the built-in model (30 layers, 3 KV heads, head
-dim 64, fp32) at max_batch 16, max_len 2048: 30*2*16*3*2048*64*4 B = 1,509,949,440 B (1.41 GiB).
+KV cache: one tensor [layers, 2, max_batch, kv_heads, max_len, head_dim] allocated up front with
+torch.empty; positions are zeroed once, just before first use (`_forward`), so resident memory grows
+with the longest sequence seen. Running sequences occupy slots 0..running-1 (a finished sequence's
+slot takes the last one's cache), so decode attends over one contiguous slice. Size for the built-in
+model (30 layers, 3 KV heads, head dim 64, fp32) at max_batch 16, max_len 2048:
+30*2*16*3*2048*64*4 B = 1,509,949,440 B (1.41 GiB) at most.
 
-Measured (median of 3, decode tok/s summed over the batch; prompts 40-80 tokens, 64 new tokens):
-TODO
+Measured on the 2-core reference CPU, real model fp32, prompts 40-80 tokens, 64 new tokens, median of
+3, tok/s summed over the batch. Another job held one core throughout, so these ran with one thread
+(`python -m serving.engine --batch 1 16 --threads 1 --hf`); at 2 threads under that contention every
+op stalls (1.2 and 5.5 tok/s) and says nothing. Rerun with the default 2 threads on an idle machine.
+
+    batch | engine decode | engine end-to-end | HF manager end-to-end | HF generate end-to-end
+        1 |           7.5 |               7.3 |                   6.6 |                    7.7
+       16 |          55.2 |              45.1 |                  23.8 |                   36.5
+
+Batch 16 over batch 1: 7.4x in decode, 6.2x end to end (prefill included), 5.9x over batch-1
+`generate`. At batch 1 the engine is no faster than `generate`: both read every weight once per
+token, and about 23 ms of a step is per-op dispatch over 30 layers (a 30-layer, hidden-64 model
+steps in 23 ms here, HF's forward in 30 ms). Greedy tokens of 16 chat prompts arriving two every
+other step equalled each prompt's own `generate` (16/16, 32 tokens, fp32).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Hashable, Sequence
 
@@ -116,7 +130,7 @@ class Engine:
         self._head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         with torch.inference_mode():
             self.dtype = body.embed_tokens(torch.zeros(1, dtype=torch.long)).dtype  # activations' dtype
-            # [layers, k/v, slot, kv_heads, position, head_dim]; pages are committed as they are written
+            # [layers, k/v, slot, kv_heads, position, head_dim]; untouched pages stay unallocated
             self.kv = torch.empty(len(body.layers), 2, max_batch, self._kv_heads, max_len, self._head_dim,
                                   dtype=self.dtype)
         self._clean = 0  # positions < _clean hold finite values in every slot (see _forward)

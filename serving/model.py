@@ -167,7 +167,8 @@ class VariantModel(kserve.Model):
             raise InvalidInput(f"text_input: expected 1 to 16 prompts, got {len(prompts)}")
         params = dict(payload.parameters or {})
         try:
-            sampling = SamplingParams(max_new_tokens=int(params.get("max_tokens", self.options.default_max_tokens)),
+            default = min(self.options.default_max_tokens, self.options.max_tokens_limit)
+            sampling = SamplingParams(max_new_tokens=int(params.get("max_tokens", default)),
                                       temperature=float(params.get("temperature", 0.0)),
                                       top_p=float(params.get("top_p", 1.0)),
                                       seed=None if params.get("seed") is None else int(params["seed"]))

@@ -437,6 +437,29 @@ def _figures_html(summary: dict[str, Any], figures: dict[str, bytes]) -> str:
     return "\n".join(out)
 
 
+def _serving_html(summary: dict[str, Any]) -> str:
+    """Deployed variants and the deploy phase's load test, when it ran."""
+    esc, serving = html.escape, summary.get("serving")
+    if not serving:
+        return "<h2>Serving</h2><p>Not deployed in this run (serve.enabled, or no deploy phase).</p>"
+    deployed = ", ".join(f"{esc(d['name'])} (<code>{esc(str(d['fingerprint'])[:12])}</code>)"
+                         for d in summary.get("deployed", []))
+    left = "".join(f"<li>{esc(k)}: {esc(v)}</li>" for k, v in (summary.get("serving_left_out") or {}).items())
+    heads = ["variant", "concurrency", "req/s", "tok/s", "p50 ms", "p95 ms", "p99 ms", "errors", "rejected",
+             "cost / 1M req USD"]
+    rows = "".join(f"<tr><td>{esc(', '.join(r['config']['variants']))}</td>" + "".join(
+        f"<td>{esc(_fmt(v))}</td>" for v in (r["concurrency"], r["throughput_req_s"], r["throughput_tok_s"],
+        r["p50_ms"], r["p95_ms"], r["p99_ms"], r["errors"], r["rejected"], r.get("cost_per_1m_requests_usd")))
+        + "</tr>" for r in serving["runs"])
+    trace = serving["trace"]
+    return f"""<h2>Serving</h2>
+<p>Deployed on a loopback KServe server (continuous batching): {deployed}.</p>{f"<ul>{left}</ul>" if left else ""}
+<p class="ci">Load test: trace {esc(str(trace["name"]))} ({trace["requests"]} requests), closed loop. Naive path
+(fp32, batch 1): {_fmt(serving.get("naive_cost_per_1m_requests_usd"))} USD per 1M requests; served:
+{_fmt(serving.get("optimized_cost_per_1m_requests_usd"))}.</p>
+<table><tr>{"".join(f"<th>{h}</th>" for h in heads)}</tr>{rows}</table>"""
+
+
 def render_html(summary: dict[str, Any], png: bytes, figures: dict[str, bytes] | None = None) -> str:
     """The human report: one self-contained page (inline CSS, the plot as a base64 PNG)."""
     esc, search = html.escape, summary["search"]
@@ -477,6 +500,7 @@ per hour / 3600 × machine-seconds per request × 10<sup>6</sup>. Ratios in pare
 <h2>Mixed-precision search</h2>
 {_mixed_html(search)}
 {_figures_html(summary, figures or {})}
+{_serving_html(summary)}
 <h2>Gate thresholds</h2>
 <table><tr><th class="l">threshold</th><th>value</th></tr>{gates}</table>
 <h2>Data quality</h2>

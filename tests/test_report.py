@@ -254,3 +254,23 @@ def test_stale_model_is_refused(tmp_path):
 def test_a_summary_breaking_the_schema_is_refused():
     with pytest.raises(SummarySchemaError, match="run_id"):
         check_summary({"model": "m", "profile": "full", "baseline": {}, "variants": []})
+
+
+def test_serving_section_from_the_deploy_phase_follows_the_contract(tmp_path):
+    ws = build_workspace(tmp_path)
+    run = {"config": {"batching": True, "cache": False, "routing": False, "variants": ["int8"]}, "concurrency": 4,
+           "throughput_req_s": 1.5, "throughput_tok_s": 60.0, "p50_ms": 900.0, "p95_ms": 1500.0, "p99_ms": 1800.0,
+           "errors": 0, "rejected": 0, "cost_per_1m_requests_usd": 18.5}
+    write(ws.root / "artifacts" / "serving" / "serving.json", {
+        "deployed": [{"name": "fp32", "fingerprint": FINGERPRINT, "where": "loopback", "dvc_revision": None},
+                     {"name": "int8", "fingerprint": "00" * 32, "where": "loopback", "dvc_revision": None}],
+        "left_out": {"naive": "failed its gates"},
+        "serving": {"trace": {"name": "serving-v1", "requests": 16, "fingerprint": "ef" * 32}, "runs": [run],
+                    "naive_cost_per_1m_requests_usd": 60.0, "optimized_cost_per_1m_requests_usd": 18.5}})
+    result = report(Params(), ws)
+    summary = json.loads(Path(result["summary"]).read_text())
+    check_summary(summary)
+    assert [d["name"] for d in summary["deployed"]] == ["fp32", "int8"], "deployed comes from the deploy phase"
+    assert summary["serving"]["runs"][0]["throughput_req_s"] == 1.5, "the load test's runs are in the summary"
+    page = (Path(result["summary"]).parent / "report.html").read_text()
+    assert "Serving" in page and "serving-v1" in page and "failed its gates" in page, "the report shows serving"

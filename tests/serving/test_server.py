@@ -140,8 +140,17 @@ def test_client_disconnect_mid_stream_leaves_server_serving(server, client):
     with socket.create_connection(("127.0.0.1", server.port), timeout=60) as s:
         s.sendall(b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        assert b"data:" in s.recv(4096), "the stream started"
+        got = b""
+        while b"data:" not in got:
+            chunk = s.recv(4096)
+            assert chunk, f"the stream started before the server closed it: {got[-300:]!r}"
+            got += chunk
     out = client.chat.completions.create(model="fp32", messages=MESSAGES, max_tokens=4)
     assert out.choices[0].message.content is not None, "the server still answers after a client hung up"
     text = httpx.get(f"{server.url}/metrics", timeout=30).text
     assert "costopt_requests_total" in text and 'outcome="error"' not in text, "no request ended in error"
+
+
+def test_model_versions_are_a_client_error(server):
+    r = httpx.get(f"{server.url}/v2/models/{VARIANT}/versions/2/ready", timeout=30)
+    assert r.status_code == 400 and "model_version" in r.text, f"{r.status_code} {r.text}"
