@@ -29,7 +29,7 @@ def test_no_server_errors_under_schemathesis(fuzz_server, tmp_path):
     proc = subprocess.run([str(st), "run", f"{fuzz_server.url}/openapi.json", "--checks", "not_a_server_error",
                            "--max-examples", str(MAX_EXAMPLES), "--report", "junit",
                            "--report-junit-path", str(report), "--no-color"],
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, f"schemathesis found server errors:\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
     ok = httpx.get(f"{fuzz_server.url}/v2/health/ready", timeout=30)
     assert ok.status_code == 200, "the server is still ready after fuzzing"
