@@ -1,9 +1,9 @@
 """`make bench`: decode speed of fp32 and every variant, measured side by side in one process.
 
 Run it as `python -m tasks.bench [--rounds 5] [--tokens 64] [--workspace DIR]`. It reuses the
-workspace's ingested model and variants (running ingest and quantize first if they are missing),
-then times greedy decode at batch 1 and at batch 8 (prefill excluded) with the same loop (`costopt.speed`),
-interleaving the models round by round so drift on a shared machine hits them alike. It prints a
+workspace's ingested model and variants (running ingest and quantize first if they are missing), plus
+the search's pick when it is a mixed-precision variant, then times greedy decode at batch 1 and at
+batch 8 (prefill excluded) with the same loop (`costopt.speed`), interleaving the models round by round so drift on a shared machine hits them alike. It prints a
 Markdown table of medians and ratios to fp32 and writes `artifacts/make-bench.json`.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from costopt.layout import Workspace, write_json
+from costopt.layout import Workspace, read_json, write_json
 from costopt.modelio import load_model_dir
 from costopt.params import load_params
 from costopt.speed import device_label, encode, greedy_decode
@@ -49,10 +49,18 @@ def time_batch(model: Any, enc: dict, tokens: int) -> float:
     return enc["input_ids"].shape[0] * (tokens - 1) / dt  # new tok/s summed over the batch, prefill excluded
 
 
+def search_pick(ws: Workspace) -> list[str]:
+    """The search's pick when it is a mixed-precision variant (not among quantize.variants), else []."""
+    path = ws.search_dir / "search.json"
+    picked = read_json(path).get("picked") if path.is_file() else None
+    return [picked] if picked and (ws.variant_dir(picked) / "spec.json").is_file() else []
+
+
 def run(ws: Workspace, params: Any, rounds: int, tokens: int, batch: int) -> dict[str, Any]:
     torch.set_num_threads(params.benchmark.threads)
     base, tok = load_model_dir(ws.model_dir)
-    models = {"fp32": base, **{n: load_variant_model(ws, n)[0] for n in params.quantize.variants}}
+    names = list(dict.fromkeys([*params.quantize.variants, *search_pick(ws)]))
+    models = {"fp32": base, **{n: load_variant_model(ws, n)[0] for n in names}}
     one, many = encode(tok, [PROMPT]), encode(tok, [PROMPT] * batch)
     for model in models.values():
         time_decode(model, one, 4)  # warm-up: kernel build, allocator
@@ -65,7 +73,7 @@ def run(ws: Workspace, params: Any, rounds: int, tokens: int, batch: int) -> dic
         print(f"round {r + 1}/{rounds}: " + ", ".join(f"{n} {bs1[n][-1]:.1f}" for n in models),
               file=sys.stderr, flush=True)
     sizes = {"fp32": sum(f.stat().st_size for f in ws.model_dir.glob("*.safetensors"))}
-    sizes.update({n: read_spec(ws, n).size_bytes for n in params.quantize.variants})
+    sizes.update({n: read_spec(ws, n).size_bytes for n in names})
     rows = {}
     for name in models:
         rows[name] = {"decode_tok_s_bs1_median": statistics.median(bs1[name]),

@@ -106,6 +106,21 @@ def test_summary_meets_the_contract(run):
     assert (run["ws"] / "reports" / "latest" / "data_docs" / "index.html").is_file(), "GE Data Docs are in the report"
 
 
+def test_deploy_serves_the_winners_and_load_tests_them(run):
+    summary = json.loads((run["ws"] / "reports" / "latest" / "summary.json").read_text())
+    deployed = [d["name"] for d in summary["deployed"]]
+    assert deployed[0] == "fp32" and "dynamic_qint8_naive" not in deployed, f"fp32 and winners only: {deployed}"
+    if summary["search"]["picked"]:
+        assert summary["search"]["picked"] in deployed, f"the pick is deployed: {deployed}"
+    runs = summary["serving"]["runs"]
+    assert runs and all(r["errors"] == 0 and r["ok"] == r["requests"] for r in runs), \
+        f"the short load test on the real server answers every request: {runs}"
+    assert summary["serving"]["trace"]["name"] == "serving-v1", summary["serving"]["trace"]
+    log = run["ws"] / "logs" / "requests.jsonl"
+    assert log.is_file() and len(log.read_text().splitlines()) >= sum(r["requests"] for r in runs), \
+        "every load-test request is in the request log"
+
+
 def test_gate_keeps_the_naive_one_liner_out(run):
     summary = json.loads((run["ws"] / "reports" / "latest" / "summary.json").read_text())
     rows = {v["name"]: v for v in summary["variants"]}
