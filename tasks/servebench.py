@@ -68,7 +68,7 @@ def run(ws: Workspace, price: float, threads: int, scale: float, logs: Path) -> 
     with start_server(ws.root, ["fp32", INT8], logs / "server-batching.log") as srv:
         for variant in ("fp32", INT8):
             for c, k in SWEEP.items():
-                res = run_load(srv.url, variant, items, concurrency=c, requests=n(k), progress=True)
+                res = run_load(srv.url, variant, items, concurrency=c, requests=max(n(k), c + 16), progress=True)
                 runs.append({**summarize(res, price, _config([variant], True)), "label": f"{variant} c={c}"})
         sustainable = next(r for r in runs if r["label"] == "fp32 c=16")["throughput_req_s"]
         rate = 2 * sustainable

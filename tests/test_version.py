@@ -42,6 +42,7 @@ FAKE_OUTPUTS = {
     "artifacts/calibration/curve.json": b'{"enabled": false}\n',
     "artifacts/search/search.json": b'{"picked": null}\n',
     "artifacts/search/data_docs/index.html": b"<html></html>\n",
+    "artifacts/serving/serving.json": b'{"deployed": []}\n',
     "reports/r1/summary.json": b'{"run_id": "r1"}\n',
     "reports/r1/report.html": b"<html>r1</html>\n",
 }
