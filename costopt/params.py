@@ -227,10 +227,10 @@ class ServeParams:
     enabled: bool = True  # deploy the winners on a loopback KServe server and load-test them
     variants: tuple[str, ...] = ("picked", "int8_weight_only")  # served next to fp32 if they passed their
     # gates; "picked" is the search's pick
-    max_batch: int = 16  # sequences decoding together (continuous batching)
+    max_batch: int = 32  # sequences decoding together (continuous batching)
     max_wait_ms: float = 50.0  # ms an idle engine waits to fill a batch (the seed paper's 50 ms)
     max_queue: int = 256  # queued requests; beyond it 429 with Retry-After
-    reserved_high: int = 2  # batch slots only high-priority requests may use
+    reserved_high: int = 4  # batch slots only high-priority requests may use
     log_prompts: bool = False  # write prompt text into the request log (calibrate.logs) for calibration
     loadtest_requests: int = 32  # requests per load-test point in the demo (make bench runs longer)
     loadtest_concurrency: tuple[int, ...] = (4, 16)  # closed-loop concurrencies the demo measures

@@ -32,6 +32,10 @@ parser.add_argument("--high_queue_reserve", type=int, default=admission_defaults
 parser.add_argument("--default_deadline_s", type=float, default=admission_defaults.default_deadline_s,
                     help="deadline of a request that sets no x-costopt-deadline-ms")
 parser.add_argument("--fixed_batching", action="store_true", help="turn off adaptive batch parameters")
+parser.add_argument("--no_deadline_admission", action="store_true",
+                    help="turn off deadline forecasts: refuse only on a full queue or a passed deadline")
+parser.add_argument("--deadline_margin", type=float, default=admission_defaults.deadline_margin,
+                    help="share by which deadline forecasts are stretched")
 parser.add_argument("--max_len", type=int, default=defaults.max_len, help="prompt + answer tokens per sequence")
 parser.add_argument("--max_tokens_limit", type=int, default=defaults.max_tokens_limit, help="largest max_tokens")
 parser.add_argument("--max_prompt_tokens", type=int, default=defaults.max_prompt_tokens, help="longest prompt")
@@ -47,7 +51,9 @@ def main(argv: list[str] | None = None) -> None:
         admission = AdmissionConfig(max_queue=args.max_queue, high_queue_reserve=args.high_queue_reserve,
                                     max_batch=args.max_batch, reserved_high=args.reserved_high,
                                     max_wait_ms=args.max_wait_ms, default_deadline_s=args.default_deadline_s,
-                                    adaptive=not args.fixed_batching)
+                                    adaptive=not args.fixed_batching,
+                                    deadline_admission=not args.no_deadline_admission,
+                                    deadline_margin=args.deadline_margin)
         if args.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes: {args.max_body_bytes}; must be >= 1024")
     except ValueError as exc:

@@ -2,7 +2,7 @@
 
 The KServe handler calls `submit()` for each request (a full queue raises `QueueFull`, sent as HTTP 429
 with `Retry-After`), then wakes the engine loop. Between decode steps the loop calls
-`take(running, running_high)`: it starts the `admitted` tickets and fails the `expired` ones with
+`take(running, running_high, live)`: it starts the `admitted` tickets and fails the `expired` ones with
 `deadline_error(ticket)` before they use any compute; it reports each step with `observe_step()`; when
 the engine is idle it sleeps `next_wakeup(0)` seconds unless a submit wakes it. Time comes from an
 injected clock, so everything here is synchronous and testable without HTTP or a model; it is not
@@ -16,20 +16,39 @@ never admitted, even when slots are free. Partial batch: a running engine takes 
 step (continuous batching); an idle one starts when HIGH is queued, when the queue can fill the slots
 non-HIGH may use, or when a request has been held for the effective max wait (never more than half its
 deadline). With `adaptive`, the max wait and max batch follow measured traffic (see `Admission`).
+
+Deadline admission (`deadline_admission`, on by default). A deadline is the time by which the request's
+last token is due. From measured step times (decode step time per batch size, prefill cost per prompt
+token; `serving.driver.calibrate` measures them at load) and each request's `steps` (its max_tokens):
+- submit() forecasts when the request would finish: it takes the first free slot of its priority's share
+  of the batch after everything queued ahead, waiting slower by the share of steps spent on prefills and
+  of capacity taken by higher priorities arriving (their measured work rate). A forecast past the
+  deadline is refused at once (`WouldMissDeadline`, HTTP 429) with the forecast wait as Retry-After, or
+  none when even an idle server could not make it.
+- take() re-forecasts the queue each step and drops (`hopeless`) who can no longer make it, before it
+  uses compute; and a newcomer joins only if, at the batch size it makes and with the prefill stall it
+  adds, it and every running sequence still finish by their deadlines. A HIGH that needs a smaller batch
+  holds back lower priorities until the batch has drained enough.
+Predictions are stretched by `deadline_margin`. A request that finishes early (EOS) only frees its slot
+sooner: forecasts assume max_tokens, so they err on the side of refusing.
 """
 from __future__ import annotations
 
 import dataclasses
 import enum
+import heapq
 import itertools
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 RATE_WINDOW_S = 2.0  # arrival and service rates average over about the last 2 s
+WORK_WINDOW_S = 10.0  # the work each priority brings (decode steps per s) averages over about 10 s
+_MAX_SHARE = 0.9  # predictions count at most 90% of capacity as taken by prefills or higher priorities
 _MIN_WINDOW_S = 1.0  # a rate over less than 1 s of history is noise: count it as 1 s
 _STEP_ALPHA = 0.05  # step-time fit weight per step: about the last 20 steps
+_TABLE_ALPHA = 0.2  # weight of a new step in the per-batch-size step time and the prefill cost
 _STEPS_DECAY = 0.9995  # steps-per-request counts forget over about 2000 steps
 _EPS = 1e-9  # s; a wake-up computed by next_wakeup() must land on its own side of the comparison
 
@@ -65,11 +84,13 @@ def _check(name: str, value: Any, lo: float, hi: float, integer: bool = False, l
 class AdmissionConfig:
     max_queue: int = 256  # requests waiting, all priorities together
     high_queue_reserve: int = 32  # queue places only HIGH may take, so HIGH still gets in under load
-    max_batch: int = 16  # sequences decoding together (engine slots)
-    reserved_high: int = 2  # batch slots only HIGH may use
+    max_batch: int = 32  # sequences decoding together (engine slots)
+    reserved_high: int = 4  # batch slots only HIGH may use
     max_wait_ms: float = 50.0  # ms an idle engine may hold requests to fill a batch (the seed paper's 50 ms)
     default_deadline_s: float = 60.0  # s, per-request deadline when the client sets none
     adaptive: bool = True  # follow the live arrival rate and step times (see Admission)
+    deadline_admission: bool = True  # refuse at once, or drop early, what measured step times say will be late
+    deadline_margin: float = 0.1  # predicted times are stretched by this share before meeting a deadline
 
     def __post_init__(self) -> None:
         _check("max_queue", self.max_queue, 1, 1_000_000, integer=True)
@@ -78,8 +99,10 @@ class AdmissionConfig:
         _check("reserved_high", self.reserved_high, 0, self.max_batch - 1, integer=True)
         _check("max_wait_ms", self.max_wait_ms, 0, 10_000)
         _check("default_deadline_s", self.default_deadline_s, 0, 86_400, lo_open=True)
-        if not isinstance(self.adaptive, bool):
-            raise ValueError(f"AdmissionConfig.adaptive: expected true or false, got {self.adaptive!r}")
+        for name in ("adaptive", "deadline_admission"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"AdmissionConfig.{name}: expected true or false, got {getattr(self, name)!r}")
+        _check("deadline_margin", self.deadline_margin, 0, 10)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> AdmissionConfig:
@@ -105,12 +128,30 @@ class QueueFull(Exception):
 
 
 class DeadlineExceeded(Exception):
-    """A request's deadline came while it was queued; it never reached the model."""
+    """A queued request was dropped before it reached the model: its deadline came, or (`hopeless`) the
+    measured step times said it could no longer finish before it."""
 
-    def __init__(self, waited_s: float, deadline_s: float):
-        self.waited_s, self.deadline_s = waited_s, deadline_s
-        super().__init__(f"request waited {waited_s:.3f} s in the queue and its deadline is {deadline_s:.3f} s; "
+    def __init__(self, waited_s: float, deadline_s: float, hopeless: bool = False):
+        self.waited_s, self.deadline_s, self.hopeless = waited_s, deadline_s, hopeless
+        what = "could no longer finish before its deadline" if hopeless else "reached its deadline"
+        super().__init__(f"request waited {waited_s:.3f} s in the queue and {what} of {deadline_s:.3f} s; "
                          f"the server is overloaded: retry later or set a longer `deadline`")
+
+
+class WouldMissDeadline(Exception):
+    """Refused at submit: at the measured step times the request would finish after its deadline (HTTP 429).
+    `retry_after_s` is None when even an idle server could not make it (retrying cannot help)."""
+
+    def __init__(self, predicted_s: float, deadline_s: float, steps: int, step_s: float, ahead: int,
+                 running: int, retry_after_s: float | None):
+        self.predicted_s, self.deadline_s, self.retry_after_s = predicted_s, deadline_s, retry_after_s
+        where = (f"{running} running and {ahead} queued ahead" if retry_after_s is not None
+                 else "even on an idle server")
+        advice = (f"retry after {retry_after_s:.0f} s, set a longer deadline or ask for fewer max_tokens"
+                  if retry_after_s is not None else "set a longer deadline or ask for fewer max_tokens")
+        super().__init__(f"deadline: {deadline_s:.3f} s cannot be met: {steps} tokens at about "
+                         f"{step_s * 1000:.0f} ms per step would finish in about {predicted_s:.1f} s "
+                         f"({where}); {advice}")
 
 
 @dataclass(eq=False)  # identity equality: tickets are handles, safe as dict keys and in sets
@@ -118,8 +159,11 @@ class Ticket:
     id: int
     priority: Priority
     arrival: float  # clock time of submit(), s
-    deadline: float  # clock time the request expires if still queued, s
+    deadline: float  # clock time by which its last token is due (it expires if still queued then), s
     payload: Any
+    steps: int = 1  # tokens it may generate (max_new_tokens): engine steps it needs at most
+    prompt_tokens: int = 0  # tokens its prefill processes
+    hopeless: bool = False  # set when take() drops it early because it could no longer finish in time
 
 
 class _Rate:
@@ -144,14 +188,26 @@ class _Rate:
 
 
 class _StepModel:
-    """Step time as `a + u * batch` (s), an exponentially weighted least-squares line over recent steps.
-    The last line fitted while batch sizes varied is kept while they hold steady (a line needs spread)."""
+    """Decode step time as `a + u * batch` (s), an exponentially weighted least-squares line over recent
+    decode-only steps, plus the step time measured at each batch size and the prefill cost per prompt
+    token. The last line fitted while batch sizes varied is kept while they hold steady (a line needs
+    spread)."""
 
     def __init__(self) -> None:
         self.moments: list[float] | None = None  # E[b], E[s], E[b^2], E[b*s]
         self.line: tuple[float, float] | None = None  # (a s, u s per sequence)
+        self.by_batch: dict[int, float] = {}  # batch size -> EWMA decode step time, s
+        self.prefill_s: float | None = None  # s per prompt token on top of the step's decode time, EWMA
 
-    def add(self, batch: int, seconds: float) -> None:
+    def add(self, batch: int, seconds: float, prefill_tokens: int = 0) -> None:
+        if prefill_tokens > 0:  # a step that also prefilled prompts: what it cost over a decode step
+            base = self.decode(batch)
+            if base is not None:
+                per = max(0.0, seconds - base) / prefill_tokens
+                self.prefill_s = per if self.prefill_s is None else self.prefill_s + _TABLE_ALPHA * (per - self.prefill_s)
+            return
+        old = self.by_batch.get(batch)
+        self.by_batch[batch] = seconds if old is None else old + _TABLE_ALPHA * (seconds - old)
         sample = [batch, seconds, batch * batch, batch * seconds]
         if self.moments is None:
             self.moments = sample
@@ -161,6 +217,22 @@ class _StepModel:
         if bb - b * b >= 0.25:  # batch sizes spread by about one sequence or more
             u = (bs - b * s) / (bb - b * b)
             self.line = (s - u * b, u)
+
+    def decode(self, batch: int) -> float | None:
+        """Predicted decode step time at `batch` sequences, s: measured at that size, else the line; never
+        less than at a smaller measured size (a bigger batch is not faster). None before any measurement."""
+        if not self.by_batch:
+            return None
+        if batch in self.by_batch:
+            value = self.by_batch[batch]
+        elif self.line is not None:
+            value = self.line[0] + self.line[1] * batch
+        else:  # one batch size seen: the nearest measurement
+            value = self.by_batch[min(self.by_batch, key=lambda b: abs(b - batch))]
+        return max([value] + [s for b, s in self.by_batch.items() if b < batch])
+
+    def prefill(self, tokens: int) -> float:
+        return (self.prefill_s or 0.0) * tokens
 
 
 class Admission:
@@ -192,6 +264,9 @@ class Admission:
         self._seq_steps = self._finished = 0.0  # decayed counts: sequence-steps run, requests finished
         self._last_running: int | None = None
         self._last_admitted = 0
+        self._live: list[tuple[float, int]] = []  # (deadline, steps left) of each running sequence, as of take()
+        self._work_in = {p: _Rate(WORK_WINDOW_S) for p in Priority}  # decode steps accepted per s, by priority
+        self._prefill_share = 0.0  # share of step time spent prefilling newcomers, EWMA over steps
         self._step_s = self._tokens_per_s = 0.0
         self.counters = {c: {p.name.lower(): 0 for p in Priority}
                          for c in ("submitted", "admitted", "rejected", "expired", "cancelled")}
@@ -218,13 +293,18 @@ class Admission:
 
     # -- the handler's side ---------------------------------------------------------------------
     def submit(self, payload: Any, priority: Priority | str | int | None = Priority.NORMAL,
-               deadline_s: float | None = None) -> Ticket:
+               deadline_s: float | None = None, steps: int = 1, prompt_tokens: int = 0) -> Ticket:
+        """Queue a request that may generate `steps` tokens after prefilling `prompt_tokens`. Raises
+        QueueFull, or WouldMissDeadline when the measured step times say it cannot finish in time."""
         priority = Priority.parse(priority)
         if deadline_s is None:
             deadline_s = self.cfg.default_deadline_s
         if isinstance(deadline_s, bool) or not isinstance(deadline_s, (int, float)) or \
                 not math.isfinite(deadline_s) or deadline_s <= 0:
             raise ValueError(f"deadline: expected a number of seconds > 0, got {deadline_s!r}")
+        for name, value, lo in (("steps", steps, 1), ("prompt_tokens", prompt_tokens, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+                raise ValueError(f"{name}: expected an integer >= {lo}, got {value!r}")
         now, key = self.clock(), priority.name.lower()
         self.counters["submitted"][key] += 1
         queued = self.queued()
@@ -232,8 +312,13 @@ class Admission:
         if queued >= limit:
             self.counters["rejected"][key] += 1
             raise QueueFull(priority, queued, limit, self._retry_after(priority, now))
-        ticket = Ticket(next(self._ids), priority, now, now + deadline_s, payload)
+        ticket = Ticket(next(self._ids), priority, now, now + deadline_s, payload, steps, prompt_tokens)
+        refusal = self._refusal(ticket, now)
+        if refusal is not None:
+            self.counters["rejected"][key] += 1
+            raise refusal
         self._queues[priority][ticket.id] = ticket
+        self._work_in[priority].add(now, steps)
         self._arrivals.add(now)
         self._wait_rate = self._arrivals.rate(now)
         return ticket
@@ -247,7 +332,78 @@ class Admission:
 
     def deadline_error(self, ticket: Ticket) -> DeadlineExceeded:
         """The error to fail an expired ticket with."""
-        return DeadlineExceeded(self.clock() - ticket.arrival, ticket.deadline - ticket.arrival)
+        return DeadlineExceeded(self.clock() - ticket.arrival, ticket.deadline - ticket.arrival, ticket.hopeless)
+
+    # -- deadline predictions (cfg.deadline_admission) ------------------------------------------
+    def _predicting(self) -> bool:
+        return self.cfg.deadline_admission and self._steps.decode(1) is not None
+
+    def _run_s(self, t: Ticket, batch: int) -> float:
+        """Predicted seconds from `t` joining a batch of `batch` sequences to its last token, margin included:
+        its prefill plus `t.steps` steps (the first token comes out of the prefill step)."""
+        return (self._steps.prefill(t.prompt_tokens) + t.steps * self._steps.decode(batch)) * \
+            (1.0 + self.cfg.deadline_margin)
+
+    def _drain_s(self) -> list[float]:
+        """drain[k - 1]: seconds until the running batch has at most k - 1 sequences if nothing joins, for
+        batch sizes k = 1 .. min(running + 1, max batch) (steps at today's batch size, margin included)."""
+        left = sorted(r for _, r in self._live)
+        n, step = len(left), self._steps.decode(max(1, len(left)))
+        return [0.0 if n <= k - 1 else left[n - k] * step * (1.0 + self.cfg.deadline_margin)
+                for k in range(1, min(n + 1, self.max_batch()) + 1)]
+
+    def _soonest_finish(self, t: Ticket, now: float, drain: list[float]) -> float:
+        """Earliest predicted finish of `t` (clock time) if it joined as soon as the running batch drained to
+        a size at which it finishes soonest; a lower bound when others keep joining."""
+        return now + min(d + self._run_s(t, k) for k, d in enumerate(drain, start=1))
+
+    def _forecast(self, priority: Priority, now: float, extra: Ticket | None = None
+                  ) -> Iterator[tuple[Ticket, float, float, float, int]]:
+        """(ticket, predicted finish, predicted wait s, step s, queued ahead) for each ticket of `priority`, in
+        queue order, then `extra` as if queued last. Each takes the first free slot of its priority's share of
+        the batch (HIGH: all of it) after everything queued ahead of it. While it waits, the prefills of
+        those ahead stall every step, and higher priorities arriving meanwhile go first: its share of the
+        engine is what they leave (their measured work rate). HIGH joins as soon as the batch lets it (lower
+        priorities wait for it), so the first HIGH may also take the drain path."""
+        cap, stretch = self.max_batch(), 1.0 + self.cfg.deadline_margin
+        slots = cap if priority == Priority.HIGH else max(1, cap - self.cfg.reserved_high)
+        left = sorted(r for _, r in self._live)
+        free_at = left[-slots:] if len(left) >= slots else left + [0] * (slots - len(left))  # steps
+        heapq.heapify(free_at)
+        ahead = 0
+        prefills = 0.0
+        for p in Priority:
+            if p < priority:
+                for q in self._queues[p].values():
+                    heapq.heappush(free_at, heapq.heappop(free_at) + q.steps)
+                    prefills += self._steps.prefill(q.prompt_tokens)
+                    ahead += 1
+        capacity = cap / self._steps.decode(cap)  # sequence-steps per s at a full batch
+        higher = sum(self._work_in[p].rate(now) for p in Priority if p < priority) / capacity
+        stall = 1.0 / (1.0 - min(self._prefill_share, _MAX_SHARE))
+        slowdown = stall / (1.0 - min(higher, _MAX_SHARE))
+        own = list(self._queues[priority].values()) + ([extra] if extra is not None else [])
+        for t in own:
+            batch = min(cap, len(left) + ahead + 1)
+            step = self._steps.decode(batch)
+            wait = (free_at[0] * step * slowdown + prefills) * stretch
+            finish = now + wait + self._run_s(t, batch) * stall
+            if priority == Priority.HIGH and ahead == 0:
+                finish = min(finish, self._soonest_finish(t, now, self._drain_s()))
+            yield t, finish, wait, step, ahead
+            heapq.heappush(free_at, heapq.heappop(free_at) + t.steps)
+            prefills += self._steps.prefill(t.prompt_tokens)
+            ahead += 1
+
+    def _refusal(self, t: Ticket, now: float) -> WouldMissDeadline | None:
+        """Why `t` must be refused at submit (its forecast finish is past its deadline), or None."""
+        if not self._predicting():
+            return None
+        *_, (_, finish, wait, step, ahead) = self._forecast(t.priority, now, extra=t)
+        if finish <= t.deadline:
+            return None
+        retry = None if now + self._run_s(t, 1) > t.deadline else float(max(1, math.ceil(wait)))
+        return WouldMissDeadline(finish - now, t.deadline - now, t.steps, step, ahead, len(self._live), retry)
 
     def _retry_after(self, priority: Priority, now: float) -> float:
         """Seconds for the queue ahead (priority <= this one; at least one place) to drain at the measured
@@ -260,20 +416,32 @@ class Admission:
         return float(max(1, math.ceil(min(drain, gone_by - now))))
 
     # -- the engine loop's side -----------------------------------------------------------------
-    def take(self, running: int, running_high: int) -> tuple[list[Ticket], list[Ticket]]:
+    def take(self, running: int, running_high: int,
+             live: Sequence[tuple[float, int]] | None = None) -> tuple[list[Ticket], list[Ticket]]:
         """(admitted, expired) for the next step. `running` counts the sequences in the batch now, those
-        admitted by the previous take() included (finishes are inferred from it); `running_high` of them are HIGH."""
+        admitted by the previous take() included (finishes are inferred from it); `running_high` of them are
+        HIGH. `live` gives (deadline, steps left) per running sequence: with it, a newcomer joins only if it and
+        every running sequence still finish in time at the larger batch, and a queued request that no
+        longer can is dropped at once (`hopeless`) rather than at its deadline."""
         if isinstance(running, bool) or not isinstance(running, int) or running < 0 or \
                 not isinstance(running_high, int) or not 0 <= running_high <= running:
             raise ValueError(f"take: expected 0 <= running_high <= running, got running={running!r}, "
                              f"running_high={running_high!r}")
         now = self.clock()
         self._note_finished(running, now)
+        self._live = [(float(d), int(r)) for d, r in live] if live is not None else []
         expired = [t for q in self._queues.values() for t in q.values() if now >= t.deadline - _EPS]
+        if self._predicting() and live is not None:
+            for p in Priority:  # the forecast changed (arrivals, slower steps): drop who can no longer make it
+                for t, finish, *_ in self._forecast(p, now):
+                    if now < t.deadline - _EPS and finish > t.deadline:
+                        t.hopeless = True
+                        expired.append(t)
         for t in expired:
             del self._queues[t.priority][t.id]
             self.counters["expired"][t.priority.name.lower()] += 1
-        admitted = self._pick(running, running_high) if self._ready(running, now) else []
+        plan = self._predicting() and live is not None
+        admitted = self._pick(running, running_high, now if plan else None) if self._ready(running, now) else []
         self._last_running, self._last_admitted = running, len(admitted)
         return admitted, expired
 
@@ -303,19 +471,44 @@ class Admission:
             return True
         return now >= self._hold_until() - _EPS
 
-    def _pick(self, running: int, running_high: int) -> list[Ticket]:
+    def _pick(self, running: int, running_high: int, now: float | None) -> list[Ticket]:
+        """Who joins: HIGH first, FIFO within a priority, within the free and non-HIGH slots. With `now`
+        (deadline planning), a ticket joins only if the batch it makes lets it and every sequence in it
+        finish in time; a HIGH that must wait for the batch to shrink holds back the lower priorities."""
         cap = self.max_batch()
         free = max(0, cap - running)
         free_non_high = max(0, cap - self.cfg.reserved_high - (running - running_high))
+        stretch = 1.0 + self.cfg.deadline_margin
+        members: list[tuple[float, int]] = []  # (deadline, steps left) of the sequences whose deadline is protected
+        if now is not None:
+            step_now = self._steps.decode(max(1, running))
+            # a sequence already late is not protected by holding others back
+            members = [(d, r) for d, r in self._live if d - now >= r * step_now * stretch]
+        stall = 0.0  # s the newcomers' prefills add to this step, so to every member's finish
         admitted: list[Ticket] = []
-        for p in Priority:  # HIGH first; FIFO within a priority (dicts keep insertion order)
+        for p in Priority:
             queue = self._queues[p]
             room = free if p == Priority.HIGH else min(free, free_non_high)
-            took = [queue.pop(i) for i in list(itertools.islice(queue, room))]
-            free -= len(took)
-            free_non_high -= 0 if p == Priority.HIGH else len(took)
-            self.counters["admitted"][p.name.lower()] += len(took)
-            admitted += took
+            held = False
+            for t in list(queue.values()):
+                if room <= 0:
+                    break
+                if now is not None:
+                    step = self._steps.decode(running + len(admitted) + 1)
+                    with_t = stall + self._steps.prefill(t.prompt_tokens)
+                    if any((r * step + with_t) * stretch > d - now for d, r in members + [(t.deadline, t.steps)]):
+                        held = held or p == Priority.HIGH
+                        continue
+                    members.append((t.deadline, t.steps))
+                    stall = with_t
+                del queue[t.id]
+                admitted.append(t)
+                room -= 1
+                free -= 1
+                free_non_high -= 0 if p == Priority.HIGH else 1
+                self.counters["admitted"][p.name.lower()] += 1
+            if held:
+                break  # let the batch drain until the waiting HIGH fits
         return admitted
 
     def next_wakeup(self, running: int) -> float | None:
@@ -330,11 +523,14 @@ class Admission:
             return 0.0
         return max(0.0, min(self._hold_until() - now, first_expiry))
 
-    def observe_step(self, batch: int, seconds: float, tokens: int) -> None:
-        """One decode step ran `batch` sequences in `seconds` and produced `tokens` tokens."""
+    def observe_step(self, batch: int, seconds: float, tokens: int, prefill_tokens: int = 0) -> None:
+        """One step ran `batch` sequences in `seconds` and produced `tokens` tokens, prefilling `prefill_tokens`
+        prompt tokens of newcomers on the way."""
         if batch <= 0 or seconds <= 0:
             return  # an empty or unmeasured step says nothing about step time
-        self._steps.add(batch, seconds)
+        self._steps.add(batch, seconds, prefill_tokens)
+        share = min(1.0, self._steps.prefill(prefill_tokens) / seconds) if prefill_tokens else 0.0
+        self._prefill_share += _STEP_ALPHA * (share - self._prefill_share)
         self._seq_steps = self._seq_steps * _STEPS_DECAY + batch
         self._finished *= _STEPS_DECAY
         self._step_s += _STEP_ALPHA * (seconds - self._step_s) if self._step_s else seconds

@@ -21,7 +21,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from serving import metrics
-from serving.admission import DeadlineExceeded, Priority, QueueFull
+from serving.admission import DeadlineExceeded, Priority, QueueFull, WouldMissDeadline
 from serving.engine import SamplingParams
 from serving.library import ModelLibrary
 from serving.model import VariantModel
@@ -158,6 +158,10 @@ class OpenAIRoutes:
             except QueueFull as exc:
                 raise ApiError(429, f"queue full: {exc}", type_="rate_limit_exceeded",
                                headers={"Retry-After": str(int(exc.retry_after_s))}) from None
+            except WouldMissDeadline as exc:
+                retry = {} if exc.retry_after_s is None else {"Retry-After": str(int(exc.retry_after_s))}
+                raise ApiError(429, str(exc), param="x-costopt-deadline-ms", type_="deadline_unattainable",
+                               headers=retry) from None
             metrics.PROMPT_TOKENS.labels(req.model).inc(len(ids))
             pieces = model.stream(gen, req.stops())
             first = await self._first(pieces)
@@ -276,6 +280,13 @@ def _openapi(model: type) -> dict:
         "application/json": {"schema": _inline(schema, schema.get("$defs", {}))}}}}
 
 
+async def _overloaded(_: Any, exc: Exception) -> JSONResponse:
+    """OIP v2 infer under load: KServe has no typed error for it (it would answer 500); send 429."""
+    retry = getattr(exc, "retry_after_s", 1.0)
+    return error_response(ApiError(429, str(exc), type_="rate_limit_exceeded",
+                                   headers={} if retry is None else {"Retry-After": str(int(retry))}))
+
+
 def register(app: FastAPI, library: ModelLibrary, reqlog: RequestLog, max_body_bytes: int) -> None:
     """Add costopt's routes ahead of KServe's (first match wins) and the body-size guard."""
     openai, repo = OpenAIRoutes(library, reqlog), RepositoryRoutes(library)
@@ -288,5 +299,7 @@ def register(app: FastAPI, library: ModelLibrary, reqlog: RequestLog, max_body_b
     router.add_api_route("/v2/repository/models/{model_name}/load", repo.load, methods=["POST"], tags=["V2"])
     router.add_api_route("/v2/repository/models/{model_name}/unload", repo.unload, methods=["POST"], tags=["V2"])
     app.include_router(router)
+    for exc_type in (QueueFull, WouldMissDeadline, DeadlineExceeded):
+        app.add_exception_handler(exc_type, _overloaded)
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     app.add_middleware(NoVersions)

@@ -60,6 +60,36 @@ class Generation:
                 return
 
 
+CALIBRATION_PROMPT_TOKENS = 8
+
+
+def calibrate(engine: Engine, admission: Admission, sizes: Sequence[int] | None = None, steps: int = 3) -> None:
+    """Time a few steps at several batch sizes on a dummy prompt and feed them to `admission`, so deadline
+    predictions hold from the first request (live steps refine them). Call before the loop starts; about
+    `steps + 1` steps per size (a few seconds for the built-in model at batch 32 on CPU)."""
+    if engine.has_work():
+        raise RuntimeError("calibrate: the engine is running sequences; calibrate before serving")
+    top = min(engine.max_batch, 32)
+    sizes = sorted(set(sizes or (1, 2, max(1, top // 2), top)))
+    prompt = [1 + i % (engine.vocab_size - 1) for i in range(CALIBRATION_PROMPT_TOKENS)]
+    params = SamplingParams(max_new_tokens=steps + 1)
+    engine.add("warm-up", prompt, SamplingParams(max_new_tokens=2))  # first calls pay one-off setup costs
+    while engine.has_work():
+        engine.step()
+    timed: list[tuple[int, float, int, int]] = []  # (batch, seconds, tokens, prefill tokens)
+    for size in sizes:
+        for i in range(size):
+            engine.add(("calibrate", i), prompt, params)
+        prefill = size * len(prompt)
+        while engine.has_work():
+            t0 = time.perf_counter()
+            events = engine.step()
+            timed.append((size, time.perf_counter() - t0, len(events), prefill))
+            prefill = 0
+    for step in sorted(timed, key=lambda x: x[3] > 0):  # decode steps first: a prefill's cost is its excess
+        admission.observe_step(*step)
+
+
 class EngineLoop:
     """Runs one engine: admission between steps, steps in a worker thread, tokens to their requests."""
 
@@ -79,11 +109,13 @@ class EngineLoop:
     # -- handlers' side -----------------------------------------------------------------------------
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams, priority: Any = None,
                deadline_s: float | None = None) -> Generation:
-        """Queue a request; raises QueueFull (-> 429), Retired (resubmit elsewhere) or ValueError."""
+        """Queue a request; raises QueueFull or WouldMissDeadline (-> 429), Retired (resubmit elsewhere) or
+        ValueError."""
         if self._retiring:
             raise Retired(self.name)
         gen = Generation(list(prompt_ids), params, Priority.parse(priority), time.monotonic())
-        gen.ticket = self.admission.submit(gen, gen.priority, deadline_s)
+        gen.ticket = self.admission.submit(gen, gen.priority, deadline_s, steps=params.max_new_tokens,
+                                           prompt_tokens=len(gen.prompt_ids))
         self._ensure_task()
         self._wake.set()
         return gen
@@ -129,7 +161,8 @@ class EngineLoop:
     async def _run(self) -> None:
         while True:
             running, running_high = self.running_by_priority()
-            admitted, expired = self.admission.take(running, running_high)
+            live = [(g.ticket.deadline, g.params.max_new_tokens - len(g.tokens)) for g in self._live.values()]
+            admitted, expired = self.admission.take(running, running_high, live)
             for t in expired:
                 self._finish(t.payload, error=self.admission.deadline_error(t))
             adds = [(next(self._ids), t.payload) for t in admitted if not t.payload.cancelled]
@@ -163,7 +196,7 @@ class EngineLoop:
         batch = len(self._live)
         self._deliver(events)
         tokens = sum(e.token_id is not None for e in events)
-        self.admission.observe_step(batch, seconds, tokens)
+        self.admission.observe_step(batch, seconds, tokens, sum(len(g.prompt_ids) for _, g in adds))
         if self._on_step is not None:
             self._on_step(batch, seconds, tokens)
 

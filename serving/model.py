@@ -25,7 +25,7 @@ from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
 from serving import metrics
 from serving.admission import Admission, AdmissionConfig
-from serving.driver import EngineLoop, Generation
+from serving.driver import EngineLoop, Generation, calibrate
 from serving.engine import Engine, SamplingParams
 from serving.protocol import ApiError
 
@@ -91,6 +91,7 @@ class VariantModel(kserve.Model):
         engine = Engine(model, eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
                         max_batch=self.options.admission.max_batch, max_len=self.options.max_len)
         admission = Admission(self.options.admission)
+        calibrate(engine, admission)
         self.loop = EngineLoop(engine, admission, self.name,
                                on_step=lambda b, s, t: metrics.observe_step(self.name, b, s, t))
         self.info = {"name": self.name, "load_seconds": round(time.perf_counter() - t0, 2),

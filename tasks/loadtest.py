@@ -88,9 +88,12 @@ def _body(item: TraceItem, model: str, stream: bool) -> dict[str, Any]:
     return body
 
 
-def _headers(item: TraceItem) -> dict[str, str]:
-    return {"x-costopt-priority": item.priority, "x-costopt-tenant": item.tenant,
-            "x-costopt-deadline-ms": str(item.deadline_ms)}
+def _headers(item: TraceItem, deadline: bool = True) -> dict[str, str]:
+    """Priority and tenant; the deadline too unless `deadline` is False (the server's default applies)."""
+    headers = {"x-costopt-priority": item.priority, "x-costopt-tenant": item.tenant}
+    if deadline:
+        headers["x-costopt-deadline-ms"] = str(item.deadline_ms)
+    return headers
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -162,8 +165,9 @@ class _Replay:
     """Shared state of one run: client, clock, records and in-flight count (one event loop, no locks)."""
 
     def __init__(self, client: httpx.AsyncClient, url: str, model: str, items: Sequence[TraceItem],
-                 stream: bool, timeout_s: float, bar: tqdm) -> None:
+                 stream: bool, timeout_s: float, bar: tqdm, deadlines: bool = True) -> None:
         self.client, self.url, self.model, self.items = client, url + CHAT_PATH, model, items
+        self.deadlines = deadlines
         self.stream, self.timeout_s, self.bar = stream, timeout_s, bar
         self.t0 = time.perf_counter()
         self.records: list[RequestRecord] = []
@@ -179,7 +183,8 @@ class _Replay:
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
             async with asyncio.timeout(self.timeout_s):
-                await _exchange(self.client, self.url, _body(item, self.model, self.stream), _headers(item), rec, start)
+                await _exchange(self.client, self.url, _body(item, self.model, self.stream),
+                                _headers(item, self.deadlines), rec, start)
         except TimeoutError:
             rec.outcome, rec.error = "error", f"timeout: no complete answer within {self.timeout_s:g} s"
         except httpx.HTTPError as exc:
@@ -241,7 +246,7 @@ def _check_args(url: str, items: Sequence[TraceItem], concurrency: int | None, r
 async def run_load_async(url: str, model: str, items: Sequence[TraceItem], concurrency: int | None = None,
                          rate: float | None = None, stream: bool = False, timeout_s: float = 300.0,
                          requests: int | None = None, max_duration_s: float | None = None,
-                         progress: bool = False) -> LoadResult:
+                         progress: bool = False, deadlines: bool = True) -> LoadResult:
     """`run_load` for callers already inside an event loop."""
     _check_args(url, items, concurrency, rate, timeout_s, requests, max_duration_s)
     total = requests or len(items)
@@ -250,7 +255,7 @@ async def run_load_async(url: str, model: str, items: Sequence[TraceItem], concu
     # trust_env=False: no proxy from the environment between the generator and a loopback server
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits, trust_env=False) as client:
         with tqdm(total=total, desc="loadtest", unit="req", disable=not progress, file=sys.stderr) as bar:
-            replay = _Replay(client, url.rstrip("/"), model, items, stream, timeout_s, bar)
+            replay = _Replay(client, url.rstrip("/"), model, items, stream, timeout_s, bar, deadlines)
             cut_off = False
             try:
                 async with asyncio.timeout(max_duration_s):
@@ -266,15 +271,16 @@ async def run_load_async(url: str, model: str, items: Sequence[TraceItem], concu
 def run_load(url: str, model: str, items: Sequence[TraceItem], concurrency: int | None = None,
              rate: float | None = None, stream: bool = False, timeout_s: float = 300.0,
              requests: int | None = None, max_duration_s: float | None = None,
-             progress: bool = False) -> LoadResult:
+             progress: bool = False, deadlines: bool = True) -> LoadResult:
     """Replay `items` against `url` (the server root) in closed loop at `concurrency` or open loop at `rate`.
 
     `requests` (default: the trace length) requests are sent, cycling the trace; `timeout_s` bounds each
     request from send to last byte (an error), `max_duration_s` the whole run (answers still missing
-    then are `lost`).
+    then are `lost`). `deadlines=False` leaves out the items' deadline header (the server's default
+    deadline applies), to compare serving setups on the same requests without any refused.
     """
     return asyncio.run(run_load_async(url, model, items, concurrency, rate, stream, timeout_s, requests,
-                                      max_duration_s, progress))
+                                      max_duration_s, progress, deadlines))
 
 
 # ---------------------------------------------------------------- summary
@@ -408,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="stream answers (SSE) and measure time to first token")
     p.add_argument("--timeout-s", type=_positive(float), default=300.0, help="per-request limit, s (default: 300)")
     p.add_argument("--max-duration-s", type=_positive(float), help="cut each run off after this long, s")
+    p.add_argument("--no-deadlines", action="store_true", help="send no x-costopt-deadline-ms header (the "
+                   "server's default deadline applies)")
     p.add_argument("--price-per-hour", type=_positive(float), help="USD per machine-hour (default: "
                    "cost.price_per_hour_usd from --params)")
     p.add_argument("--params", default="params.yaml", help="settings file for the price (default: params.yaml)")
@@ -444,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         key = {"concurrency": level} if args.concurrency else {"rate": level}
         result = run_load(args.url, args.model, items, stream=args.stream, timeout_s=args.timeout_s,
                           requests=args.requests, max_duration_s=args.max_duration_s,
-                          progress=not args.no_progress, **key)
+                          progress=not args.no_progress, deadlines=not args.no_deadlines, **key)
         runs.append(summarize(result, price, config))
     print(markdown_table(runs))
     if args.json:

@@ -4,13 +4,15 @@
 
 Starts real servers from the serving environment on loopback and replays the `serving-v1` trace with
 the load generator (`tasks.loadtest`), measuring side by side in one run:
-1. continuous batching (batch up to 16) vs batch-1 serving, both at concurrency 16, fp32;
-2. throughput and p50/p95/p99 at concurrency 1, 4, 16 and 64 for fp32 and INT8 weight-only;
+1. continuous batching vs batch-1 serving, both fp32 at concurrency 16 on the same requests sent
+   without deadlines (so neither refuses any: throughput and p99 over all of them);
+2. throughput and p50/p95/p99 at concurrency 1, 4, 16 and 64 for fp32 and INT8 weight-only, with the
+   trace's deadlines;
 3. cost per 1M requests of the serving setup vs the naive path (fp32, batch 1, plain HF `generate`,
    one request after another, timed in this process on the same trace items);
-4. overload: the sustainable rate is the continuous-batching fp32 throughput at concurrency 16; an open
-   loop at twice that rate checks that admitted requests meet their deadlines, the rest get a fast
-   429, high priority keeps its p99 within its deadline (its SLO), and nothing admitted is lost.
+4. overload, per variant: the sustainable rate is its best throughput in the sweep; an open loop at
+   twice that rate checks that admitted requests meet their deadlines, the rest get a fast 429, high
+   priority keeps its p99 within its deadline (its SLO), and nothing admitted is lost.
 Prints Markdown tables and writes the JSON (`serving` section shape, DESIGN.md) for BENCHMARKS.md.
 `--scale` multiplies every request count (0.25 for a quick look).
 """
@@ -32,9 +34,10 @@ from tasks.loadtest import markdown_table, run_load, serving_section, summarize
 TRACE_SEED = 11
 INT8 = "int8_weight_only"
 SWEEP = {1: 12, 4: 24, 16: 48, 64: 96}  # concurrency -> requests
-BATCH1_REQUESTS = 24  # batch-1 serving is slow; enough for a median and a p99 at concurrency 16
+COMPARE_REQUESTS = {"batching": 96, "batch1": 48}  # continuous batching vs batch-1 at concurrency 16
 NAIVE_REQUESTS = 12
 OVERLOAD_SECONDS = 60  # open-loop duration at 2x the sustainable rate
+SERVER_FLAGS = ["--default_deadline_s", "600"]  # requests sent without a deadline header are never refused
 
 
 def _config(variants: Sequence[str], batching: bool) -> dict[str, Any]:
@@ -61,41 +64,71 @@ def naive_seconds_per_request(ws: Workspace, items: Sequence[Any], threads: int)
     return statistics.fmean(times), times
 
 
+def overload_checks(result: Any, sustainable: float, rate: float) -> dict[str, Any]:
+    """The issue's overload targets, from one open-loop run's records: admitted (answered) requests meet
+    their deadline, refusals are fast 429s, high priority keeps its p99 within its SLO (its deadline),
+    nothing admitted is lost."""
+    ok = [r for r in result.records if r.outcome == "ok"]
+    refused = [r for r in result.records if r.outcome == "rejected"]
+    high = sorted(r.latency_ms for r in ok if r.priority == "high")
+    high_slo = min((r.deadline_ms for r in result.records if r.priority == "high"), default=None)
+    pct = lambda v, q: round(statistics.quantiles(v, n=100, method="inclusive")[q - 1], 1) if len(v) > 1 else \
+        (round(v[0], 1) if v else None)  # noqa: E731
+    return {
+        "sustainable_req_s": sustainable, "offered_req_s": round(rate, 4), "sent": len(result.records),
+        "admitted": len(ok), "refused_429": len(refused),
+        "errors": sum(r.outcome == "error" for r in result.records),
+        "lost": sum(r.outcome == "lost" for r in result.records),
+        "admitted_deadline_met": round(sum(r.deadline_met for r in ok) / len(ok), 4) if ok else None,
+        "refused_p50_ms": pct([r.latency_ms for r in refused], 50),
+        "refused_p99_ms": pct([r.latency_ms for r in refused], 99),
+        "high_sent": sum(r.priority == "high" for r in result.records), "high_admitted": len(high),
+        "high_p99_ms": pct(high, 99), "high_slo_ms": high_slo,
+    }
+
+
 def run(ws: Workspace, price: float, threads: int, scale: float, logs: Path) -> dict[str, Any]:
     n = lambda k: max(4, int(round(k * scale)))  # noqa: E731
     items = build_trace(max(n(max(SWEEP.values())), 200), TRACE_SEED)
     runs: list[dict[str, Any]] = []
-    with start_server(ws.root, ["fp32", INT8], logs / "server-batching.log") as srv:
+    overloads: dict[str, dict[str, Any]] = {}
+    with start_server(ws.root, ["fp32", INT8], logs / "server-batching.log", flags=SERVER_FLAGS) as srv:
+        res = run_load(srv.url, "fp32", items, concurrency=16, requests=n(COMPARE_REQUESTS["batching"]),
+                       progress=True, deadlines=False)
+        runs.append({**summarize(res, price, _config(["fp32"], True)), "label": "fp32 c=16 no deadlines"})
         for variant in ("fp32", INT8):
             for c, k in SWEEP.items():
                 res = run_load(srv.url, variant, items, concurrency=c, requests=max(n(k), c + 16), progress=True)
                 runs.append({**summarize(res, price, _config([variant], True)), "label": f"{variant} c={c}"})
-        sustainable = next(r for r in runs if r["label"] == "fp32 c=16")["throughput_req_s"]
-        rate = 2 * sustainable
-        res = run_load(srv.url, "fp32", items, rate=rate, requests=max(8, int(rate * OVERLOAD_SECONDS * scale)),
-                       progress=True)
-        overload = {**summarize(res, price, _config(["fp32"], True)), "label": f"fp32 open loop {rate:.2f} req/s (2x)",
-                    "sustainable_req_s": sustainable}
-        runs.append(overload)
+            sustainable = max(r["throughput_req_s"] for r in runs if r["label"].startswith(f"{variant} c="))
+            rate = 2 * sustainable
+            res = run_load(srv.url, variant, items, rate=rate, progress=True,
+                           requests=max(8, int(rate * OVERLOAD_SECONDS * scale)))
+            runs.append({**summarize(res, price, _config([variant], True)),
+                         "label": f"{variant} open loop {rate:.2f} req/s (2x)", "sustainable_req_s": sustainable})
+            overloads[variant] = overload_checks(res, sustainable, rate)
     with start_server(ws.root, ["fp32"], logs / "server-batch1.log",
-                      flags=["--max_batch", "1", "--reserved_high", "0", "--fixed_batching"]) as srv:
-        res = run_load(srv.url, "fp32", items, concurrency=16, requests=n(BATCH1_REQUESTS), progress=True)
-        runs.append({**summarize(res, price, _config(["fp32"], False)), "label": "fp32 batch-1 serving c=16"})
+                      flags=["--max_batch", "1", "--reserved_high", "0", "--fixed_batching", *SERVER_FLAGS]) as srv:
+        res = run_load(srv.url, "fp32", items, concurrency=16, requests=n(COMPARE_REQUESTS["batch1"]),
+                       progress=True, deadlines=False)
+        runs.append({**summarize(res, price, _config(["fp32"], False)), "label": "fp32 batch-1 serving c=16 no deadlines"})
     naive_s, _ = naive_seconds_per_request(ws, items[:n(NAIVE_REQUESTS)], threads)
     from costopt.cost import cost_per_1m_requests
 
     naive_cost = cost_per_1m_requests(price, naive_s)
     best = min((r for r in runs if r.get("label", "").endswith("c=16") and r["config"]["batching"]),
                key=lambda r: r["cost_per_1m_requests_usd"] or float("inf"))
-    cb = next(r for r in runs if r["label"] == "fp32 c=16")
-    b1 = next(r for r in runs if r["label"] == "fp32 batch-1 serving c=16")
+    cb = next(r for r in runs if r["label"] == "fp32 c=16 no deadlines")
+    b1 = next(r for r in runs if r["label"] == "fp32 batch-1 serving c=16 no deadlines")
     section = serving_section(trace_meta(items), runs, naive_cost_per_1m_requests_usd=round(naive_cost, 4),
                               optimized_cost_per_1m_requests_usd=best["cost_per_1m_requests_usd"])
     section["comparison"] = {
         "continuous_vs_batch1_throughput_ratio": round(cb["throughput_req_s"] / b1["throughput_req_s"], 2),
+        "continuous_vs_batch1_token_throughput_ratio": round(cb["throughput_tok_s"] / b1["throughput_tok_s"], 2),
         "continuous_p99_ms": cb["p99_ms"], "batch1_p99_ms": b1["p99_ms"],
         "naive_seconds_per_request": round(naive_s, 3), "optimized_setup": best["label"],
         "naive_vs_optimized_cost_ratio": round(naive_cost / best["cost_per_1m_requests_usd"], 2),
+        "overload": overloads,
     }
     return section
 

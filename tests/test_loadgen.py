@@ -166,6 +166,13 @@ def test_counts_rejections_errors_and_sends_the_contract_headers(server):
         {"model": "smol", "max_tokens": 16, "temperature": 0, "stream": False}, f"body sent: {first['body']}"
 
 
+def test_without_deadlines_no_deadline_header_is_sent(server):
+    fake, url = server
+    run_load(url, "smol", items(["tokens=2"] * 2, "nodeadline"), concurrency=1, deadlines=False)
+    sent = fake.seen["nodeadline"][0]["headers"]
+    assert "x-costopt-deadline-ms" not in sent and sent["x-costopt-priority"] == "high", f"headers sent: {sent}"
+
+
 def test_streaming_records_ttft_and_prefers_the_usage_chunk(server):
     _, url = server
     trace = items(["tokens=5 tok_sleep=0.03 usage=7", "tokens=5 no_usage=1", "tokens=3 stream_error=1",
