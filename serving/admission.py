@@ -90,7 +90,7 @@ class AdmissionConfig:
     default_deadline_s: float = 60.0  # s, per-request deadline when the client sets none
     adaptive: bool = True  # follow the live arrival rate and step times (see Admission)
     deadline_admission: bool = True  # refuse at once, or drop early, what measured step times say will be late
-    deadline_margin: float = 0.1  # predicted times are stretched by this share before meeting a deadline
+    deadline_margin: float = 0.15  # predicted times are stretched by this share before meeting a deadline
 
     def __post_init__(self) -> None:
         _check("max_queue", self.max_queue, 1, 1_000_000, integer=True)

@@ -154,6 +154,8 @@ class OpenAIRoutes:
             sampling = SamplingParams(max_new_tokens=wanted, temperature=req.temperature, top_p=req.top_p,
                                       seed=req.seed)
             try:
+                if deadline_s is not None:  # the deadline counts from arrival: parsing and tokenizing took some
+                    deadline_s = max(1e-3, deadline_s - (time.monotonic() - t0))
                 model, gen = self.library.submit(req.model, ids, sampling, priority, deadline_s)
             except QueueFull as exc:
                 raise ApiError(429, f"queue full: {exc}", type_="rate_limit_exceeded",
