@@ -45,6 +45,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 RATE_WINDOW_S = 2.0  # arrival and service rates average over about the last 2 s
 WORK_WINDOW_S = 10.0  # the work each priority brings (decode steps per s) averages over about 10 s
+_BIAS_ALPHA = 0.1  # weight of one request's measured / forecast wait in the wait bias
+_MAX_BIAS = 10.0
 _MAX_SHARE = 0.9  # predictions count at most 90% of capacity as taken by prefills or higher priorities
 _MIN_WINDOW_S = 1.0  # a rate over less than 1 s of history is noise: count it as 1 s
 _STEP_ALPHA = 0.05  # step-time fit weight per step: about the last 20 steps
@@ -164,6 +166,26 @@ class Ticket:
     steps: int = 1  # tokens it may generate (max_new_tokens): engine steps it needs at most
     prompt_tokens: int = 0  # tokens its prefill processes
     hopeless: bool = False  # set when take() drops it early because it could no longer finish in time
+    forecast_wait: float = 0.0  # s in the queue that submit() forecast for it
+
+
+@dataclass(eq=False)
+class _Live:
+    """A sequence in the engine, as the scheduler sees it."""
+    deadline: float
+    left: int  # steps it may still run
+    priority: Priority = Priority.NORMAL
+    paused: bool = False
+    ticket: Ticket | None = None  # None: not pausable (live given as bare (deadline, steps left) pairs)
+
+
+@dataclass
+class Schedule:
+    """What the engine loop does before its next step."""
+    admitted: list[Ticket]  # start these (prefilled in the next step)
+    expired: list[Ticket]  # fail these with deadline_error(): they never reach the model
+    pause: list[Ticket]  # stop stepping these running sequences for now (they keep their slot and cache)
+    resume: list[Ticket]  # step these paused sequences again
 
 
 class _Rate:
@@ -264,12 +286,14 @@ class Admission:
         self._seq_steps = self._finished = 0.0  # decayed counts: sequence-steps run, requests finished
         self._last_running: int | None = None
         self._last_admitted = 0
-        self._live: list[tuple[float, int]] = []  # (deadline, steps left) of each running sequence, as of take()
+        self._live: list[_Live] = []  # the sequences in the engine, as of the last take() or schedule()
+        self._preempts = False  # the engine loop calls schedule(): it can pause sequences
+        self._wait_bias = {p: 1.0 for p in Priority}  # measured / forecast queue wait, EWMA, in [1, _MAX_BIAS]
         self._work_in = {p: _Rate(WORK_WINDOW_S) for p in Priority}  # decode steps accepted per s, by priority
         self._prefill_share = 0.0  # share of step time spent prefilling newcomers, EWMA over steps
         self._step_s = self._tokens_per_s = 0.0
         self.counters = {c: {p.name.lower(): 0 for p in Priority}
-                         for c in ("submitted", "admitted", "rejected", "expired", "cancelled")}
+                         for c in ("submitted", "admitted", "rejected", "expired", "cancelled", "paused")}
 
     # -- effective parameters -------------------------------------------------------------------
     def max_wait_s(self) -> float:
@@ -347,7 +371,7 @@ class Admission:
     def _drain_s(self) -> list[float]:
         """drain[k - 1]: seconds until the running batch has at most k - 1 sequences if nothing joins, for
         batch sizes k = 1 .. min(running + 1, max batch) (steps at today's batch size, margin included)."""
-        left = sorted(r for _, r in self._live)
+        left = sorted(x.left for x in self._live)
         n, step = len(left), self._steps.decode(max(1, len(left)))
         return [0.0 if n <= k - 1 else left[n - k] * step * (1.0 + self.cfg.deadline_margin)
                 for k in range(1, min(n + 1, self.max_batch()) + 1)]
@@ -367,7 +391,7 @@ class Admission:
         priorities wait for it), so the first HIGH may also take the drain path."""
         cap, stretch = self.max_batch(), 1.0 + self.cfg.deadline_margin
         slots = cap if priority == Priority.HIGH else max(1, cap - self.cfg.reserved_high)
-        left = sorted(r for _, r in self._live)
+        left = sorted(x.left for x in self._live)
         free_at = left[-slots:] if len(left) >= slots else left + [0] * (slots - len(left))  # steps
         heapq.heapify(free_at)
         ahead = 0
@@ -386,10 +410,16 @@ class Admission:
         for t in own:
             batch = min(cap, len(left) + ahead + 1)
             step = self._steps.decode(batch)
-            wait = (free_at[0] * step * slowdown + prefills) * stretch
+            wait = (free_at[0] * step * slowdown + prefills) * stretch * self._wait_bias[priority]
             finish = now + wait + self._run_s(t, batch) * stall
             if priority == Priority.HIGH and ahead == 0:
                 finish = min(finish, self._soonest_finish(t, now, self._drain_s()))
+                if self._preempts:  # or at once, pausing lower priorities that can wait for it
+                    active = [x for x in self._live if not x.paused]
+                    victims = self._victims(t, now, self._protected(now, active), len(active),
+                                            self._steps.prefill(t.prompt_tokens))
+                    if victims is not None:
+                        finish = min(finish, now + self._run_s(t, len(active) - len(victims) + 1))
             yield t, finish, wait, step, ahead
             heapq.heappush(free_at, heapq.heappop(free_at) + t.steps)
             prefills += self._steps.prefill(t.prompt_tokens)
@@ -400,6 +430,7 @@ class Admission:
         if not self._predicting():
             return None
         *_, (_, finish, wait, step, ahead) = self._forecast(t.priority, now, extra=t)
+        t.forecast_wait = wait
         if finish <= t.deadline:
             return None
         retry = None if now + self._run_s(t, 1) > t.deadline else float(max(1, math.ceil(wait)))
@@ -422,14 +453,30 @@ class Admission:
         admitted by the previous take() included (finishes are inferred from it); `running_high` of them are
         HIGH. `live` gives (deadline, steps left) per running sequence: with it, a newcomer joins only if it and
         every running sequence still finish in time at the larger batch, and a queued request that no
-        longer can is dropped at once (`hopeless`) rather than at its deadline."""
+        longer can is dropped at once (`hopeless`) rather than at its deadline. Never pauses anything
+        (see `schedule`)."""
+        pairs = None if live is None else [_Live(float(d), int(r)) for d, r in live]
+        sched = self._schedule(running, running_high, pairs, preempt=False)
+        return sched.admitted, sched.expired
+
+    def schedule(self, running: int, running_high: int, live: Sequence[tuple[Ticket, int, bool]]) -> Schedule:
+        """`take` for an engine that can pause sequences: `live` gives (ticket, steps left, paused) per
+        sequence in the engine (`running` of them, paused ones included). A HIGH newcomer that needs a smaller
+        batch than the running one, to finish by its deadline, may pause lower-priority sequences that can
+        afford to wait for it (LOW first, most slack first); paused sequences resume, ahead of the queue of
+        their priority, as soon as the batch can take them back on time (or at once when nothing else runs)."""
+        seqs = [_Live(t.deadline, int(left), t.priority, bool(paused), t) for t, left, paused in live]
+        self._preempts = True
+        return self._schedule(running, running_high, seqs, preempt=True)
+
+    def _schedule(self, running: int, running_high: int, live: list[_Live] | None, preempt: bool) -> Schedule:
         if isinstance(running, bool) or not isinstance(running, int) or running < 0 or \
                 not isinstance(running_high, int) or not 0 <= running_high <= running:
             raise ValueError(f"take: expected 0 <= running_high <= running, got running={running!r}, "
                              f"running_high={running_high!r}")
         now = self.clock()
         self._note_finished(running, now)
-        self._live = [(float(d), int(r)) for d, r in live] if live is not None else []
+        self._live = live if live is not None else []
         expired = [t for q in self._queues.values() for t in q.values() if now >= t.deadline - _EPS]
         if self._predicting() and live is not None:
             for p in Priority:  # the forecast changed (arrivals, slower steps): drop who can no longer make it
@@ -440,10 +487,13 @@ class Admission:
         for t in expired:
             del self._queues[t.priority][t.id]
             self.counters["expired"][t.priority.name.lower()] += 1
+            self._learn_wait(t, now, dropped=True)
         plan = self._predicting() and live is not None
-        admitted = self._pick(running, running_high, now if plan else None) if self._ready(running, now) else []
-        self._last_running, self._last_admitted = running, len(admitted)
-        return admitted, expired
+        sched = Schedule([], expired, [], [])
+        if self._ready(running, now) or any(x.paused for x in self._live):
+            self._pick(running, running_high, now if plan else None, preempt, sched)
+        self._last_running, self._last_admitted = running, len(sched.admitted)
+        return sched
 
     def _note_finished(self, running: int, now: float) -> None:
         """Sequences that left the batch since the last take(): they were running or admitted, and are not now."""
@@ -471,45 +521,107 @@ class Admission:
             return True
         return now >= self._hold_until() - _EPS
 
-    def _pick(self, running: int, running_high: int, now: float | None) -> list[Ticket]:
-        """Who joins: HIGH first, FIFO within a priority, within the free and non-HIGH slots. With `now`
-        (deadline planning), a ticket joins only if the batch it makes lets it and every sequence in it
-        finish in time; a HIGH that must wait for the batch to shrink holds back the lower priorities."""
+    def _pick(self, running: int, running_high: int, now: float | None, preempt: bool, sched: Schedule) -> None:
+        """Who joins, resumes or pauses: HIGH first, FIFO within a priority (paused ones ahead of the queue),
+        within the free and non-HIGH slots. With `now` (deadline planning), a ticket joins only if the batch
+        it makes lets it and every sequence in it finish in time; a HIGH that does not fit may pause
+        lower-priority sequences (`preempt`), else it holds back the lower priorities until the batch drains."""
         cap = self.max_batch()
         free = max(0, cap - running)
         free_non_high = max(0, cap - self.cfg.reserved_high - (running - running_high))
         stretch = 1.0 + self.cfg.deadline_margin
-        members: list[tuple[float, int]] = []  # (deadline, steps left) of the sequences whose deadline is protected
-        if now is not None:
-            step_now = self._steps.decode(max(1, running))
-            # a sequence already late is not protected by holding others back
-            members = [(d, r) for d, r in self._live if d - now >= r * step_now * stretch]
+        active = [x for x in self._live if not x.paused]
+        batch = len(active) if self._live else running  # sequences the next step runs
+        # running sequences whose deadline is protected, and the newcomers
+        members = self._protected(now, active) if now is not None else []
         stall = 0.0  # s the newcomers' prefills add to this step, so to every member's finish
-        admitted: list[Ticket] = []
+
+        def on_time(group: list[_Live], size: int, extra_s: float) -> bool:
+            step = self._steps.decode(size)
+            return all((x.left * step + extra_s) * stretch <= x.deadline - now for x in group)
+
         for p in Priority:
+            held = False
+            for x in [x for x in self._live if x.paused and x.priority == p]:
+                if now is None or batch == 0 or on_time(members, batch + 1, stall):
+                    sched.resume.append(x.ticket)
+                    x.paused = False
+                    batch += 1
+                    if now is not None and on_time([x], batch, stall):  # protected, not pausable again now
+                        members.append(_Live(x.deadline, x.left, x.priority))
+                else:
+                    held = True  # nor may later ones of this priority jump ahead of it
             queue = self._queues[p]
             room = free if p == Priority.HIGH else min(free, free_non_high)
-            held = False
             for t in list(queue.values()):
-                if room <= 0:
+                if room <= 0 or (held and p != Priority.HIGH):
                     break
                 if now is not None:
-                    step = self._steps.decode(running + len(admitted) + 1)
                     with_t = stall + self._steps.prefill(t.prompt_tokens)
-                    if any((r * step + with_t) * stretch > d - now for d, r in members + [(t.deadline, t.steps)]):
-                        held = held or p == Priority.HIGH
-                        continue
-                    members.append((t.deadline, t.steps))
+                    newcomer = _Live(t.deadline, t.steps, p)
+                    if not on_time(members + [newcomer], batch + 1, with_t):
+                        victims = self._victims(t, now, members, batch, with_t) \
+                            if preempt and p == Priority.HIGH else None
+                        if victims is None:
+                            held = held or p == Priority.HIGH
+                            continue
+                        for v in victims:
+                            members.remove(v)
+                            v.paused = True
+                            sched.pause.append(v.ticket)
+                            self.counters["paused"][v.priority.name.lower()] += 1
+                        batch -= len(victims)
+                    members.append(newcomer)
                     stall = with_t
                 del queue[t.id]
-                admitted.append(t)
+                self._learn_wait(t, self.clock(), dropped=False)
+                sched.admitted.append(t)
+                batch += 1
                 room -= 1
                 free -= 1
                 free_non_high -= 0 if p == Priority.HIGH else 1
                 self.counters["admitted"][p.name.lower()] += 1
             if held:
-                break  # let the batch drain until the waiting HIGH fits
-        return admitted
+                break  # let the batch drain until the waiting HIGH (or paused sequence) fits
+
+    def _learn_wait(self, t: Ticket, now: float, dropped: bool) -> None:
+        """Compare the wait submit() forecast for `t` with the wait it had, so later forecasts of its priority
+        correct a systematic error (the forecast cannot see the higher-priority requests still to come, or
+        the pauses they cause). A dropped request waited at least that long: counted only when it says the
+        forecast was too short."""
+        if not self._predicting():
+            return
+        ratio = min(_MAX_BIAS, (now - t.arrival) / max(t.forecast_wait, 0.1))
+        if dropped and ratio <= 1.0:
+            return
+        bias = self._wait_bias[t.priority]
+        self._wait_bias[t.priority] = min(_MAX_BIAS, max(1.0, bias + _BIAS_ALPHA * (ratio - bias)))
+
+    def _protected(self, now: float, active: list[_Live]) -> list[_Live]:
+        """The stepping sequences still on time at today's batch size: newcomers must not make them late
+        (one already late is not protected by holding others back)."""
+        step_now = self._steps.decode(max(1, len(active)))
+        stretch = 1.0 + self.cfg.deadline_margin
+        return [x for x in active if x.deadline - now >= x.left * step_now * stretch]
+
+    def _victims(self, t: Ticket, now: float, members: list[_Live], batch: int, stall: float) -> list[_Live] | None:
+        """Running lower-priority sequences to pause so that HIGH `t` fits, LOW first and most slack first,
+        each able to wait for `t` to finish (at today's batch size: an upper bound) and still make its
+        deadline; None if no such set makes `t` fit."""
+        stretch = 1.0 + self.cfg.deadline_margin
+        step_now = self._steps.decode(max(1, batch))
+        wait = (t.steps * self._steps.decode(batch + 1) + stall) * stretch  # paused until t is done
+        pool = sorted((x for x in members if x.ticket is not None and x.priority != Priority.HIGH
+                       and now + wait + x.left * step_now * stretch <= x.deadline),
+                      key=lambda x: (-x.priority, -(x.deadline - now - x.left * step_now * stretch)))
+        newcomer = _Live(t.deadline, t.steps, t.priority)
+        for n in range(1, len(pool) + 1):
+            victims, size = pool[:n], batch - n + 1
+            step = self._steps.decode(size)
+            kept = [x for x in members if not any(x is v for v in victims)] + [newcomer]
+            if all((x.left * step + stall) * stretch <= x.deadline - now for x in kept):
+                return victims
+        return None
 
     def next_wakeup(self, running: int) -> float | None:
         """Seconds until take() could admit or expire something with no new arrivals; None if nothing is queued."""
@@ -551,5 +663,6 @@ class Admission:
             "tokens_per_s": self._tokens_per_s,  # EWMA over steps
             "max_wait_ms": self.max_wait_s() * 1000.0,
             "max_batch": self.max_batch(),
+            "wait_bias": {p.name.lower(): round(self._wait_bias[p], 3) for p in Priority},
             "counters": {c: dict(v) for c, v in self.counters.items()},
         }

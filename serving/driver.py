@@ -2,8 +2,9 @@
 
 One `EngineLoop` per served variant. Request handlers call `submit()` (a full queue raises
 `QueueFull`, sent as HTTP 429) and read the returned `Generation`'s tokens as they come. The loop task
-alternates two things: between steps it asks the `Admission` controller which queued requests join
-the batch (expired ones fail with `DeadlineExceeded` before they use compute) and applies
+alternates two things: between steps it asks the `Admission` controller (`schedule`) which queued
+requests join the batch (expired ones fail with `DeadlineExceeded` before they use compute), which
+running ones pause to make room for an urgent HIGH request and which resume, and applies
 cancellations; then it runs one `Engine.step()` in the variant's own worker thread, so the event loop
 keeps serving HTTP while the model computes, and hands each new token to its request.
 
@@ -48,6 +49,7 @@ class Generation:
     finish_reason: str | None = None
     error: BaseException | None = None
     cancelled: bool = False
+    paused: bool = False  # in the engine but not stepped: a scheduler made room for a HIGH request
 
     async def __aiter__(self) -> AsyncIterator[int]:
         while True:
@@ -70,7 +72,7 @@ def calibrate(engine: Engine, admission: Admission, sizes: Sequence[int] | None 
     if engine.has_work():
         raise RuntimeError("calibrate: the engine is running sequences; calibrate before serving")
     top = min(engine.max_batch, 32)
-    sizes = sorted(set(sizes or (1, 2, max(1, top // 2), top)))
+    sizes = sorted({b for b in (sizes or (1, 2, max(1, top // 2), top)) if 1 <= b <= engine.max_batch})
     prompt = [1 + i % (engine.vocab_size - 1) for i in range(CALIBRATION_PROMPT_TOKENS)]
     params = SamplingParams(max_new_tokens=steps + 1)
     engine.add("warm-up", prompt, SamplingParams(max_new_tokens=2))  # first calls pay one-off setup costs
@@ -161,14 +163,21 @@ class EngineLoop:
     async def _run(self) -> None:
         while True:
             running, running_high = self.running_by_priority()
-            live = [(g.ticket.deadline, g.params.max_new_tokens - len(g.tokens)) for g in self._live.values()]
-            admitted, expired = self.admission.take(running, running_high, live)
-            for t in expired:
+            live = [(g.ticket, g.params.max_new_tokens - len(g.tokens), g.paused) for g in self._live.values()]
+            plan = self.admission.schedule(running, running_high, live)
+            for t in plan.expired:
                 self._finish(t.payload, error=self.admission.deadline_error(t))
-            adds = [(next(self._ids), t.payload) for t in admitted if not t.payload.cancelled]
+            adds = [(next(self._ids), t.payload) for t in plan.admitted if not t.payload.cancelled]
             cancels, self._to_cancel = self._to_cancel, []
-            if adds or cancels or self.engine.has_work():
-                await self._step(adds, cancels)
+            seq_of = {id(g): seq_id for seq_id, g in self._live.items()}
+            pauses = [seq_of[id(t.payload)] for t in plan.pause if id(t.payload) in seq_of]
+            resumes = [seq_of[id(t.payload)] for t in plan.resume if id(t.payload) in seq_of]
+            for seq_id in pauses:
+                self._live[seq_id].paused = True
+            for seq_id in resumes:
+                self._live[seq_id].paused = False
+            if adds or cancels or resumes or self.engine.has_work():
+                await self._step(adds, cancels, pauses, resumes)
                 continue
             if self._retiring and self.in_flight == 0:
                 await self._stop()
@@ -180,30 +189,39 @@ class EngineLoop:
             except asyncio.TimeoutError:
                 pass
 
-    async def _step(self, adds: list[tuple[int, Generation]], cancels: list[int]) -> None:
+    async def _step(self, adds: list[tuple[int, Generation]], cancels: list[int], pauses: Sequence[int] = (),
+                    resumes: Sequence[int] = ()) -> None:
         now = time.monotonic()
         for seq_id, gen in adds:
             gen.started = now
             self._live[seq_id] = gen
         t0 = time.perf_counter()
         try:
-            events = await asyncio.get_running_loop().run_in_executor(self._pool, self._work, adds, cancels)
+            events = await asyncio.get_running_loop().run_in_executor(self._pool, self._work, adds, cancels,
+                                                                      pauses, resumes)
         except Exception as exc:  # a failed step fails every request in the batch, never the server
             for seq_id in list(self._live):
                 self._finish(self._live.pop(seq_id), error=exc)
             return
         seconds = time.perf_counter() - t0
-        batch = len(self._live)
+        batch = sum(not g.paused for g in self._live.values())  # the sequences this step ran
         self._deliver(events)
         tokens = sum(e.token_id is not None for e in events)
         self.admission.observe_step(batch, seconds, tokens, sum(len(g.prompt_ids) for _, g in adds))
         if self._on_step is not None:
             self._on_step(batch, seconds, tokens)
 
-    def _work(self, adds: list[tuple[int, Generation]], cancels: list[int]) -> list[StepEvent]:
+    def _work(self, adds: list[tuple[int, Generation]], cancels: list[int], pauses: Sequence[int] = (),
+              resumes: Sequence[int] = ()) -> list[StepEvent]:
         """In the worker thread: the only place that touches the engine."""
         for seq_id in cancels:
             self.engine.cancel(seq_id)
+        for seq_id in resumes:
+            if seq_id not in cancels:
+                self.engine.resume(seq_id)
+        for seq_id in pauses:
+            if seq_id not in cancels:
+                self.engine.pause(seq_id)
         failed = []
         for seq_id, gen in adds:
             try:

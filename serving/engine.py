@@ -35,7 +35,9 @@ The driver bounds the stall by how many it admits per step.
 KV cache: one tensor [layers, 2, max_batch, kv_heads, max_len, head_dim] allocated up front with
 torch.empty; positions are zeroed once, just before first use (`_forward`), so resident memory grows
 with the longest sequence seen. Running sequences occupy slots 0..running-1 (a finished sequence's
-slot takes the last one's cache), so decode attends over one contiguous slice. Size for the built-in
+slot takes the last one's cache), so decode attends over one contiguous slice. `pause` moves a
+sequence's cache to the top of the slot range (paused ones stack down from max_batch - 1) where no
+step reads it; `resume` moves it back below the running ones: one cache copy each way. Size for the built-in
 model (30 layers, 3 KV heads, head dim 64, fp32) at max_batch 16, max_len 2048:
 30*2*16*3*2048*64*4 B = 1,509,949,440 B (1.41 GiB) at most.
 
@@ -135,16 +137,19 @@ class Engine:
                                   dtype=self.dtype)
         self._clean = 0  # positions < _clean hold finite values in every slot (see _forward)
         self._rows: list[_Seq] = []  # prefilled sequences; row i lives in cache slot i
+        self._paused: list[_Seq] = []  # prefilled but not stepped; paused[i] lives in slot max_batch - 1 - i
         self._pending: list[_Seq] = []  # added, prefilled at the next step
         self._cancelled: list[StepEvent] = []  # emitted by the next step
 
     # -- the driver's side ------------------------------------------------------------------------
     @property
     def running(self) -> int:
-        """Sequences holding a slot (prefilled or waiting for their prefill)."""
-        return len(self._rows) + len(self._pending)
+        """Sequences holding a slot (stepping, paused, or waiting for their prefill)."""
+        return len(self._rows) + len(self._paused) + len(self._pending)
 
     def has_work(self) -> bool:
+        """Something to step: running rows, prompts to prefill or cancellations to report (paused
+        sequences alone are not: they wait for `resume`)."""
         return bool(self._rows or self._pending or self._cancelled)
 
     def add(self, seq_id: Hashable, prompt_ids: Sequence[int], params: SamplingParams) -> None:
@@ -159,7 +164,7 @@ class Engine:
             raise ValueError(f"prompt: {len(prompt)} tokens + max_tokens {params.max_new_tokens} = {total} "
                              f"exceeds the context limit of {self.max_len} tokens; shorten the prompt or "
                              f"lower max_tokens")
-        if any(s.seq_id == seq_id for s in self._rows + self._pending):
+        if any(s.seq_id == seq_id for s in self._rows + self._paused + self._pending):
             raise ValueError(f"seq_id: {seq_id!r} is already running")
         if self.running >= self.max_batch:
             raise RuntimeError(f"no free slot: {self.running} of max_batch={self.max_batch} running; "
@@ -187,7 +192,40 @@ class Engine:
                 self._free_row(i)
                 self._cancelled.append(StepEvent(seq_id, None, "cancelled"))
                 return
+        for j, s in enumerate(self._paused):
+            if s.seq_id == seq_id:
+                self._drop_paused(j)
+                self._cancelled.append(StepEvent(seq_id, None, "cancelled"))
+                return
 
+    def pause(self, seq_id: Hashable) -> None:
+        """Stop stepping a prefilled sequence; it keeps its slot and its cache until `resume`. A scheduler
+        pauses lower-priority sequences so that a smaller batch steps faster for an urgent one."""
+        i = next((i for i, s in enumerate(self._rows) if s.seq_id == seq_id), None)
+        if i is None:
+            raise ValueError(f"pause: {seq_id!r} is not a running, prefilled sequence")
+        seq = self._rows[i]
+        with torch.inference_mode():
+            cache = self.kv[:, :, i, :, :seq.length].clone()
+            self._free_row(i)  # the last row moves into slot i, so the rows stay 0..n-1
+            self.kv[:, :, self.max_batch - 1 - len(self._paused), :, :seq.length] = cache
+        self._paused.append(seq)
+
+    def resume(self, seq_id: Hashable) -> None:
+        """Step a paused sequence again from the next step on, where it left off."""
+        j = next((j for j, s in enumerate(self._paused) if s.seq_id == seq_id), None)
+        if j is None:
+            raise ValueError(f"resume: {seq_id!r} is not paused")
+        seq = self._paused[j]
+        with torch.inference_mode():
+            cache = self.kv[:, :, self.max_batch - 1 - j, :, :seq.length].clone()
+            self._drop_paused(j)
+            self.kv[:, :, len(self._rows), :, :seq.length] = cache
+        self._rows.append(seq)
+
+    @property
+    def paused(self) -> int:
+        return len(self._paused)
     @torch.inference_mode()
     def step(self) -> list[StepEvent]:
         """One iteration: prefill the newcomers and decode one token for every other running sequence."""
@@ -233,6 +271,17 @@ class Engine:
                 self.kv[:, :, i, :, :n] = self.kv[:, :, last, :, :n]
             self._rows[i] = self._rows[last]
         self._rows.pop()
+
+    def _drop_paused(self, j: int) -> None:
+        """Drop paused[j], moving the last paused sequence (and its cache) into its slot."""
+        last = len(self._paused) - 1
+        if j != last:
+            n = self._paused[last].length
+            src, dst = self.max_batch - 1 - last, self.max_batch - 1 - j
+            with torch.inference_mode():
+                self.kv[:, :, dst, :, :n] = self.kv[:, :, src, :, :n]
+            self._paused[j] = self._paused[last]
+        self._paused.pop()
 
     def _choose(self, logits: torch.Tensor) -> list[int]:
         """Next token per row: argmax, or a sample from the row's own generator."""

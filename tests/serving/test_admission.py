@@ -320,7 +320,8 @@ def test_counters_account_for_every_submit():
     admitted, expired = adm.take(0, 0)
     c = {k: v["normal"] for k, v in adm.snapshot()["counters"].items()}
     assert (len(admitted), len(expired)) == (2, 1), f"1 expired, 2 admitted, got {len(admitted)}, {len(expired)}"
-    assert c == {"submitted": 5, "admitted": 2, "rejected": 1, "expired": 1, "cancelled": 1}, f"counters {c}"
+    assert c == {"submitted": 5, "admitted": 2, "rejected": 1, "expired": 1, "cancelled": 1, "paused": 0}, \
+        f"counters {c}"
 
 
 # -- deadline admission: predictions from measured step times ---------------------------------------------
@@ -399,10 +400,12 @@ def test_deadline_admission_stays_out_of_the_way_until_step_times_are_measured()
     assert adm.submit("x", deadline_s=0.001, steps=10_000), "nothing measured: no prediction, no refusal"
 
 
-def simulate_overload(seed: int = 7, requests: int = 1000, load: float = 2.0, margin: float = 0.1) -> dict:
+def simulate_overload(seed: int = 7, requests: int = 1000, load: float = 2.0, margin: float = 0.1,
+                      preempt: bool = True) -> dict:
     """A fake engine (step 30 ms + 6 ms per sequence, prefill 2 ms per prompt token, max batch 32) fed
     Poisson arrivals at `load` times its full-batch capacity with the serving trace's mix of priorities,
-    deadlines and answer lengths. Returns what happened to every request."""
+    deadlines and answer lengths; with `preempt` it pauses what `schedule()` says. Returns what happened
+    to every request."""
     import random
 
     rng = random.Random(seed)
@@ -417,7 +420,8 @@ def simulate_overload(seed: int = 7, requests: int = 1000, load: float = 2.0, ma
         pr = rng.choices([H, N, L], [0.15, 0.7, 0.15])[0]
         arrivals.append((t, pr, {H: 5.0, N: 20.0, L: 120.0}[pr], rng.choice(lengths), rng.randint(20, 80)))
     running: dict = {}  # ticket -> steps left
-    done, refused, dropped, i = [], [], [], 0
+    paused: set = set()
+    done, refused, dropped, i, pauses = [], [], [], 0, 0
     while i < len(arrivals) or running or adm.queued():
         while i < len(arrivals) and arrivals[i][0] <= clock():
             _, pr, deadline, steps, prompt = arrivals[i]
@@ -426,32 +430,40 @@ def simulate_overload(seed: int = 7, requests: int = 1000, load: float = 2.0, ma
                 adm.submit(None, pr, deadline_s=deadline, steps=steps, prompt_tokens=prompt)
             except WouldMissDeadline:
                 refused.append(pr)
-        live = [(tk.deadline, left) for tk, left in running.items()]
-        admitted, expired = adm.take(len(running), sum(tk.priority == H for tk in running), live=live)
+        high = sum(tk.priority == H for tk in running)
+        if preempt:
+            plan = adm.schedule(len(running), high, [(tk, left, tk in paused) for tk, left in running.items()])
+            admitted, expired = plan.admitted, plan.expired
+            paused = (paused - set(plan.resume)) | set(plan.pause)
+            pauses += len(plan.pause)
+        else:
+            admitted, expired = adm.take(len(running), high, live=[(tk.deadline, n) for tk, n in running.items()])
         dropped += [(tk, clock() - tk.arrival) for tk in expired]
-        if not running and not admitted:
+        if len(running) == len(paused) and not admitted:
             clock.t = max(clock.t + 0.001, arrivals[i][0] if i < len(arrivals) else clock.t)
             continue
         for tk in admitted:
             running[tk] = tk.steps
+        stepping = [tk for tk in running if tk not in paused]
         prefill = sum(tk.prompt_tokens for tk in admitted)
-        seconds = step_s(len(running)) + 0.002 * prefill
+        seconds = step_s(len(stepping)) + 0.002 * prefill
         clock.advance(seconds)
-        adm.observe_step(len(running), seconds, len(running), prefill)
-        for tk in list(running):
+        adm.observe_step(len(stepping), seconds, len(stepping), prefill)
+        for tk in stepping:
             running[tk] -= 1
             if running[tk] == 0:
                 del running[tk]
                 done.append((tk, clock()))
     return {"arrivals": arrivals, "done": done, "refused": refused, "dropped": dropped, "capacity": capacity,
-            "span": done[-1][1] - arrivals[0][0]}
+            "span": done[-1][1] - arrivals[0][0], "pauses": pauses}
 
 
-def test_overload_simulation_admitted_requests_meet_their_deadlines():
+@pytest.mark.parametrize("preempt", [False, True])
+def test_overload_simulation_admitted_requests_meet_their_deadlines(preempt):
     """At twice its capacity: every admitted request finishes by its deadline (the step model is exact
     here), the rest are refused at submit or dropped before compute, HIGH keeps being served, and
-    goodput stays near capacity."""
-    sim = simulate_overload()
+    goodput stays near capacity; pausing lower priorities serves more HIGH requests."""
+    sim = simulate_overload(preempt=preempt)
     done, arrivals = sim["done"], sim["arrivals"]
     late = [(tk.priority.name, round(end - tk.deadline, 3)) for tk, end in done if end > tk.deadline + 1e-6]
     assert not late, f"admitted requests finished after their deadline: {late[:10]}"
@@ -460,3 +472,45 @@ def test_overload_simulation_admitted_requests_meet_their_deadlines():
     assert high_done > 0.3 * sum(a[1] == H for a in arrivals), "HIGH keeps being served under overload"
     goodput = len(done) / sim["span"]
     assert goodput > 0.6 * sim["capacity"], f"goodput {goodput:.2f} req/s, capacity {sim['capacity']:.2f}"
+    if preempt:
+        without = simulate_overload(preempt=False)
+        high_without = sum(tk.priority == H for tk, _ in without["done"])
+        assert sim["pauses"] > 0 and high_done > 1.2 * high_without, \
+            f"pausing served {high_done} HIGH requests against {high_without} without it ({sim['pauses']} pauses)"
+
+
+def test_schedule_pauses_the_lower_priority_with_most_slack_so_a_high_request_fits():
+    adm, clock = measured(max_batch=16, reserved_high=2, max_wait_ms=0.0)
+    running = {adm.submit(f"n{i}", N, deadline_s=60.0, steps=20): 20 for i in range(3)}
+    low = adm.submit("low", L, deadline_s=100.0, steps=20)
+    tight = adm.submit("tight", N, deadline_s=1.5, steps=20)  # 20 steps: 1.2 s at batch 5 (the margin is 0)
+    plan = adm.schedule(0, 0, [])
+    assert len(plan.admitted) == 5 and plan.pause == [], "an idle engine starts all five"
+    running.update({low: 20, tight: 20})
+    live = [(t, 20, False) for t in running]
+    # HIGH, 30 steps by 1.3 s: only at batch <= 2 (20 ms + 10 ms per sequence: 1.2 s), so four of the five
+    # must pause; `tight` cannot afford to wait, so LOW and the three other NORMALs pause
+    high = adm.submit("high", H, deadline_s=1.3, steps=30)
+    plan = adm.schedule(5, 0, live)
+    assert plan.admitted == [high], f"the HIGH joins at once, got {payloads(plan.admitted)}"
+    assert low in plan.pause and tight not in plan.pause and len(plan.pause) == 4, \
+        f"paused {payloads(plan.pause)}: LOW first, never the one that cannot wait"
+    assert adm.snapshot()["counters"]["paused"] == {"high": 0, "normal": 3, "low": 1}
+    paused = set(plan.pause)
+    live = [(t, 19, t in paused) for t in running] + [(high, 30, False)]
+    plan = adm.schedule(6, 1, live)
+    assert plan.resume == [] and plan.pause == [], "nothing resumes while the HIGH needs the small batch"
+    live = [(t, 19, t in paused) for t in running]  # the HIGH finished
+    plan = adm.schedule(5, 0, live)
+    assert set(plan.resume) == paused, f"all paused ones resume, got {payloads(plan.resume)}"
+
+
+def test_a_high_request_is_refused_at_once_when_no_lower_priorities_can_wait_for_it():
+    adm, clock = measured(max_batch=8, reserved_high=1)
+    busy = [adm.submit(i, N, deadline_s=3.0, steps=40) for i in range(4)]  # 40 steps at 60 ms: 2.4 s of 3 s
+    adm.schedule(0, 0, [])
+    adm.schedule(4, 0, [(t, 40, False) for t in busy])
+    with pytest.raises(WouldMissDeadline):  # 60 steps by 2 s: batch 1 only, and nobody can wait 1.8 s
+        adm.submit("high", H, deadline_s=2.0, steps=60)
+    plan = adm.schedule(4, 0, [(t, 39, False) for t in busy])
+    assert plan.pause == [] and plan.admitted == [] and adm.queued() == 0

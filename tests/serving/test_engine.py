@@ -238,3 +238,54 @@ def test_quantized_linears_run_in_the_batched_forward():
     tokens, _, _ = drive(Engine(model, eos_token_ids=[], max_batch=3, max_len=32), schedule)
     for s, prompt in prompts.items():
         assert tokens[s] == solo_greedy(model, prompt, 12), f"{s}: quantized batch differs from its solo loop"
+
+
+def test_paused_sequences_resume_where_they_left_off(llama64):
+    """Pause two of three sequences for a few steps (their caches move to the top slots), let a newcomer
+    join and finish meanwhile, cancel one paused sequence, resume the other: every token equals its
+    prompt's own greedy run, as if nothing had happened."""
+    prompts = {"a": [3, 1, 4, 1, 5], "b": [2, 7, 1, 8], "c": [9, 9, 8, 2, 4, 4], "d": [6, 6]}
+    engine = Engine(llama64, eos_token_ids=[], max_batch=4, max_len=40)
+    for name in "abc":
+        engine.add(name, prompts[name], GREEDY)
+    got = {name: [] for name in prompts}
+
+    def step():
+        for ev in engine.step():
+            if ev.token_id is not None:
+                got[ev.seq_id].append(ev.token_id)
+
+    step(), step()
+    engine.pause("a")
+    engine.pause("c")
+    assert (engine.running, engine.paused) == (3, 2), "paused sequences keep their slots"
+    with pytest.raises(ValueError, match="pause: 'a' is not a running"):
+        engine.pause("a")
+    engine.add("d", prompts["d"], SamplingParams(max_new_tokens=3))
+    step(), step(), step()
+    assert len(got["a"]) == 2 and len(got["c"]) == 2, "paused sequences are not stepped"
+    engine.cancel("c")
+    engine.resume("a")
+    with pytest.raises(ValueError, match="resume: 'c' is not paused"):
+        engine.resume("c")
+    while engine.has_work():
+        step()
+    for name in "abd":
+        want = solo_greedy(llama64, prompts[name], len(got[name]))
+        assert got[name] == want, f"{name}: {got[name]} != {want}"
+    assert len(got["a"]) == len(got["b"]) == 12 and len(got["d"]) == 3
+    assert engine.running == 0 and engine.paused == 0
+
+
+@pytest.mark.parametrize("max_batch", [1, 3])
+def test_calibrate_measures_every_batch_size_the_engine_allows(llama64, max_batch):
+    from serving.admission import Admission, AdmissionConfig
+    from serving.driver import calibrate
+
+    engine = Engine(llama64, eos_token_ids=[], max_batch=max_batch, max_len=32)
+    adm = Admission(AdmissionConfig(max_batch=max_batch, reserved_high=0))
+    calibrate(engine, adm)
+    assert not engine.has_work() and engine.running == 0, "calibration leaves the engine empty"
+    seen = sorted(adm._steps.by_batch)
+    assert seen == sorted({1, 2, max_batch} & set(range(1, max_batch + 1))), f"measured batch sizes {seen}"
+    assert adm._steps.prefill_s is not None, "the prefill cost per prompt token is measured"
