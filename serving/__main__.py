@@ -34,6 +34,8 @@ parser.add_argument("--default_deadline_s", type=float, default=admission_defaul
 parser.add_argument("--fixed_batching", action="store_true", help="turn off adaptive batch parameters")
 parser.add_argument("--no_deadline_admission", action="store_true",
                     help="turn off deadline forecasts: refuse only on a full queue or a passed deadline")
+parser.add_argument("--no_preempt", action="store_true",
+                    help="never pause lower-priority sequences to make room for an urgent high-priority one")
 parser.add_argument("--deadline_margin", type=float, default=admission_defaults.deadline_margin,
                     help="share by which deadline forecasts are stretched")
 parser.add_argument("--max_len", type=int, default=defaults.max_len, help="prompt + answer tokens per sequence")
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
                                     max_wait_ms=args.max_wait_ms, default_deadline_s=args.default_deadline_s,
                                     adaptive=not args.fixed_batching,
                                     deadline_admission=not args.no_deadline_admission,
-                                    deadline_margin=args.deadline_margin)
+                                    deadline_margin=args.deadline_margin, preempt=not args.no_preempt)
         if args.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes: {args.max_body_bytes}; must be >= 1024")
     except ValueError as exc:

@@ -92,6 +92,7 @@ class AdmissionConfig:
     default_deadline_s: float = 60.0  # s, per-request deadline when the client sets none
     adaptive: bool = True  # follow the live arrival rate and step times (see Admission)
     deadline_admission: bool = True  # refuse at once, or drop early, what measured step times say will be late
+    preempt: bool = True  # pause lower priorities so an urgent HIGH runs at a smaller, faster batch (schedule())
     deadline_margin: float = 0.15  # predicted times are stretched by this share before meeting a deadline
 
     def __post_init__(self) -> None:
@@ -101,7 +102,7 @@ class AdmissionConfig:
         _check("reserved_high", self.reserved_high, 0, self.max_batch - 1, integer=True)
         _check("max_wait_ms", self.max_wait_ms, 0, 10_000)
         _check("default_deadline_s", self.default_deadline_s, 0, 86_400, lo_open=True)
-        for name in ("adaptive", "deadline_admission"):
+        for name in ("adaptive", "deadline_admission", "preempt"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"AdmissionConfig.{name}: expected true or false, got {getattr(self, name)!r}")
         _check("deadline_margin", self.deadline_margin, 0, 10)
@@ -210,16 +211,26 @@ class _Rate:
 
 
 class _StepModel:
-    """Decode step time as `a + u * batch` (s), an exponentially weighted least-squares line over recent
-    decode-only steps, plus the step time measured at each batch size and the prefill cost per prompt
-    token. The last line fitted while batch sizes varied is kept while they hold steady (a line needs
-    spread)."""
+    """Decode step time per batch size, and the prefill cost per prompt token.
+
+    With a calibration (`calibrate`, run by the engine loop at load on an idle engine): the calibrated
+    shape (piecewise linear between the measured batch sizes) times a live load factor, the EWMA of
+    measured / calibrated over recent decode steps. The factor carries what serving adds (the event loop,
+    the client, other processes) to every batch size, including sizes not run lately. Without one: the
+    EWMA step time measured at each batch size, else `a + u * batch` from an exponentially weighted
+    least-squares line over recent decode steps (the last line fitted while sizes varied is kept).
+    Predictions never fall as the batch grows."""
 
     def __init__(self) -> None:
         self.moments: list[float] | None = None  # E[b], E[s], E[b^2], E[b*s]
         self.line: tuple[float, float] | None = None  # (a s, u s per sequence)
         self.by_batch: dict[int, float] = {}  # batch size -> EWMA decode step time, s
+        self.base: dict[int, float] = {}  # batch size -> fastest calibrated decode step, s
+        self.load = 1.0  # live decode step time / calibrated shape, EWMA
         self.prefill_s: float | None = None  # s per prompt token on top of the step's decode time, EWMA
+
+    def calibrate(self, batch: int, seconds: float) -> None:
+        self.base[batch] = min(seconds, self.base.get(batch, math.inf))
 
     def add(self, batch: int, seconds: float, prefill_tokens: int = 0) -> None:
         if prefill_tokens > 0:  # a step that also prefilled prompts: what it cost over a decode step
@@ -228,6 +239,8 @@ class _StepModel:
                 per = max(0.0, seconds - base) / prefill_tokens
                 self.prefill_s = per if self.prefill_s is None else self.prefill_s + _TABLE_ALPHA * (per - self.prefill_s)
             return
+        if self.base:
+            self.load += _STEP_ALPHA * (seconds / self._shape(batch) - self.load)
         old = self.by_batch.get(batch)
         self.by_batch[batch] = seconds if old is None else old + _TABLE_ALPHA * (seconds - old)
         sample = [batch, seconds, batch * batch, batch * seconds]
@@ -240,9 +253,24 @@ class _StepModel:
             u = (bs - b * s) / (bb - b * b)
             self.line = (s - u * b, u)
 
+    def _shape(self, batch: int) -> float:
+        """Calibrated step time at `batch`: linear between measured sizes, flat below the smallest, and
+        extended by the last segment's slope (never negative) above the largest."""
+        sizes = sorted(self.base)
+        lo = max([b for b in sizes if b <= batch], default=sizes[0])
+        hi = min([b for b in sizes if b >= batch], default=sizes[-1])
+        if lo == hi:
+            if batch <= sizes[-1] or len(sizes) == 1:
+                return self.base[lo]
+            b0, b1 = sizes[-2], sizes[-1]
+            slope = max(0.0, (self.base[b1] - self.base[b0]) / (b1 - b0))
+            return self.base[b1] + slope * (batch - b1)
+        return self.base[lo] + (self.base[hi] - self.base[lo]) * (batch - lo) / (hi - lo)
+
     def decode(self, batch: int) -> float | None:
-        """Predicted decode step time at `batch` sequences, s: measured at that size, else the line; never
-        less than at a smaller measured size (a bigger batch is not faster). None before any measurement."""
+        """Predicted decode step time at `batch` sequences, s (see the class); None before any measurement."""
+        if self.base:
+            return max(self._shape(b) for b in range(1, max(1, batch) + 1)) * self.load
         if not self.by_batch:
             return None
         if batch in self.by_batch:
@@ -466,8 +494,8 @@ class Admission:
         afford to wait for it (LOW first, most slack first); paused sequences resume, ahead of the queue of
         their priority, as soon as the batch can take them back on time (or at once when nothing else runs)."""
         seqs = [_Live(t.deadline, int(left), t.priority, bool(paused), t) for t, left, paused in live]
-        self._preempts = True
-        return self._schedule(running, running_high, seqs, preempt=True)
+        self._preempts = self.cfg.preempt
+        return self._schedule(running, running_high, seqs, preempt=self.cfg.preempt)
 
     def _schedule(self, running: int, running_high: int, live: list[_Live] | None, preempt: bool) -> Schedule:
         if isinstance(running, bool) or not isinstance(running, int) or running < 0 or \
@@ -598,11 +626,12 @@ class Admission:
         self._wait_bias[t.priority] = min(_MAX_BIAS, max(1.0, bias + _BIAS_ALPHA * (ratio - bias)))
 
     def _protected(self, now: float, active: list[_Live]) -> list[_Live]:
-        """The stepping sequences still on time at today's batch size: newcomers must not make them late
-        (one already late is not protected by holding others back)."""
-        step_now = self._steps.decode(max(1, len(active)))
+        """The stepping sequences that can still make their deadline at some batch size: newcomers must not
+        make them (later) late. One that could not make it even alone is not protected by holding others
+        back."""
+        step_one = self._steps.decode(1)
         stretch = 1.0 + self.cfg.deadline_margin
-        return [x for x in active if x.deadline - now >= x.left * step_now * stretch]
+        return [x for x in active if x.deadline - now >= x.left * step_one * stretch]
 
     def _victims(self, t: Ticket, now: float, members: list[_Live], batch: int, stall: float) -> list[_Live] | None:
         """Running lower-priority sequences to pause so that HIGH `t` fits, LOW first and most slack first,
@@ -635,11 +664,16 @@ class Admission:
             return 0.0
         return max(0.0, min(self._hold_until() - now, first_expiry))
 
-    def observe_step(self, batch: int, seconds: float, tokens: int, prefill_tokens: int = 0) -> None:
+    def observe_step(self, batch: int, seconds: float, tokens: int, prefill_tokens: int = 0,
+                     calibration: bool = False) -> None:
         """One step ran `batch` sequences in `seconds` and produced `tokens` tokens, prefilling `prefill_tokens`
-        prompt tokens of newcomers on the way."""
+        prompt tokens of newcomers on the way. `calibration`: a decode step timed on an otherwise idle engine
+        before serving (`serving.driver.calibrate`): it gives the shape of step time over batch sizes."""
         if batch <= 0 or seconds <= 0:
             return  # an empty or unmeasured step says nothing about step time
+        if calibration and not prefill_tokens:
+            self._steps.calibrate(batch, seconds)
+            return
         self._steps.add(batch, seconds, prefill_tokens)
         share = min(1.0, self._steps.prefill(prefill_tokens) / seconds) if prefill_tokens else 0.0
         self._prefill_share += _STEP_ALPHA * (share - self._prefill_share)
@@ -663,6 +697,7 @@ class Admission:
             "tokens_per_s": self._tokens_per_s,  # EWMA over steps
             "max_wait_ms": self.max_wait_s() * 1000.0,
             "max_batch": self.max_batch(),
+            "step_load_factor": round(self._steps.load, 3),  # live / calibrated decode step time
             "wait_bias": {p.name.lower(): round(self._wait_bias[p], 3) for p in Priority},
             "counters": {c: dict(v) for c, v in self.counters.items()},
         }

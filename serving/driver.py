@@ -65,14 +65,14 @@ class Generation:
 CALIBRATION_PROMPT_TOKENS = 8
 
 
-def calibrate(engine: Engine, admission: Admission, sizes: Sequence[int] | None = None, steps: int = 3) -> None:
+def calibrate(engine: Engine, admission: Admission, sizes: Sequence[int] | None = None, steps: int = 2) -> None:
     """Time a few steps at several batch sizes on a dummy prompt and feed them to `admission`, so deadline
     predictions hold from the first request (live steps refine them). Call before the loop starts; about
     `steps + 1` steps per size (a few seconds for the built-in model at batch 32 on CPU)."""
     if engine.has_work():
         raise RuntimeError("calibrate: the engine is running sequences; calibrate before serving")
-    top = min(engine.max_batch, 32)
-    sizes = sorted({b for b in (sizes or (1, 2, max(1, top // 2), top)) if 1 <= b <= engine.max_batch})
+    top = min(engine.max_batch, 64)
+    sizes = sorted({b for b in (sizes or (1, 2, 4, 8, 16, 32, top)) if 1 <= b <= top})
     prompt = [1 + i % (engine.vocab_size - 1) for i in range(CALIBRATION_PROMPT_TOKENS)]
     params = SamplingParams(max_new_tokens=steps + 1)
     engine.add("warm-up", prompt, SamplingParams(max_new_tokens=2))  # first calls pay one-off setup costs
@@ -89,7 +89,7 @@ def calibrate(engine: Engine, admission: Admission, sizes: Sequence[int] | None 
             timed.append((size, time.perf_counter() - t0, len(events), prefill))
             prefill = 0
     for step in sorted(timed, key=lambda x: x[3] > 0):  # decode steps first: a prefill's cost is its excess
-        admission.observe_step(*step)
+        admission.observe_step(*step, calibration=True)
 
 
 class EngineLoop:

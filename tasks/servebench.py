@@ -87,10 +87,22 @@ def overload_checks(result: Any, sustainable: float, rate: float) -> dict[str, A
     }
 
 
+class _Runs(list):
+    """The runs so far, also written to `logs/partial.json` after each one, so a late failure keeps them."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+
+    def append(self, run: dict[str, Any]) -> None:
+        super().append(run)
+        write_json(self.path, {"runs": list(self)})
+
+
 def run(ws: Workspace, price: float, threads: int, scale: float, logs: Path) -> dict[str, Any]:
     n = lambda k: max(4, int(round(k * scale)))  # noqa: E731
     items = build_trace(max(n(max(SWEEP.values())), 200), TRACE_SEED)
-    runs: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = _Runs(logs / "partial.json")
     overloads: dict[str, dict[str, Any]] = {}
     with start_server(ws.root, ["fp32", INT8], logs / "server-batching.log", flags=SERVER_FLAGS) as srv:
         res = run_load(srv.url, "fp32", items, concurrency=16, requests=n(COMPARE_REQUESTS["batching"]),
@@ -120,7 +132,7 @@ def run(ws: Workspace, price: float, threads: int, scale: float, logs: Path) -> 
                key=lambda r: r["cost_per_1m_requests_usd"] or float("inf"))
     cb = next(r for r in runs if r["label"] == "fp32 c=16 no deadlines")
     b1 = next(r for r in runs if r["label"] == "fp32 batch-1 serving c=16 no deadlines")
-    section = serving_section(trace_meta(items), runs, naive_cost_per_1m_requests_usd=round(naive_cost, 4),
+    section = serving_section(trace_meta(items), list(runs), naive_cost_per_1m_requests_usd=round(naive_cost, 4),
                               optimized_cost_per_1m_requests_usd=best["cost_per_1m_requests_usd"])
     section["comparison"] = {
         "continuous_vs_batch1_throughput_ratio": round(cb["throughput_req_s"] / b1["throughput_req_s"], 2),

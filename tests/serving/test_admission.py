@@ -514,3 +514,17 @@ def test_a_high_request_is_refused_at_once_when_no_lower_priorities_can_wait_for
         adm.submit("high", H, deadline_s=2.0, steps=60)
     plan = adm.schedule(4, 0, [(t, 39, False) for t in busy])
     assert plan.pause == [] and plan.admitted == [] and adm.queued() == 0
+
+
+def test_calibrated_step_times_follow_the_live_load_at_every_batch_size():
+    adm, _ = make(deadline_admission=True)
+    for b, s in ((1, 0.04), (2, 0.04), (8, 0.07), (32, 0.2)):  # an idle engine before serving
+        adm.observe_step(b, s, b, calibration=True)
+    steps = adm._steps
+    assert steps.decode(1) == pytest.approx(0.04) and steps.decode(5) == pytest.approx(0.055), \
+        "linear between calibrated sizes"
+    assert steps.decode(40) == pytest.approx(0.2 + 8 * 0.13 / 24), "extended by the last segment's slope"
+    for _ in range(200):  # serving: steps at batch 8 run 1.5x slower than calibrated
+        adm.observe_step(8, 0.105, 8)
+    assert steps.decode(8) == pytest.approx(0.105, rel=0.01), "the live load factor follows measurements"
+    assert steps.decode(1) == pytest.approx(0.06, rel=0.01), "and applies to sizes not run lately"
