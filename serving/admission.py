@@ -435,10 +435,15 @@ class Admission:
         stall = 1.0 / (1.0 - min(self._prefill_share, _MAX_SHARE))
         slowdown = stall / (1.0 - min(higher, _MAX_SHARE))
         own = list(self._queues[priority].values()) + ([extra] if extra is not None else [])
+        active = sum(not x.paused for x in self._live)
+        # a request submitted mid-step joins after the step in progress (take() runs between steps)
+        in_progress = self._steps.decode(active) * stall if active else 0.0
         for t in own:
             batch = min(cap, len(left) + ahead + 1)
             step = self._steps.decode(batch)
             wait = (free_at[0] * step * slowdown + prefills) * stretch * self._wait_bias[priority]
+            if t is extra:
+                wait += in_progress * stretch
             finish = now + wait + self._run_s(t, batch) * stall
             if priority == Priority.HIGH and ahead == 0:
                 finish = min(finish, self._soonest_finish(t, now, self._drain_s()))

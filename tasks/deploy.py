@@ -132,6 +132,32 @@ def _fingerprint(ws: Any, name: str) -> str:
     return read_json(ws.variant_dir(name) / "spec.json")["fingerprint"]
 
 
+def _weights(ws: Any, name: str) -> Path:
+    return (ws.model_dir if name == "fp32" else ws.variant_dir(name)) / "model.safetensors"
+
+
+def ensure_local(params: Any, ws: Any, names: Sequence[str]) -> list[str]:
+    """Make sure the weights of every variant in `names` are in the workspace: when any is missing, fetch
+    the run's versioned outputs (dvc.lock) from the DVC remote on S3 (`tasks.version.pull`). Returns the
+    names that had to be fetched; raises DeployError naming what is still missing."""
+    missing = [n for n in names if not _weights(ws, n).is_file()]
+    if not missing:
+        return []
+    from costopt.s3 import StorageError
+    from tasks.version import DvcError, pull
+
+    try:
+        pull(ws, params)
+    except (DvcError, StorageError, OSError, ValueError) as exc:
+        raise DeployError(f"variants {', '.join(missing)}: no weights in {ws.root}, and fetching them from the "
+                          f"DVC remote {params.version.remote} failed: {exc}") from exc
+    still = [str(_weights(ws, n)) for n in missing if not _weights(ws, n).is_file()]
+    if still:
+        raise DeployError(f"after `dvc pull` from {params.version.remote}, still missing: {', '.join(still)}; "
+                          f"expected a workspace whose dvc.lock records these variants")
+    return missing
+
+
 def deploy(params: Any, ws: Any) -> dict[str, Any]:
     """Serve the winners (fp32 + the passing `serve.variants`) on loopback, run the short load test on
     the serving trace, stop the server, and write artifacts/serving/serving.json (`deployed`, `serving`)."""
@@ -146,6 +172,7 @@ def deploy(params: Any, ws: Any) -> dict[str, Any]:
         write_json(out_dir / "serving.json", result)
         return result
     variants, left_out = choose_variants(params, ws)
+    fetched = ensure_local(params, ws, variants)
     items = build_trace(max(cfg.loadtest_requests, 16), cfg.trace_seed)
     flags = ["--max_batch", str(cfg.max_batch), "--max_wait_ms", str(cfg.max_wait_ms),
              "--max_queue", str(cfg.max_queue), "--reserved_high", str(cfg.reserved_high),
@@ -165,11 +192,12 @@ def deploy(params: Any, ws: Any) -> dict[str, Any]:
         "deployed": [{"name": n, "fingerprint": _fingerprint(ws, n), "where": "loopback KServe server "
                       "(python -m serving), stopped after the load test", "dvc_revision": revision} for n in variants],
         "left_out": left_out,
+        "fetched_from_remote": fetched,  # variants whose weights came from the DVC remote for this deploy
         "serving": serving_section(trace_meta(items), runs, naive_cost_per_1m_requests_usd=naive,
                                    optimized_cost_per_1m_requests_usd=min(costs) if costs else None),
     }
     write_json(out_dir / "serving.json", result)
-    return {"deployed": variants, "left_out": left_out, "runs": len(runs)}
+    return {"deployed": variants, "left_out": left_out, "runs": len(runs), "fetched_from_remote": fetched}
 
 
 if __name__ == "__main__":

@@ -4,13 +4,14 @@
 
 Starts real servers from the serving environment on loopback and replays the `serving-v1` trace with
 the load generator (`tasks.loadtest`), measuring side by side in one run:
-1. continuous batching vs batch-1 serving, both fp32 at concurrency 16 on the same requests sent
-   without deadlines (so neither refuses any: throughput and p99 over all of them);
+1. continuous batching vs batch-1 serving, both fp32 at concurrency 16 on the same requests, sent
+   without deadlines to servers with deadline admission off (neither refuses any: throughput and p99
+   over all of them);
 2. throughput and p50/p95/p99 at concurrency 1, 4, 16 and 64 for fp32 and INT8 weight-only, with the
    trace's deadlines;
 3. cost per 1M requests of the serving setup vs the naive path (fp32, batch 1, plain HF `generate`,
    one request after another, timed in this process on the same trace items);
-4. overload, per variant: the sustainable rate is its best throughput in the sweep; an open loop at
+4. overload, per variant: the sustainable rate is its best throughput in the sweep (2.); an open loop at
    twice that rate checks that admitted requests meet their deadlines, the rest get a fast 429, high
    priority keeps its p99 within its deadline (its SLO), and nothing admitted is lost.
 Prints Markdown tables and writes the JSON (`serving` section shape, DESIGN.md) for BENCHMARKS.md.
@@ -37,7 +38,8 @@ SWEEP = {1: 12, 4: 24, 16: 48, 64: 96}  # concurrency -> requests
 COMPARE_REQUESTS = {"batching": 96, "batch1": 48}  # continuous batching vs batch-1 at concurrency 16
 NAIVE_REQUESTS = 12
 OVERLOAD_SECONDS = 60  # open-loop duration at 2x the sustainable rate
-SERVER_FLAGS = ["--default_deadline_s", "600"]  # requests sent without a deadline header are never refused
+SERVER_FLAGS = ["--default_deadline_s", "600"]  # the deadline of a request sent without the header
+CB_LABEL, B1_LABEL = "fp32 continuous batching c=16, every request served", "fp32 batch-1 serving c=16, every request served"
 
 
 def _config(variants: Sequence[str], batching: bool) -> dict[str, Any]:
@@ -104,34 +106,40 @@ def run(ws: Workspace, price: float, threads: int, scale: float, logs: Path) -> 
     items = build_trace(max(n(max(SWEEP.values())), 200), TRACE_SEED)
     runs: list[dict[str, Any]] = _Runs(logs / "partial.json")
     overloads: dict[str, dict[str, Any]] = {}
-    with start_server(ws.root, ["fp32", INT8], logs / "server-batching.log", flags=SERVER_FLAGS) as srv:
+    # 1. batching alone: both servers serve every request (no deadline header, deadline admission off)
+    plain = [*SERVER_FLAGS, "--no_deadline_admission"]
+    with start_server(ws.root, ["fp32"], logs / "server-compare.log", flags=plain) as srv:
         res = run_load(srv.url, "fp32", items, concurrency=16, requests=n(COMPARE_REQUESTS["batching"]),
                        progress=True, deadlines=False)
-        runs.append({**summarize(res, price, _config(["fp32"], True)), "label": "fp32 c=16 no deadlines"})
+        runs.append({**summarize(res, price, _config(["fp32"], True)), "label": CB_LABEL})
+    with start_server(ws.root, ["fp32"], logs / "server-batch1.log",
+                      flags=["--max_batch", "1", "--reserved_high", "0", "--fixed_batching", *plain]) as srv:
+        res = run_load(srv.url, "fp32", items, concurrency=16, requests=n(COMPARE_REQUESTS["batch1"]),
+                       progress=True, deadlines=False)
+        runs.append({**summarize(res, price, _config(["fp32"], False)), "label": B1_LABEL})
+    # 2 and 4. the serving setup, deadlines on: the sweep, then twice the best rate it sustained
+    with start_server(ws.root, ["fp32", INT8], logs / "server-batching.log", flags=SERVER_FLAGS) as srv:
         for variant in ("fp32", INT8):
+            sweep = []
             for c, k in SWEEP.items():
                 res = run_load(srv.url, variant, items, concurrency=c, requests=max(n(k), c + 16), progress=True)
-                runs.append({**summarize(res, price, _config([variant], True)), "label": f"{variant} c={c}"})
-            sustainable = max(r["throughput_req_s"] for r in runs if r["label"].startswith(f"{variant} c="))
+                sweep.append({**summarize(res, price, _config([variant], True)), "label": f"{variant} c={c}"})
+                runs.append(sweep[-1])
+            sustainable = max(r["throughput_req_s"] for r in sweep)
             rate = 2 * sustainable
             res = run_load(srv.url, variant, items, rate=rate, progress=True,
                            requests=max(8, int(rate * OVERLOAD_SECONDS * scale)))
             runs.append({**summarize(res, price, _config([variant], True)),
                          "label": f"{variant} open loop {rate:.2f} req/s (2x)", "sustainable_req_s": sustainable})
             overloads[variant] = overload_checks(res, sustainable, rate)
-    with start_server(ws.root, ["fp32"], logs / "server-batch1.log",
-                      flags=["--max_batch", "1", "--reserved_high", "0", "--fixed_batching", *SERVER_FLAGS]) as srv:
-        res = run_load(srv.url, "fp32", items, concurrency=16, requests=n(COMPARE_REQUESTS["batch1"]),
-                       progress=True, deadlines=False)
-        runs.append({**summarize(res, price, _config(["fp32"], False)), "label": "fp32 batch-1 serving c=16 no deadlines"})
     naive_s, _ = naive_seconds_per_request(ws, items[:n(NAIVE_REQUESTS)], threads)
     from costopt.cost import cost_per_1m_requests
 
     naive_cost = cost_per_1m_requests(price, naive_s)
     best = min((r for r in runs if r.get("label", "").endswith("c=16") and r["config"]["batching"]),
                key=lambda r: r["cost_per_1m_requests_usd"] or float("inf"))
-    cb = next(r for r in runs if r["label"] == "fp32 c=16 no deadlines")
-    b1 = next(r for r in runs if r["label"] == "fp32 batch-1 serving c=16 no deadlines")
+    cb = next(r for r in runs if r["label"] == CB_LABEL)
+    b1 = next(r for r in runs if r["label"] == B1_LABEL)
     section = serving_section(trace_meta(items), list(runs), naive_cost_per_1m_requests_usd=round(naive_cost, 4),
                               optimized_cost_per_1m_requests_usd=best["cost_per_1m_requests_usd"])
     section["comparison"] = {

@@ -244,3 +244,25 @@ def test_failing_dvc_command_quotes_dvc_and_records_nothing(tmp_path, s3, bucket
         f"the error should quote dvc's own message: {err.value}"
     assert not (src / "dvc.lock").exists(), "a failed dvc command must not leave a dvc.lock"
     assert artifact_hashes(src) == before, "a failed dvc command must not touch the artifacts"
+
+
+def test_deploy_fetches_missing_weights_from_the_remote(tmp_path, s3, bucket):
+    from tasks.deploy import DeployError, ensure_local
+
+    src = make_project(tmp_path / "src")
+    params = params_for(s3.endpoint_url, bucket)
+    version(params, Workspace(src))
+    dst = tmp_path / "dst"
+    subprocess.run([*GIT, "clone", "-q", str(src), str(dst)], check=True)
+    shutil.copy2(src / "dvc.lock", dst / "dvc.lock")
+    ws = Workspace(dst)
+    assert ensure_local(params, ws, ["fp32", "x"]) == ["fp32", "x"], "both were missing and fetched"
+    for rel in ("artifacts/model/model.safetensors", "artifacts/variants/x/model.safetensors"):
+        assert (dst / rel).read_bytes() == (src / rel).read_bytes(), f"{rel} differs from the versioned one"
+    assert ensure_local(params, ws, ["fp32", "x"]) == [], "present weights are not fetched again"
+    with pytest.raises(DeployError, match=r"still missing: .*variants/never_versioned/model.safetensors"):
+        ensure_local(params, ws, ["never_versioned"])
+    offline = params_for(f"http://127.0.0.1:{closed_port()}", bucket)
+    (dst / "artifacts/variants/x/model.safetensors").unlink()
+    with pytest.raises(DeployError, match="variants x: no weights .* fetching them from the DVC remote"):
+        ensure_local(offline, ws, ["x"])
