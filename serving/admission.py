@@ -93,7 +93,7 @@ class AdmissionConfig:
     adaptive: bool = True  # follow the live arrival rate and step times (see Admission)
     deadline_admission: bool = True  # refuse at once, or drop early, what measured step times say will be late
     preempt: bool = True  # pause lower priorities so an urgent HIGH runs at a smaller, faster batch (schedule())
-    deadline_margin: float = 0.15  # predicted times are stretched by this share before meeting a deadline
+    deadline_margin: float = 0.25  # predicted times are stretched by this share before meeting a deadline
 
     def __post_init__(self) -> None:
         _check("max_queue", self.max_queue, 1, 1_000_000, integer=True)
