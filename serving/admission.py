@@ -216,7 +216,10 @@ class _StepModel:
     With a calibration (`calibrate`, run by the engine loop at load on an idle engine): the calibrated
     shape (piecewise linear between the measured batch sizes) times a live load factor, the EWMA of
     measured / calibrated over recent decode steps. The factor carries what serving adds (the event loop,
-    the client, other processes) to every batch size, including sizes not run lately. Without one: the
+    the client, other processes) to every batch size, including sizes not run lately. Two checks keep it
+    from underestimating: a line fitted to live against calibrated step times (a fixed cost per step
+    weighs most on small batches), and the live EWMA at the batch size itself; the largest of the three
+    is used. Without one: the
     EWMA step time measured at each batch size, else `a + u * batch` from an exponentially weighted
     least-squares line over recent decode steps (the last line fitted while sizes varied is kept).
     Predictions never fall as the batch grows."""
@@ -227,6 +230,7 @@ class _StepModel:
         self.by_batch: dict[int, float] = {}  # batch size -> EWMA decode step time, s
         self.base: dict[int, float] = {}  # batch size -> fastest calibrated decode step, s
         self.load = 1.0  # live decode step time / calibrated shape, EWMA
+        self.shape_moments: list[float] | None = None  # E[x], E[y], E[xx], E[xy]: x calibrated, y live step time
         self.prefill_s: float | None = None  # s per prompt token on top of the step's decode time, EWMA
 
     def calibrate(self, batch: int, seconds: float) -> None:
@@ -240,7 +244,11 @@ class _StepModel:
                 self.prefill_s = per if self.prefill_s is None else self.prefill_s + _TABLE_ALPHA * (per - self.prefill_s)
             return
         if self.base:
-            self.load += _STEP_ALPHA * (seconds / self._shape(batch) - self.load)
+            x = self._shape(batch)
+            self.load += _STEP_ALPHA * (seconds / x - self.load)
+            sample = [x, seconds, x * x, x * seconds]
+            self.shape_moments = sample if self.shape_moments is None else \
+                [m + _STEP_ALPHA * (v - m) for m, v in zip(self.shape_moments, sample)]
         old = self.by_batch.get(batch)
         self.by_batch[batch] = seconds if old is None else old + _TABLE_ALPHA * (seconds - old)
         sample = [batch, seconds, batch * batch, batch * seconds]
@@ -270,7 +278,8 @@ class _StepModel:
     def decode(self, batch: int) -> float | None:
         """Predicted decode step time at `batch` sequences, s (see the class); None before any measurement."""
         if self.base:
-            return max(self._shape(b) for b in range(1, max(1, batch) + 1)) * self.load
+            x = max(self._shape(b) for b in range(1, max(1, batch) + 1))
+            return max(x * self.load, self._affine(x), self.by_batch.get(batch, 0.0))
         if not self.by_batch:
             return None
         if batch in self.by_batch:
@@ -280,6 +289,19 @@ class _StepModel:
         else:  # one batch size seen: the nearest measurement
             value = self.by_batch[min(self.by_batch, key=lambda b: abs(b - batch))]
         return max([value] + [s for b, s in self.by_batch.items() if b < batch])
+
+    def _affine(self, x: float) -> float:
+        """`alpha * x + beta` fitted to live step times against the calibrated ones over recent decode steps:
+        contention that adds a fixed cost per step (waiting for a core at each parallel region) weighs most
+        on small batches, which a plain ratio would underestimate. 0 until the sizes run have spread."""
+        if self.shape_moments is None:
+            return 0.0
+        mx, my, mxx, mxy = self.shape_moments
+        var = mxx - mx * mx
+        if var <= (0.1 * mx) ** 2:  # calibrated times of the recent sizes spread by under ~10%
+            return 0.0
+        alpha = max(0.0, (mxy - mx * my) / var)
+        return alpha * x + my - alpha * mx
 
     def prefill(self, tokens: int) -> float:
         return (self.prefill_s or 0.0) * tokens

@@ -528,3 +528,14 @@ def test_calibrated_step_times_follow_the_live_load_at_every_batch_size():
         adm.observe_step(8, 0.105, 8)
     assert steps.decode(8) == pytest.approx(0.105, rel=0.01), "the live load factor follows measurements"
     assert steps.decode(1) == pytest.approx(0.06, rel=0.01), "and applies to sizes not run lately"
+
+
+def test_contention_that_adds_a_fixed_cost_per_step_is_carried_to_small_batches():
+    adm, _ = make(deadline_admission=True)
+    for b, s in ((1, 0.04), (2, 0.04), (8, 0.07), (16, 0.12)):
+        adm.observe_step(b, s, b, calibration=True)
+    for i in range(400):  # serving at batch 8 and 16 only, each step 60 ms slower than calibrated
+        b = (8, 16)[i % 2]
+        adm.observe_step(b, adm._steps._shape(b) + 0.06, b)
+    assert adm._steps.decode(2) == pytest.approx(0.10, rel=0.05), \
+        "a fixed 60 ms per step is predicted at batch 2 too, not scaled by the ratio seen at big batches"
