@@ -38,8 +38,8 @@ with the longest sequence seen. Running sequences occupy slots 0..running-1 (a f
 slot takes the last one's cache), so decode attends over one contiguous slice. `pause` moves a
 sequence's cache to the top of the slot range (paused ones stack down from max_batch - 1) where no
 step reads it; `resume` moves it back below the running ones: one cache copy each way. Size for the built-in
-model (30 layers, 3 KV heads, head dim 64, fp32) at max_batch 16, max_len 2048:
-30*2*16*3*2048*64*4 B = 1,509,949,440 B (1.41 GiB) at most.
+model (30 layers, 3 KV heads, head dim 64, fp32) at the default max_batch 32, max_len 2048:
+30*2*32*3*2048*64*4 B = 3,019,898,880 B (2.81 GiB) at most.
 
 Measured on the 2-core reference CPU, real model fp32, prompts 40-80 tokens, 64 new tokens, median of
 3, tok/s summed over the batch. Another job held one core throughout, so these ran with one thread
