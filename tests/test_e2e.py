@@ -113,8 +113,11 @@ def test_deploy_serves_the_winners_and_load_tests_them(run):
     if summary["search"]["picked"]:
         assert summary["search"]["picked"] in deployed, f"the pick is deployed: {deployed}"
     runs = summary["serving"]["runs"]
-    assert runs and all(r["errors"] == 0 and r["ok"] == r["requests"] for r in runs), \
-        f"the short load test on the real server answers every request: {runs}"
+    # every request is answered or refused with a 429 (deadline admission may refuse what it forecasts
+    # late); none errors or goes missing, and most are answered at this light load
+    assert runs and all(r["errors"] == 0 and r["lost"] == 0 and r["ok"] + r["rejected"] == r["requests"]
+                        and r["ok"] >= r["requests"] / 2 for r in runs), \
+        f"the short load test on the real server answers (or refuses with 429) every request: {runs}"
     assert summary["serving"]["trace"]["name"] == "serving-v1", summary["serving"]["trace"]
     log = run["ws"] / "logs" / "requests.jsonl"
     assert log.is_file() and len(log.read_text().splitlines()) >= sum(r["requests"] for r in runs), \
