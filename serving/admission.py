@@ -229,12 +229,14 @@ class _StepModel:
         self.line: tuple[float, float] | None = None  # (a s, u s per sequence)
         self.by_batch: dict[int, float] = {}  # batch size -> EWMA decode step time, s
         self.base: dict[int, float] = {}  # batch size -> fastest calibrated decode step, s
+        self._envelope: dict[int, float] = {}  # batch size -> max calibrated shape up to it (cache; base is fixed)
         self.load = 1.0  # live decode step time / calibrated shape, EWMA
         self.shape_moments: list[float] | None = None  # E[x], E[y], E[xx], E[xy]: x calibrated, y live step time
         self.prefill_s: float | None = None  # s per prompt token on top of the step's decode time, EWMA
 
     def calibrate(self, batch: int, seconds: float) -> None:
         self.base[batch] = min(seconds, self.base.get(batch, math.inf))
+        self._envelope.clear()
 
     def add(self, batch: int, seconds: float, prefill_tokens: int = 0) -> None:
         if prefill_tokens > 0:  # a step that also prefilled prompts: what it cost over a decode step
@@ -278,7 +280,9 @@ class _StepModel:
     def decode(self, batch: int) -> float | None:
         """Predicted decode step time at `batch` sequences, s (see the class); None before any measurement."""
         if self.base:
-            x = max(self._shape(b) for b in range(1, max(1, batch) + 1))
+            x = self._envelope.get(batch)
+            if x is None:  # forecasts ask for the same few sizes many times a step: compute each once
+                x = self._envelope[batch] = max(self._shape(b) for b in range(1, max(1, batch) + 1))
             return max(x * self.load, self._affine(x), self.by_batch.get(batch, 0.0))
         if not self.by_batch:
             return None

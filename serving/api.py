@@ -159,11 +159,10 @@ class OpenAIRoutes:
                 model, gen = self.library.submit(req.model, ids, sampling, priority, deadline_s)
             except QueueFull as exc:
                 raise ApiError(429, f"queue full: {exc}", type_="rate_limit_exceeded",
-                               headers={"Retry-After": str(int(exc.retry_after_s))}) from None
+                               headers=_retry_after(exc.retry_after_s)) from None
             except WouldMissDeadline as exc:
-                retry = {} if exc.retry_after_s is None else {"Retry-After": str(int(exc.retry_after_s))}
                 raise ApiError(429, str(exc), param="x-costopt-deadline-ms", type_="deadline_unattainable",
-                               headers=retry) from None
+                               headers=_retry_after(exc.retry_after_s)) from None
             metrics.PROMPT_TOKENS.labels(req.model).inc(len(ids))
             pieces = model.stream(gen, req.stops())
             first = await self._first(pieces)
@@ -282,11 +281,15 @@ def _openapi(model: type) -> dict:
         "application/json": {"schema": _inline(schema, schema.get("$defs", {}))}}}}
 
 
+def _retry_after(seconds: float | None) -> dict[str, str]:
+    """The Retry-After header, or none when retrying cannot help."""
+    return {} if seconds is None else {"Retry-After": str(int(seconds))}
+
+
 async def _overloaded(_: Any, exc: Exception) -> JSONResponse:
     """OIP v2 infer under load: KServe has no typed error for it (it would answer 500); send 429."""
-    retry = getattr(exc, "retry_after_s", 1.0)
     return error_response(ApiError(429, str(exc), type_="rate_limit_exceeded",
-                                   headers={} if retry is None else {"Retry-After": str(int(retry))}))
+                                   headers=_retry_after(getattr(exc, "retry_after_s", 1.0))))
 
 
 def register(app: FastAPI, library: ModelLibrary, reqlog: RequestLog, max_body_bytes: int) -> None:

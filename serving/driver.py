@@ -169,13 +169,7 @@ class EngineLoop:
                 self._finish(t.payload, error=self.admission.deadline_error(t))
             adds = [(next(self._ids), t.payload) for t in plan.admitted if not t.payload.cancelled]
             cancels, self._to_cancel = self._to_cancel, []
-            seq_of = {id(g): seq_id for seq_id, g in self._live.items()}
-            pauses = [seq_of[id(t.payload)] for t in plan.pause if id(t.payload) in seq_of]
-            resumes = [seq_of[id(t.payload)] for t in plan.resume if id(t.payload) in seq_of]
-            for seq_id in pauses:
-                self._live[seq_id].paused = True
-            for seq_id in resumes:
-                self._live[seq_id].paused = False
+            pauses, resumes = self._seq_ids(plan.pause, paused=True), self._seq_ids(plan.resume, paused=False)
             if adds or cancels or resumes or self.engine.has_work():
                 await self._step(adds, cancels, pauses, resumes)
                 continue
@@ -188,6 +182,16 @@ class EngineLoop:
                 await asyncio.wait_for(self._wake.wait(), timeout=wait)
             except asyncio.TimeoutError:
                 pass
+
+    def _seq_ids(self, tickets: Sequence[Ticket], paused: bool) -> list[int]:
+        """The engine ids of the running sequences behind `tickets`, marked paused or not."""
+        if not tickets:
+            return []
+        wanted = {id(t.payload) for t in tickets}
+        ids = [seq_id for seq_id, g in self._live.items() if id(g) in wanted]
+        for seq_id in ids:
+            self._live[seq_id].paused = paused
+        return ids
 
     async def _step(self, adds: list[tuple[int, Generation]], cancels: list[int], pauses: Sequence[int] = (),
                     resumes: Sequence[int] = ()) -> None:
