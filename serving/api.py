@@ -26,7 +26,7 @@ from serving.engine import SamplingParams
 from serving.library import ModelLibrary
 from serving.model import VariantModel
 from serving.protocol import (ApiError, ChatRequest, ChunkMaker, CompletionRequest, chat_response,
-                              completion_response, parse)
+                              completion_response, lone_surrogate, parse)
 from serving.reqlog import RequestLog
 
 MAX_TENANT = 64
@@ -107,9 +107,16 @@ def _headers(request: Request) -> tuple[Priority, float | None, str]:
 async def _json(request: Request) -> Any:
     raw = await request.body()
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"request body: not valid JSON ({exc})", param="body") from None
+    except RecursionError:
+        raise ApiError(400, "request body: nested too deeply", param="body") from None
+    where = lone_surrogate(body)
+    if where is not None:
+        raise ApiError(400, f"{where}: not valid Unicode text (an unpaired UTF-16 surrogate escape)",
+                       param=where)
+    return body
 
 
 class OpenAIRoutes:
@@ -135,12 +142,12 @@ class OpenAIRoutes:
             priority, deadline_s, tenant = _headers(request)
             log.update(priority=priority.name.lower(), tenant=tenant)
             req = parse(ChatRequest if chat else CompletionRequest, await _json(request))
-            log["variant"] = req.model
             model = self.library.get_model(req.model)
             if model is None:
                 served = ", ".join(self.library.served()) or "none"
                 raise ApiError(404, f"model: {req.model!r} is not served here; served: {served}",
                                param="model", type_="model_not_found")
+            log["variant"] = req.model  # only a served name becomes a metrics label: labels stay bounded
             if chat:
                 log["prompt"] = [m.model_dump() for m in req.messages]
                 ids = model.encode_chat(log["prompt"])

@@ -288,7 +288,10 @@ class Engine:
         tokens = logits.argmax(-1).tolist()
         for i, s in enumerate(self._rows):
             if s.generator is not None:
-                tokens[i] = _sample(logits[i], s.params, s.generator)
+                try:
+                    tokens[i] = _sample(logits[i], s.params, s.generator)
+                except RuntimeError:  # non-finite logits: this row goes greedy, its batch mates never fail
+                    pass
         return tokens
 
     def _forward(self, ids: list[int], pos: list[int], slots: list[int], n_dec: int,
@@ -366,12 +369,19 @@ def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
 
 
 def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """Temperature + nucleus (top-p) sampling of one row of logits [vocab] with the request's generator."""
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    """Temperature + nucleus (top-p) sampling of one row of logits [vocab] with the request's generator.
+
+    Safe for every temperature > 0 and top_p in (0, 1]: the largest logit is subtracted before
+    scaling, so a tiny temperature is greedy rather than inf/inf = NaN, and the most likely token is
+    always kept, so a top_p below float32's resolution is greedy rather than an empty distribution.
+    """
+    row = logits.float()
+    probs = torch.softmax((row - row.max()) / params.temperature, dim=-1)
     if params.top_p >= 1.0:
         return int(torch.multinomial(probs, 1, generator=generator))
     sorted_p, order = probs.sort(descending=True)
     keep = (sorted_p.cumsum(0) - sorted_p) < params.top_p  # the smallest prefix reaching top_p
+    keep[0] = True
     choice = torch.multinomial(sorted_p * keep, 1, generator=generator)
     return int(order[choice])
 

@@ -24,10 +24,10 @@ from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
 from serving import metrics
-from serving.admission import Admission, AdmissionConfig
+from serving.admission import Admission, AdmissionConfig, Priority
 from serving.driver import EngineLoop, Generation, calibrate
 from serving.engine import Engine, SamplingParams
-from serving.protocol import ApiError
+from serving.protocol import ApiError, lone_surrogate, printable
 
 BASELINE = "fp32"  # the ingested model, served as is
 
@@ -163,7 +163,7 @@ class VariantModel(kserve.Model):
         inp = payload.get_input_by_name("text_input")
         if inp is None or inp.datatype != "BYTES":
             raise InvalidInput("inputs: expected one input named 'text_input' with datatype BYTES")
-        prompts = [p.decode() if isinstance(p, bytes) else str(p) for p in inp.data]
+        prompts = [_prompt_text(p, i) for i, p in enumerate(inp.data)]
         if not 1 <= len(prompts) <= 16:
             raise InvalidInput(f"text_input: expected 1 to 16 prompts, got {len(prompts)}")
         params = dict(payload.parameters or {})
@@ -173,8 +173,12 @@ class VariantModel(kserve.Model):
                                       temperature=float(params.get("temperature", 0.0)),
                                       top_p=float(params.get("top_p", 1.0)),
                                       seed=None if params.get("seed") is None else int(params["seed"]))
-        except (TypeError, ValueError) as exc:
-            raise InvalidInput(f"parameters: {exc}") from None
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise InvalidInput(f"parameters: {printable(str(exc))}") from None
+        try:
+            priority = Priority.parse((headers or {}).get("x-costopt-priority"))
+        except ValueError as exc:
+            raise InvalidInput(f"x-costopt-priority header: {printable(str(exc))}") from None
         gens = []
         for text in prompts:
             ids = self.encode_chat([{"role": "user", "content": text}])
@@ -182,13 +186,33 @@ class VariantModel(kserve.Model):
                 self.check_lengths(ids, sampling.max_new_tokens, "text_input")
             except ApiError as exc:
                 raise InvalidInput(exc.message) from None
-            gens.append(self.submit(ids, sampling, (headers or {}).get("x-costopt-priority"), None))
+            gens.append(self.submit(ids, sampling, priority, None))
         outs = []
         for gen in gens:
             outs.append("".join([d async for d, _ in self.stream(gen)]))
         return InferResponse(response_id=payload.id or uuid.uuid4().hex, model_name=self.name,
                              infer_outputs=[InferOutput("text_output", [len(outs)], "BYTES", outs)])
 
+    async def explain(self, payload: Any, headers: dict[str, str] | None = None) -> Any:
+        """KServe's v1 `:explain` answers 501 without an explainer; here it is a client error that says
+        what to call instead."""
+        raise InvalidInput(f"{self.name}:explain: costopt variants have no explainer; generate with "
+                           f"/openai/v1/chat/completions or /v2/models/{self.name}/infer")
+
     def stop(self) -> None:
         metrics.LOADED.labels(self.name).set(0)
         self.ready = False
+
+
+def _prompt_text(item: Any, index: int) -> str:
+    """One `text_input` element as text: UTF-8 bytes or a string, never a lone surrogate."""
+    if isinstance(item, bytes):
+        try:
+            item = item.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidInput(f"text_input[{index}]: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    if not isinstance(item, str):
+        raise InvalidInput(f"text_input[{index}]: expected a string, got {type(item).__name__}")
+    if lone_surrogate(item) is not None:
+        raise InvalidInput(f"text_input[{index}]: not valid Unicode text (an unpaired UTF-16 surrogate)")
+    return item

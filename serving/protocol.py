@@ -8,6 +8,7 @@ as OpenAI-compatible servers do; a known field with a wrong type or range is a 4
 """
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Any, Literal
@@ -20,12 +21,45 @@ class ApiError(Exception):
 
     def __init__(self, status: int, message: str, param: str | None = None,
                  type_: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
+        message = printable(message)  # a client's lone surrogate echoed back must not break the JSON encoder
         super().__init__(message)
         self.status, self.message, self.param, self.type = status, message, param, type_
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
+
+
+def printable(text: str) -> str:
+    """`text` with any lone UTF-16 surrogate written as a `\\udXXX` escape, so it encodes as UTF-8."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def lone_surrogate(obj: Any, path: str = "") -> str | None:
+    """Where the first unpaired UTF-16 surrogate sits in a decoded JSON body (a dotted path), or None.
+
+    JSON may escape one (`"\\udc80"`) and Python's decoder keeps it, but it is not Unicode text: no
+    tokenizer takes it and no UTF-8 writer (the request log, the metrics page) can write it.
+    """
+    stack = [(path, obj)]
+    while stack:  # depth-first, iterative: a body nested as deep as the JSON decoder allows is fine
+        where, value = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                return printable(where or "body")
+            continue
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        children = []
+        for key, child in items:
+            at = f"{where}.{key}" if where else str(key)
+            if isinstance(key, str) and _SURROGATE.search(key):
+                return printable(at)
+            children.append((at, child))
+        stack.extend(reversed(children))
+    return None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class _Request(BaseModel):

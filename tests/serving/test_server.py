@@ -120,11 +120,44 @@ def _post(server, path: str, body: bytes | dict, **headers: str) -> httpx.Respon
     ({"model": VARIANT, "messages": MESSAGES}, {"x-costopt-priority": "urgent"}, 400, "x-costopt-priority"),
     ({"model": VARIANT, "messages": MESSAGES}, {"x-costopt-deadline-ms": "soon"}, 400, "x-costopt-deadline-ms"),
     (b"[1, 2]", {}, 400, "JSON object"),
+    (b'{"model": "%s", "messages": [{"role": "user", "content": "hi \\udc80"}]}' % VARIANT.encode(), {}, 400,
+     "messages.0.content: not valid Unicode"),
+    (b'{"model": "%s", "prompt\\ud800": 1, "messages": []}' % VARIANT.encode(), {}, 400, "not valid Unicode"),
+    (b"[" * 5000 + b"]" * 5000, {}, 400, "nested too deeply"),
 ])
 def test_bad_requests_get_a_4xx_naming_the_field(server, body, headers, status, named):
     r = _post(server, "/openai/v1/chat/completions", body, **headers)
     assert r.status_code == status, f"expected {status}, got {r.status_code}: {r.text}"
     assert named in r.json()["error"]["message"], f"the error names {named!r}: {r.text}"
+
+
+def test_unserved_model_names_never_become_metrics_labels(server):
+    r = _post(server, "/openai/v1/chat/completions", {"model": "no_such_variant_x7", "messages": MESSAGES})
+    assert r.status_code == 404, r.text
+    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    assert "no_such_variant_x7" not in text, "a client-chosen name would make metrics labels unbounded"
+
+
+@pytest.mark.parametrize("extra", [{"temperature": 1.5, "top_p": 5.76e-156, "seed": 10584},
+                                   {"temperature": 1e-300, "seed": 3}])
+def test_extreme_sampling_values_are_answered(server, extra):
+    body = {"model": VARIANT, "messages": MESSAGES, "max_tokens": 3, **extra}
+    r = _post(server, "/openai/v1/chat/completions", body)
+    assert r.status_code == 200, f"{extra}: {r.status_code} {r.text}"
+    greedy = _post(server, "/openai/v1/chat/completions", {**body, "temperature": 0}).json()
+    assert r.json()["choices"][0]["message"] == greedy["choices"][0]["message"], "both are the greedy answer"
+
+
+def test_oip_v2_bad_text_and_headers_are_400(server):
+    ok = {"name": "text_input", "shape": [1], "datatype": "BYTES", "data": ["Say hello."]}
+    cases = [(b'{"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES", "data": ["a\\udc80"]}]}',
+              {}, "text_input[0]"),
+             (json.dumps({"inputs": [ok], "parameters": {"max_tokens": 1}}).encode().replace(b": 1}", b": 1e400}"),
+              {}, "parameters"),
+             (json.dumps({"inputs": [ok]}).encode(), {"x-costopt-priority": "bogus"}, "x-costopt-priority")]
+    for body, headers, named in cases:
+        r = _post(server, f"/v2/models/{VARIANT}/infer", body, **headers)
+        assert r.status_code == 400 and named in r.text, f"{body[:80]!r}: {r.status_code} {r.text}"
 
 
 def test_oversized_body_is_413_and_server_keeps_serving(server, client):
