@@ -14,6 +14,7 @@ anything the client can fix; a full queue is 429 with `Retry-After`.
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any, AsyncIterator
 
@@ -30,6 +31,7 @@ from serving.protocol import (ApiError, ChatRequest, ChunkMaker, CompletionReque
 from serving.reqlog import RequestLog
 
 MAX_TENANT = 64
+_MS = re.compile(r"\s*[0-9]{1,9}\s*")  # a deadline in ms: 1 to 9 ASCII digits
 
 
 def error_response(exc: ApiError) -> JSONResponse:
@@ -95,7 +97,8 @@ def _headers(request: Request) -> tuple[Priority, float | None, str]:
                             f"{h.get('x-costopt-priority')!r}", param="x-costopt-priority") from None
     deadline = h.get("x-costopt-deadline-ms")
     if deadline is not None:
-        if not deadline.strip().isdigit() or not 1 <= int(deadline) <= 86_400_000:
+        # ASCII digits only: str.isdigit() also takes "²" (a latin-1 header byte) that int() refuses
+        if not _MS.fullmatch(deadline) or not 1 <= int(deadline) <= 86_400_000:
             raise ApiError(400, f"x-costopt-deadline-ms: expected an integer number of ms in [1, 86400000], "
                                 f"got {deadline!r}", param="x-costopt-deadline-ms")
     tenant = h.get("x-costopt-tenant", "default")

@@ -54,6 +54,7 @@ class ModelLibrary(ModelRepository):
         """Startup: build and register a variant synchronously (no loop is running yet)."""
         self.check_name(name)
         model = VariantModel(name, self.options)
+        model.library = self
         model.load()
         self.update(model)
         return model
@@ -63,6 +64,7 @@ class ModelLibrary(ModelRepository):
         self.check_name(name)
         async with self._switch:
             new = VariantModel(name, self.options)
+            new.library = self
             await asyncio.to_thread(new.load)
             old = self.models.get(name)
             self.update(new, name)

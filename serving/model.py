@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Sequence
 
 import kserve
-from kserve.errors import InvalidInput
+from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
 from serving import metrics
@@ -80,6 +80,7 @@ class VariantModel(kserve.Model):
         self.loop: EngineLoop | None = None
         self.tokenizer: Any = None
         self.info: dict[str, Any] = {}
+        self.library: Any = None  # the ModelLibrary serving it: v2 infer resubmits through it on a hot switch
 
     def load(self) -> bool:
         import torch
@@ -102,7 +103,12 @@ class VariantModel(kserve.Model):
 
     # -- encoding -----------------------------------------------------------------------------------
     def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+        from jinja2 import TemplateError
+
+        try:
+            ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+        except TemplateError as exc:  # e.g. a template that insists on alternating roles
+            raise ApiError(400, f"messages: the model's chat template refused them: {exc}", param="messages") from None
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
     def encode_text(self, text: str) -> list[int]:
@@ -179,19 +185,38 @@ class VariantModel(kserve.Model):
             priority = Priority.parse((headers or {}).get("x-costopt-priority"))
         except ValueError as exc:
             raise InvalidInput(f"x-costopt-priority header: {printable(str(exc))}") from None
-        gens = []
+        encoded = []
         for text in prompts:
-            ids = self.encode_chat([{"role": "user", "content": text}])
             try:
+                ids = self.encode_chat([{"role": "user", "content": text}])
                 self.check_lengths(ids, sampling.max_new_tokens, "text_input")
             except ApiError as exc:
                 raise InvalidInput(exc.message) from None
-            gens.append(self.submit(ids, sampling, priority, None))
-        outs = []
-        for gen in gens:
-            outs.append("".join([d async for d, _ in self.stream(gen)]))
+            encoded.append(ids)
+        gens: list[tuple[VariantModel, Generation]] = []
+        try:
+            for ids in encoded:
+                gens.append(self._submit_serving(ids, sampling, priority))
+            outs = []
+            for model, gen in gens:
+                outs.append("".join([d async for d, _ in model.stream(gen)]))
+        except BaseException:  # a 429 for prompt k, or the client gone: the others stop using compute
+            for model, gen in gens:
+                model.loop.cancel(gen)
+            raise
         return InferResponse(response_id=payload.id or uuid.uuid4().hex, model_name=self.name,
                              infer_outputs=[InferOutput("text_output", [len(outs)], "BYTES", outs)])
+
+    def _submit_serving(self, ids: list[int], sampling: SamplingParams,
+                        priority: Priority) -> tuple[VariantModel, Generation]:
+        """Queue on whichever copy of this variant serves now: KServe may hand a request to this copy
+        just as a hot switch retires it. The library's errors become KServe's typed ones."""
+        if self.library is None:
+            return self, self.submit(ids, sampling, priority, None)
+        try:
+            return self.library.submit(self.name, ids, sampling, priority, None)
+        except ApiError as exc:
+            raise (ModelNotFound(self.name) if exc.status == 404 else ModelNotReady(self.name, exc.message)) from None
 
     async def explain(self, payload: Any, headers: dict[str, str] | None = None) -> Any:
         """KServe's v1 `:explain` answers 501 without an explainer; here it is a client error that says

@@ -11,6 +11,10 @@ BODY = {"model": VARIANT, "messages": [{"role": "user", "content": "Name three c
         "max_tokens": 24, "temperature": 0}
 
 
+V2_BODY = {"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES",
+                       "data": [BODY["messages"][0]["content"]]}], "parameters": {"max_tokens": 24}}
+
+
 async def _traffic(url: str, stop: asyncio.Event, results: list) -> None:
     async with httpx.AsyncClient(base_url=url, timeout=120) as http:
         while not stop.is_set():
@@ -19,10 +23,19 @@ async def _traffic(url: str, stop: asyncio.Event, results: list) -> None:
                             r.json()["choices"][0]["message"]["content"] if r.status_code == 200 else r.text))
 
 
+async def _v2_traffic(url: str, stop: asyncio.Event, results: list) -> None:
+    """OIP v2 infer: KServe may hand it to the copy being retired; it must land on the replacement."""
+    async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+        while not stop.is_set():
+            r = await http.post(f"/v2/models/{VARIANT}/infer", json=V2_BODY)
+            results.append((r.status_code, "v2", r.json()["outputs"][0]["data"][0] if r.status_code == 200 else r.text))
+
+
 async def _switch(url: str) -> list[int]:
     results: list = []
     stop = asyncio.Event()
-    workers = [asyncio.create_task(_traffic(url, stop, results)) for _ in range(6)]
+    workers = [asyncio.create_task(_traffic(url, stop, results)) for _ in range(5)]
+    workers.append(asyncio.create_task(_v2_traffic(url, stop, results)))
     codes = []
     async with httpx.AsyncClient(base_url=url, timeout=300) as http:
         while len(results) < 6:
@@ -43,10 +56,11 @@ def test_replace_and_reload_under_traffic_fail_nothing(server):
     assert codes == [200, 200, 200], f"load, unload and load succeed: {codes}"
     failed = [r for r in results if r[0] != 200]
     assert not failed, f"zero failed requests during the switch: {failed[:3]}"
-    instances = [r[1] for r in results]
+    assert any(r[1] == "v2" for r in results), "OIP v2 requests flowed during the switch"
+    instances = [r[1] for r in results if r[1] != "v2"]
     assert len(set(instances)) == 2, f"the replacement answers after the switch: {sorted(set(instances))}"
     assert instances[-1] != instances[0], "the last requests were answered by the replacement"
-    assert len({r[2] for r in results}) == 1, "same weights reloaded: every greedy answer is the same"
+    assert len({r[2] for r in results}) == 1, "same weights reloaded: every greedy answer (OpenAI or v2) is the same"
     models = httpx.get(f"{server.url}/openai/v1/models", timeout=30).json()["data"]
     assert {m["id"] for m in models} == {"fp32", VARIANT}, f"both variants serve again: {models}"
 

@@ -119,6 +119,8 @@ def _post(server, path: str, body: bytes | dict, **headers: str) -> httpx.Respon
     ({"model": VARIANT, "messages": [{"role": "user", "content": "word " * 600}]}, {}, 400, "512"),
     ({"model": VARIANT, "messages": MESSAGES}, {"x-costopt-priority": "urgent"}, 400, "x-costopt-priority"),
     ({"model": VARIANT, "messages": MESSAGES}, {"x-costopt-deadline-ms": "soon"}, 400, "x-costopt-deadline-ms"),
+    ({"model": VARIANT, "messages": MESSAGES}, {"x-costopt-deadline-ms": b"\xb2"}, 400, "x-costopt-deadline-ms"),
+    ({"model": VARIANT, "messages": MESSAGES}, {"x-costopt-deadline-ms": "9" * 5000}, 400, "x-costopt-deadline-ms"),
     (b"[1, 2]", {}, 400, "JSON object"),
     (b'{"model": "%s", "messages": [{"role": "user", "content": "hi \\udc80"}]}' % VARIANT.encode(), {}, 400,
      "messages.0.content: not valid Unicode"),
