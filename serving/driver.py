@@ -161,7 +161,7 @@ class EngineLoop:
         self._pool.shutdown(wait=False)
 
     async def _run(self) -> None:
-        while True:
+        while not self.done.is_set():
             running, running_high = self.running_by_priority()
             live = [(g.ticket, g.params.max_new_tokens - len(g.tokens), g.paused) for g in self._live.values()]
             plan = self.admission.schedule(running, running_high, live)
@@ -206,6 +206,7 @@ class EngineLoop:
         except Exception as exc:  # a failed step fails every request in the batch, never the server
             for seq_id in list(self._live):
                 self._finish(self._live.pop(seq_id), error=exc)
+            self.engine.clear()  # the worker is idle now; a row left behind would fail every later step
             return
         seconds = time.perf_counter() - t0
         batch = sum(not g.paused for g in self._live.values())  # the sequences this step ran

@@ -226,6 +226,12 @@ class Engine:
     @property
     def paused(self) -> int:
         return len(self._paused)
+
+    def clear(self) -> None:
+        """Drop every sequence (running, paused, pending) and pending event: after a step failed midway,
+        the driver fails their requests and starts over from an empty, consistent engine."""
+        self._rows, self._paused, self._pending, self._cancelled = [], [], [], []
+
     @torch.inference_mode()
     def step(self) -> list[StepEvent]:
         """One iteration: prefill the newcomers and decode one token for every other running sequence."""

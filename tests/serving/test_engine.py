@@ -293,3 +293,41 @@ def test_calibrate_measures_every_batch_size_the_engine_allows(llama64, max_batc
     seen = sorted(adm._steps.base)
     assert seen == list(range(1, max_batch + 1)), f"calibrated batch sizes {seen}"
     assert adm._steps.prefill_s is not None, "the prefill cost per prompt token is measured"
+
+
+def test_a_failed_step_fails_its_batch_once_and_the_loop_serves_on(llama64, monkeypatch):
+    """A step that raises fails the requests in it; the engine is cleared, so the next requests are
+    served (a row left behind once failed every later step while the server still reported ready)."""
+    import asyncio
+
+    from serving.admission import Admission, AdmissionConfig
+    from serving.driver import EngineLoop
+
+    engine = Engine(llama64, eos_token_ids=[], max_batch=4, max_len=32)
+    poison = SamplingParams(max_new_tokens=6, temperature=1.7, seed=1)  # marks the row that breaks steps
+    real_choose = engine._choose
+
+    def choose(logits):
+        if any(s.params is poison for s in engine._rows):
+            raise RuntimeError("invalid multinomial distribution")
+        return real_choose(logits)
+
+    monkeypatch.setattr(engine, "_choose", choose)
+
+    async def run():
+        loop = EngineLoop(engine, Admission(AdmissionConfig(max_batch=4, reserved_high=0,
+                                                            deadline_admission=False)), name="t")
+        first = loop.submit([3, 1, 4], poison)
+        with pytest.raises(RuntimeError, match="multinomial"):
+            _ = [t async for t in first]
+        second = loop.submit([3, 1, 4], SamplingParams(max_new_tokens=6))
+        tokens = await asyncio.wait_for(_collect(second), timeout=30)
+        await loop.retire()
+        return tokens
+
+    async def _collect(gen):
+        return [t async for t in gen]
+
+    tokens = asyncio.run(run())
+    assert tokens == solo_greedy(llama64, [3, 1, 4], 6), "the request after the failure is served in full"
+    assert engine.running == 0 and not engine.has_work(), "nothing of the failed batch is left in the engine"
