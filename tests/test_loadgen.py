@@ -159,9 +159,10 @@ def test_counts_rejections_errors_and_sends_the_contract_headers(server):
     assert any("malformed" in e for e in result["error_examples"]), f"errors: {result['error_examples']}"
     assert result["throughput_tok_s"] > 0 and result["by_priority"]["high"]["requests"] == 4, \
         f"tok/s {result['throughput_tok_s']}, by_priority {result['by_priority']}"
-    first = fake.seen["mixed"][0]
-    assert (first["headers"]["x-costopt-priority"], first["headers"]["x-costopt-deadline-ms"]) == ("high", "10000"), \
-        f"headers sent: {first['headers']}"
+    seen = fake.seen["mixed"]  # at concurrency 2 the arrival order of neighbours is a race: compare as multisets
+    sent = sorted((s["headers"]["x-costopt-priority"], s["headers"]["x-costopt-deadline-ms"]) for s in seen)
+    assert sent == sorted((t.priority, "10000") for t in trace), f"priority/deadline headers sent: {sent}"
+    first = seen[0]
     assert {k: first["body"][k] for k in ("model", "max_tokens", "temperature", "stream")} == \
         {"model": "smol", "max_tokens": 16, "temperature": 0, "stream": False}, f"body sent: {first['body']}"
 
