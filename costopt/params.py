@@ -96,7 +96,7 @@ class QuantizeParams:
     definitions: dict = field(default_factory=dict)  # extra named variants: name -> {scheme, **config}
 
     def check(self, where: str) -> None:
-        from costopt.quant import PRESETS, SchemeError, config_from_dict  # late: the registry imports torch
+        from costopt.quantization.schemes import PRESETS, SchemeError, config_from_dict  # late: the registry imports torch
 
         if not isinstance(self.definitions, dict):
             raise ParamsError(f"{where}.definitions: expected a mapping name -> {{scheme: ..., ...}}")
@@ -126,7 +126,7 @@ class QuantizeParams:
 
     def config(self, name: str) -> dict[str, Any]:
         """The scheme config (dict form) of a variant name."""
-        from costopt.quant import PRESETS
+        from costopt.quantization.schemes import PRESETS
 
         return dict(self.definitions.get(name) or PRESETS[name])
 

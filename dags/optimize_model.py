@@ -16,7 +16,7 @@ from datetime import timedelta
 
 from airflow.sdk import Param, dag, get_current_context, task
 
-# costopt.quant.PRESETS, kept light (a test checks they match)
+# costopt.quantization.schemes.PRESETS, kept light (a test checks they match)
 VARIANTS = ["bf16", "int8_weight_only", "int8_dynamic", "int8_static", "int4_rtn_g64", "int4_gptq_g64",
             "int4_awq_g64", "int4_rtn_g32", "int4_gptq_g32", "dynamic_qint8_naive"]
 DEFAULT_VARIANTS = ["int8_weight_only", "int8_dynamic", "int8_static", "int4_rtn_g64", "int4_gptq_g64",

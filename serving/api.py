@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from serving import metrics
 from serving.admission import DeadlineExceeded, Priority, QueueFull, WouldMissDeadline
-from serving.engine import SamplingParams
+from costopt.runtimes.engine import SamplingParams
 from serving.library import ModelLibrary
 from serving.model import VariantModel
 from serving.protocol import (ApiError, ChatRequest, ChunkMaker, CompletionRequest, chat_response,

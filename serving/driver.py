@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Sequence
 
 from serving.admission import Admission, Priority, Ticket
-from serving.engine import Engine, SamplingParams, StepEvent
+from costopt.runtimes.engine import Engine, SamplingParams, StepEvent
 
 
 class Retired(RuntimeError):

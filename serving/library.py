@@ -17,7 +17,7 @@ from typing import Any, Sequence
 from kserve.model_repository import ModelRepository
 
 from serving.driver import Generation, Retired
-from serving.engine import SamplingParams
+from costopt.runtimes.engine import SamplingParams
 from serving.model import BASELINE, ServeOptions, VariantModel
 from serving.protocol import ApiError
 
@@ -33,7 +33,7 @@ class ModelLibrary(ModelRepository):
 
     def available(self) -> list[str]:
         """Variant names the workspace holds (loadable), fp32 first."""
-        from costopt.layout import Workspace
+        from costopt.storage.layout import Workspace
 
         ws = Workspace(self.options.workspace)
         names = [BASELINE] if (ws.model_dir / "model.safetensors").is_file() else []

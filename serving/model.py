@@ -26,7 +26,7 @@ from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from serving import metrics
 from serving.admission import Admission, AdmissionConfig, Priority
 from serving.driver import EngineLoop, Generation, calibrate
-from serving.engine import Engine, SamplingParams
+from costopt.runtimes.engine import Engine, SamplingParams
 from serving.protocol import ApiError, lone_surrogate, printable
 
 BASELINE = "fp32"  # the ingested model, served as is
@@ -45,9 +45,9 @@ class ServeOptions:
 
 def load_weights(workspace: Path, name: str) -> tuple[Any, Any]:
     """(model, tokenizer) of `name` from the workspace: fp32 or a variant the pipeline quantized."""
-    from costopt.layout import Workspace
-    from costopt.modelio import load_model_dir
-    from costopt.variants import load_variant_model
+    from costopt.storage.layout import Workspace
+    from costopt.models.source import load_model_dir
+    from costopt.models.variants import load_variant_model
 
     ws = Workspace(workspace)
     if not (ws.model_dir / "model.safetensors").is_file():

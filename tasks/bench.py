@@ -3,7 +3,7 @@
 Run it as `python -m tasks.bench [--rounds 5] [--tokens 64] [--workspace DIR]`. It reuses the
 workspace's ingested model and variants (running ingest and quantize first if they are missing), plus
 the search's pick when it is a mixed-precision variant, then times greedy decode at batch 1 and at
-batch 8 (prefill excluded) with the same loop (`costopt.speed`), interleaving the models round by round so drift on a shared machine hits them alike. It prints a
+batch 8 (prefill excluded) with the same loop (`costopt.evaluation.speed`), interleaving the models round by round so drift on a shared machine hits them alike. It prints a
 Markdown table of medians and ratios to fp32 and writes `artifacts/make-bench.json`.
 """
 from __future__ import annotations
@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
-from costopt.layout import Workspace, read_json, write_json
-from costopt.modelio import load_model_dir
+from costopt.storage.layout import Workspace, read_json, write_json
+from costopt.models.source import load_model_dir
 from costopt.params import load_params
-from costopt.speed import device_label, encode, greedy_decode
-from costopt.variants import load_variant_model, read_spec
+from costopt.evaluation.speed import device_label, encode, greedy_decode
+from costopt.models.variants import load_variant_model, read_spec
 
 PROMPT = "Explain in a few sentences why the sky is blue."
 

@@ -2,7 +2,7 @@
 
 `python -m tasks.benchmark` measures the fp32 baseline (artifacts/bench/baseline.json);
 `python -m tasks.benchmark --variants` measures each quantized variant (artifacts/bench/variants/).
-All use the same greedy loop and the same fixed request trace (costopt.speed).
+All use the same greedy loop and the same fixed request trace (costopt.evaluation.speed).
 """
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from typing import Any
 
 from tqdm import tqdm
 
-from costopt.layout import Workspace, write_json
-from costopt.modelio import load_model_dir
+from costopt.storage.layout import Workspace, write_json
+from costopt.models.source import load_model_dir
 from costopt.params import Params
-from costopt.speed import measure
-from costopt.variants import load_variant_model
+from costopt.evaluation.speed import measure
+from costopt.models.variants import load_variant_model
 
 
 def held_out_prompts(ws: Workspace) -> list[str]:

@@ -13,11 +13,11 @@ from typing import Any
 
 from tqdm import tqdm
 
-from costopt.layout import Workspace, write_json
-from costopt.metrics import mean_over_units
-from costopt.modelio import load_model_dir
+from costopt.storage.layout import Workspace, write_json
+from costopt.evaluation.metrics import mean_over_units
+from costopt.models.source import load_model_dir
 from costopt.params import Params, ParamsError
-from costopt.quant import SCHEMES, config_from_dict, quantize
+from costopt.quantization.schemes import SCHEMES, config_from_dict, quantize
 
 
 def _kl(model: Any, ref: Any, prompts: int, resamples: int) -> dict[str, Any]:
@@ -30,7 +30,7 @@ def _kl(model: Any, ref: Any, prompts: int, resamples: int) -> dict[str, Any]:
 
 def calibration_curve(params: Params, ws: Workspace) -> dict[str, Any]:
     from tasks.quantize import calibration_rows, calibration_set
-    from tasks.reference import load_reference
+    from costopt.evaluation.reference import load_reference
 
     cfg = params.calibrate
     out = ws.calibration_dir / "curve.json"
@@ -38,7 +38,7 @@ def calibration_curve(params: Params, ws: Workspace) -> dict[str, Any]:
         write_json(out, {"enabled": False})
         return {"enabled": False}
     known = {*params.quantize.variants, *params.quantize.definitions}
-    from costopt.quant import PRESETS
+    from costopt.quantization.schemes import PRESETS
     if cfg.curve_variant not in known | set(PRESETS):
         raise ParamsError(f"calibrate.curve_variant: unknown variant {cfg.curve_variant!r}; expected a preset "
                           f"or a quantize.definitions name")

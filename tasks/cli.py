@@ -10,13 +10,12 @@ import json
 import sys
 from typing import Any, Callable
 
-from costopt.layout import Workspace
-from costopt.modelio import ModelFileError, ModelSourceError
+from costopt.storage.layout import MissingArtifactError, ReportInputError, Workspace
+from costopt.models.source import ModelFileError, ModelSourceError
 from costopt.params import Params, ParamsError, load_params
-from costopt.quant import SchemeError
-from costopt.s3 import StorageError
-from tasks.report import MissingArtifactError, ReportInputError
-from tasks.version import DvcError
+from costopt.quantization.schemes import SchemeError
+from costopt.storage.s3 import StorageError
+from costopt.storage.dvc import DvcError
 
 # Errors caused by input (settings, model files, missing upstream artifacts, storage): a clear message
 # and exit code 2 on the command line, and no pointless retries in Airflow.

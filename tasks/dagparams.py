@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from costopt.layout import Workspace
+from costopt.storage.layout import Workspace
 from costopt.params import Params, ParamsError, load_params
 
 PROJECT = Path(__file__).resolve().parents[1]

@@ -20,7 +20,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from urllib.parse import urlparse
 
-from costopt.layout import Workspace, read_json
+from costopt.storage.layout import Workspace, read_json
 from costopt.params import ParamsError, load_params
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -56,7 +56,7 @@ def loopback_port(endpoint_url: str) -> int | None:
 
 def start_remote(stack: ExitStack, endpoint_url: str, remote: str) -> str:
     """Start moto_server for a loopback endpoint nobody serves yet; returns what happened."""
-    from costopt.s3 import EndpointUnreachableError, MotoServer, check_endpoint, parse_s3_url
+    from costopt.storage.s3 import EndpointUnreachableError, MotoServer, check_endpoint, parse_s3_url
 
     port = loopback_port(endpoint_url)
     if port is None:

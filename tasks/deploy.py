@@ -107,7 +107,7 @@ def _git_revision(root: Path) -> str | None:
 
 def choose_variants(params: Any, ws: Any) -> tuple[list[str], dict[str, str]]:
     """(variants to serve, fp32 first; {name: why it is left out}) from the search's pick and the gates."""
-    from costopt.layout import read_json
+    from costopt.storage.layout import read_json
 
     search, gates = read_json(ws.search_dir / "search.json"), read_json(ws.search_dir / "gates.json")
     chosen, left_out = ["fp32"], {}
@@ -125,7 +125,7 @@ def choose_variants(params: Any, ws: Any) -> tuple[list[str], dict[str, str]]:
 
 
 def _fingerprint(ws: Any, name: str) -> str:
-    from costopt.layout import read_json
+    from costopt.storage.layout import read_json
 
     if name == "fp32":
         return read_json(ws.model_dir / "fingerprint.json")["fingerprint"]
@@ -143,8 +143,9 @@ def ensure_local(params: Any, ws: Any, names: Sequence[str]) -> list[str]:
     missing = [n for n in names if not _weights(ws, n).is_file()]
     if not missing:
         return []
-    from costopt.s3 import StorageError
-    from tasks.version import DvcError, pull
+    from costopt.storage.s3 import StorageError
+    from costopt.storage.dvc import DvcError
+    from tasks.version import pull
 
     try:
         pull(ws, params)
@@ -161,9 +162,9 @@ def ensure_local(params: Any, ws: Any, names: Sequence[str]) -> list[str]:
 def deploy(params: Any, ws: Any) -> dict[str, Any]:
     """Serve the winners (fp32 + the passing `serve.variants`) on loopback, run the short load test on
     the serving trace, stop the server, and write artifacts/serving/serving.json (`deployed`, `serving`)."""
-    from costopt.cost import cost_per_1m_requests
-    from costopt.layout import read_json, write_json
-    from costopt.workload import build_trace, trace_meta
+    from costopt.evaluation.cost import cost_per_1m_requests
+    from costopt.storage.layout import read_json, write_json
+    from costopt.workload.trace import build_trace, trace_meta
     from tasks.loadtest import run_load, serving_section, summarize
 
     cfg, out_dir = params.serve, ws.root / "artifacts" / "serving"

@@ -1,6 +1,6 @@
 """Phase 1b, evaldata: build the held-out prompts, perplexity texts, calibration set and task set.
 
-Run it as `python -m tasks.evaldata`. The sets come from `costopt.evaldata` (a pure function of the
+Run it as `python -m tasks.evaldata`. The sets come from `costopt.evaluation.evaldata` (a pure function of the
 seed and counts); each held-out prompt also gets `reference`, the fp32 model's greedy answer, so
 teacher-forced metrics see answer positions. Files go to a staging folder that is swapped in whole,
 so a crash never leaves a half-written set; a second run with the same seed, counts and model
@@ -13,11 +13,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from costopt.evaldata import GENERATOR_VERSION, build_sets, to_jsonl
-from costopt.layout import Workspace, read_json, replace_dir, staging_dir, write_json
-from costopt.modelio import ModelSourceError, load_model_dir
+from costopt.evaluation.evaldata import GENERATOR_VERSION, build_sets, to_jsonl
+from costopt.storage.layout import Workspace, read_json, replace_dir, staging_dir, write_json
+from costopt.models.source import ModelSourceError, load_model_dir
 from costopt.params import EvalDataParams, Params
-from costopt.taskscore import chance_accuracy
+from costopt.evaluation.taskscore import chance_accuracy
 
 FILES = {"prompts": "prompts.jsonl", "ppl": "ppl.jsonl", "calibration": "calibration.jsonl",
          "tasks": "tasks.jsonl"}

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from costopt.layout import replace_dir, staging_dir
+from costopt.storage.layout import replace_dir, staging_dir
 from costopt.params import Gates
 
 if TYPE_CHECKING:

@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from costopt.layout import Workspace, read_json, replace_dir, staging_dir, write_json
-from costopt.modelio import (fingerprint_dir, load_source, resolve_source, sha256_file)
+from costopt.storage.layout import Workspace, read_json, replace_dir, staging_dir, write_json
+from costopt.models.source import (fingerprint_dir, load_source, resolve_source, sha256_file)
 from costopt.params import Params
 
 FINGERPRINT = "fingerprint.json"

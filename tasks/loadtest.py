@@ -32,8 +32,8 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
-from costopt.cost import cost_per_1m_requests
-from costopt.workload import BASE_RATE_REQ_S, PRIORITIES, TraceError, TraceItem, build_trace, read_trace, trace_meta
+from costopt.evaluation.cost import cost_per_1m_requests
+from costopt.workload.trace import BASE_RATE_REQ_S, PRIORITIES, TraceError, TraceItem, build_trace, read_trace, trace_meta
 
 CHAT_PATH = "/openai/v1/chat/completions"
 CONFIG_KEYS = ("batching", "cache", "routing", "variants")  # what a run's `config` must say
@@ -349,11 +349,11 @@ def summarize(result: LoadResult, price_per_hour_usd: float, config: dict[str, A
 
 
 def serving_section(trace: dict[str, Any], runs: Sequence[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-    """The summary's `serving` block: `trace` (from `costopt.workload.trace_meta`), `runs`, and any of
+    """The summary's `serving` block: `trace` (from `costopt.workload.trace.trace_meta`), `runs`, and any of
     `cache`, `routing`, `naive_cost_per_1m_requests_usd`, `optimized_cost_per_1m_requests_usd`."""
     missing = [k for k in ("name", "requests", "fingerprint") if k not in trace]
     if missing:
-        raise ValueError(f"loadtest.serving_section: trace lacks {missing}; pass costopt.workload.trace_meta(items)")
+        raise ValueError(f"loadtest.serving_section: trace lacks {missing}; pass costopt.workload.trace.trace_meta(items)")
     allowed = {"cache", "routing", "naive_cost_per_1m_requests_usd", "optimized_cost_per_1m_requests_usd"}
     unknown = sorted(set(extra) - allowed)
     if unknown:
@@ -407,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     load = p.add_mutually_exclusive_group(required=True)
     load.add_argument("--concurrency", type=_positive(int), nargs="+", help="closed loop: one run per worker count")
     load.add_argument("--rate", type=_positive(float), nargs="+", help="open loop: one run per rate, requests/s")
-    p.add_argument("--trace", type=Path, help="trace file from costopt.workload.write_trace (default: build one)")
+    p.add_argument("--trace", type=Path, help="trace file from costopt.workload.trace.write_trace (default: build one)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the built trace (default: 1234)")
     p.add_argument("--requests", type=_positive(int), help="requests per run (default: the trace length, or 64 "
                    "for a built trace); the trace is cycled when shorter")

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from costopt.layout import Workspace
-from costopt.modelio import linear_widths, resolve_source
+from costopt.storage.layout import Workspace
+from costopt.models.source import linear_widths, resolve_source
 from costopt.params import Params, ParamsError
 
 
 def check_group_sizes(params: Params, widths: dict[str, int]) -> None:
     """Every INT4 group size (named variants, the mixed search) must divide the model's Linear widths."""
-    from costopt.quant import config_from_dict
+    from costopt.quantization.schemes import config_from_dict
 
     sizes = sorted(set(widths.values()))
     where = {}
@@ -52,8 +52,8 @@ def check_calibration(params: Params, ws: Workspace) -> None:
 
 
 def preflight(params: Params, ws: Workspace) -> dict[str, Any]:
-    from costopt.evaldata import build_sets
-    from costopt.s3 import check_endpoint, parse_s3_url
+    from costopt.evaluation.evaldata import build_sets
+    from costopt.storage.s3 import check_endpoint, parse_s3_url
 
     src = resolve_source(params.ingest.model)
     build_sets(params.evaldata)  # pure Python, milliseconds: set sizes the generators cannot meet fail here

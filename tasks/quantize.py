@@ -1,4 +1,4 @@
-"""Phase 2, quantize: make one variant (or all) from the fp32 model, through `costopt.quant.quantize`.
+"""Phase 2, quantize: make one variant (or all) from the fp32 model, through `costopt.quantization.schemes.quantize`.
 
 Run it as `python -m tasks.quantize [--variant NAME]`; the DAG maps it over quantize.variants. Each
 variant is written as safetensors plus a `spec.json` (the variant spec: scheme, config, calibration
@@ -15,11 +15,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from costopt.layout import Workspace, read_json, replace_dir, staging_dir
-from costopt.modelio import fingerprint_dir, load_model_dir
+from costopt.storage.layout import Workspace, read_json, replace_dir, staging_dir
+from costopt.models.source import fingerprint_dir, load_model_dir
 from costopt.params import Params, ParamsError
-from costopt.quant import SCHEMES, Calibration, SchemeConfig, config_from_dict, quantize, save_variant
-from costopt.variants import VariantSpec
+from costopt.quantization.schemes import SCHEMES, Calibration, SchemeConfig, config_from_dict, quantize, save_variant
+from costopt.models.variants import VariantSpec
 
 
 def _log_rows(path: Path) -> list[dict[str, Any]]:
@@ -43,8 +43,8 @@ def _log_rows(path: Path) -> list[dict[str, Any]]:
 def calibration_rows(params: Params, ws: Workspace, samples: int | None = None) -> tuple[list[dict[str, Any]], str]:
     """(calibration conversations, source): the first `samples` (default calibrate.samples), checked
     non-empty and disjoint from the held-out prompts."""
-    from costopt.evaldata import check_disjoint
-    from tasks.reference import read_jsonl
+    from costopt.evaluation.evaldata import check_disjoint
+    from costopt.evaluation.reference import read_jsonl
 
     cfg = params.calibrate
     logs = (ws.root / cfg.logs) if cfg.logs else None
@@ -69,8 +69,8 @@ def calibration_rows(params: Params, ws: Workspace, samples: int | None = None) 
 
 def calibration_set(params: Params, ws: Workspace, tok: Any, samples: int | None = None) -> Calibration:
     """The tokenized calibration set (first `samples` rows, default calibrate.samples)."""
-    from costopt.capture import encode
-    from tasks.reference import prompt_texts
+    from costopt.quantization.capture import encode
+    from costopt.evaluation.reference import prompt_texts
 
     rows, source = calibration_rows(params, ws, samples)
     texts = prompt_texts(tok, rows)  # chat template + the fp32 answer where evaldata made one

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from costopt.cost import cost_per_1m_requests
-from costopt.layout import Workspace, read_json, replace_dir, staging_dir, write_json
+from costopt.evaluation.cost import cost_per_1m_requests
+from costopt.storage.layout import (MissingArtifactError, ReportInputError, Workspace, read_json, replace_dir,
+                                    staging_dir, write_json)
 from costopt.params import Params
 from costopt.runid import run_id as make_run_id
 from tasks.plots import curve_png, pareto_png, sensitivity_png
@@ -44,14 +45,6 @@ WRITERS = {  # dvc.yaml stage -> the command that writes its outputs
     "search": "python -m tasks.search",
     "calibration_curve": "python -m tasks.calibcurve",
 }
-
-
-class MissingArtifactError(FileNotFoundError):
-    """An input of the report is missing; the message names the file and the phase that writes it."""
-
-
-class ReportInputError(ValueError):
-    """An input exists but is malformed or disagrees with the others; the message names the file."""
 
 
 class SummarySchemaError(ValueError):

@@ -3,7 +3,7 @@
 Run it as `python -m tasks.search` after every named variant was quantized, benchmarked and validated.
 1. Reads each variant's quality verdict and measured cost.
 2. Unless search.enabled is false, plans mixed-precision candidates from the sensitivity scan and the
-   kernel cost table (`costopt.search.greedy_path`), then quantizes, validates and benchmarks the few
+   kernel cost table (`costopt.search.frontier.greedy_path`), then quantizes, validates and benchmarks the few
    that `bisect_path` probes (search.max_evaluations at most). They land in artifacts/search/.
 3. Gates every candidate together in one Great Expectations run (the Data Docs the report links),
    picks the cheapest passing one and the Pareto front of cost versus KL.
@@ -15,11 +15,10 @@ import hashlib
 import json
 from typing import Any
 
-from costopt.layout import Workspace, read_json, replace_dir, staging_dir, write_json
+from costopt.storage.layout import MissingArtifactError, Workspace, read_json, replace_dir, staging_dir, write_json
 from costopt.params import Params
-from costopt.quant import MixedConfig
-from costopt.search import Point, bisect_path, cheapest_passing, greedy_path, merge_path, pareto_front, rule_points
-from tasks.report import MissingArtifactError
+from costopt.quantization.schemes import MixedConfig
+from costopt.search.frontier import Point, bisect_path, cheapest_passing, greedy_path, merge_path, pareto_front, rule_points
 
 
 def _need(path, phase: str) -> Any:
@@ -65,7 +64,7 @@ def plan_path(params: Params, ws: Workspace) -> tuple[list[Point], dict[str, Any
 
 def search(params: Params, ws: Workspace) -> dict[str, Any]:
     from tasks.gates import evaluate_gates
-    from tasks.reference import load_reference
+    from costopt.evaluation.reference import load_reference
 
     names = list(params.quantize.variants)
     for name in names:  # every named variant must have been measured

@@ -1,8 +1,8 @@
 """Phase 3a, sensitivity: per-part KL of INT4/INT8 against fp32, and each part's measured kernel cost.
 
 Run it as `python -m tasks.sensitivity`. Writes artifacts/sensitivity/sensitivity.json: the scan of
-`costopt.sensitivity` on `search.sensitivity_prompts` calibration prompts (drawn with the evaldata
-seed; never held-out prompts) and the per-part cost table of `costopt.costmodel`. The search phase
+`costopt.search.sensitivity` on `search.sensitivity_prompts` calibration prompts (drawn with the evaldata
+seed; never held-out prompts) and the per-part cost table of `costopt.search.costmodel`. The search phase
 reads both to plan mixed-precision candidates. Skipped (an "enabled": false record) when
 search.enabled is false; cached while the model and settings are unchanged.
 """
@@ -13,16 +13,16 @@ from typing import Any
 
 import torch
 
-from costopt.layout import Workspace, read_json, write_json
-from costopt.modelio import load_model_dir
+from costopt.storage.layout import Workspace, read_json, write_json
+from costopt.models.source import load_model_dir
 from costopt.params import Params
 
 
 def sensitivity_batches(params: Params, ws: Workspace, tok: Any, seed: int) -> tuple[list, int]:
     """Tokenized sensitivity prompts (a seeded draw from the calibration set) and the shared-prefix length."""
-    from costopt.capture import encode
+    from costopt.quantization.capture import encode
     from tasks.quantize import calibration_rows
-    from tasks.reference import prompt_texts, shared_prefix_len
+    from costopt.evaluation.reference import prompt_texts, shared_prefix_len
 
     rows, _ = calibration_rows(params, ws)
     rows = random.Random(seed).sample(rows, min(params.search.sensitivity_prompts, len(rows)))
@@ -31,7 +31,7 @@ def sensitivity_batches(params: Params, ws: Workspace, tok: Any, seed: int) -> t
 
 
 def run_scan(params: Params, ws: Workspace, seed: int) -> dict[str, Any]:
-    from costopt.sensitivity import sensitivity_scan
+    from costopt.search.sensitivity import sensitivity_scan
 
     torch.set_num_threads(params.benchmark.threads)
     model, tok = load_model_dir(ws.model_dir)
@@ -42,7 +42,7 @@ def run_scan(params: Params, ws: Workspace, seed: int) -> dict[str, Any]:
 
 def sensitivity(params: Params, ws: Workspace) -> dict[str, Any]:
     """Scan every part and time every kernel; write artifacts/sensitivity/sensitivity.json."""
-    from costopt.costmodel import part_costs
+    from costopt.search.costmodel import part_costs
 
     out = ws.sensitivity_dir / "sensitivity.json"
     if not params.search.enabled:
@@ -57,7 +57,7 @@ def sensitivity(params: Params, ws: Workspace) -> dict[str, Any]:
     model, _ = load_model_dir(ws.model_dir)
     costs = part_costs(model, params.search.group_size, params.benchmark.threads)
     write_json(out, {"enabled": True, "identity": identity, "scan": scan, "costs": costs})
-    from costopt.sensitivity import ranking
+    from costopt.search.sensitivity import ranking
     return {"parts": len(scan["parts"]), "seconds": scan["seconds"],
             "most_sensitive": ranking(scan, params.search.precisions[0])[:5]}
 

@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from costopt.layout import Workspace, write_json
+from costopt.storage.layout import Workspace, write_json
 from costopt.params import load_params
-from costopt.workload import build_trace, trace_meta
+from costopt.workload.trace import build_trace, trace_meta
 from tasks.deploy import start_server
 from tasks.loadtest import markdown_table, run_load, serving_section, summarize
 
@@ -50,7 +50,7 @@ def naive_seconds_per_request(ws: Workspace, items: Sequence[Any], threads: int)
     """fp32, batch 1, plain `generate` (greedy), one request after another: machine-seconds per request."""
     import torch
 
-    from costopt.modelio import load_model_dir
+    from costopt.models.source import load_model_dir
 
     torch.set_num_threads(threads)
     model, tok = load_model_dir(ws.model_dir)
@@ -133,7 +133,7 @@ def run(ws: Workspace, price: float, threads: int, scale: float, logs: Path) -> 
                          "label": f"{variant} open loop {rate:.2f} req/s (2x)", "sustainable_req_s": sustainable})
             overloads[variant] = overload_checks(res, sustainable, rate)
     naive_s, _ = naive_seconds_per_request(ws, items[:n(NAIVE_REQUESTS)], threads)
-    from costopt.cost import cost_per_1m_requests
+    from costopt.evaluation.cost import cost_per_1m_requests
 
     naive_cost = cost_per_1m_requests(price, naive_s)
     best = min((r for r in runs if r.get("label", "").endswith("c=16") and r["config"]["batching"]),

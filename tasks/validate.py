@@ -1,7 +1,7 @@
 """Phase 5, validate: one variant against the stored fp32 reference, then its quality gates.
 
 Run it as `python -m tasks.validate [--variant NAME]` (all of quantize.variants without the flag);
-the DAG maps it over the variants. Metrics (costopt.metrics), each with a 95% bootstrap CI:
+the DAG maps it over the variants. Metrics (costopt.evaluation.metrics), each with a 95% bootstrap CI:
 - KL mean and p99, top-1 agreement: teacher-forced over held-out chat prompts followed by the fp32
   model's own answer, at every real (non-pad) position after the prefix all prompts share (the chat
   template's system block); fp32 is read from artifacts/reference (tasks.reference);
@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from costopt.layout import Workspace, write_json
-from costopt.metrics import Reference, accuracy_and_retention, mean_over_units, ppl_ratio, quantile_over_units, token_nll
+from costopt.storage.layout import Workspace, write_json
+from costopt.evaluation.metrics import Reference, accuracy_and_retention, mean_over_units, ppl_ratio, quantile_over_units, token_nll
 from costopt.params import Params
-from costopt.variants import load_variant_model
-from tasks.reference import Ref, batches, load_reference, logits, read_jsonl, task_correct
+from costopt.models.variants import load_variant_model
+from costopt.evaluation.reference import Ref, batches, load_reference, logits, read_jsonl, task_correct
 
 
 @dataclass

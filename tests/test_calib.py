@@ -1,9 +1,9 @@
-"""Calibration algorithms (costopt.calib): INT4 round trips, and GPTQ, AWQ and SmoothQuant each beating the
+"""Calibration algorithms (costopt.quantization.algorithms): INT4 round trips, and GPTQ, AWQ and SmoothQuant each beating the
 uncalibrated baseline on a constructed case where it must, measured on held-out rows of the same distribution."""
 import pytest
 import torch
 
-from costopt.calib import (HessianAccumulator, awq_scales, best_smoothing, dequant_int4, gptq_int4, output_mse,
+from costopt.quantization.algorithms import (HessianAccumulator, awq_scales, best_smoothing, dequant_int4, gptq_int4, output_mse,
                            rtn_int4, smoothquant_scales)
 
 N, K, G = 64, 128, 32  # out features, in features, INT4 group size

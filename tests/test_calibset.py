@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from costopt.layout import Workspace
+from costopt.storage.layout import Workspace
 from costopt.params import ParamsError, params_from_dict
 from tasks.quantize import calibration_rows
 

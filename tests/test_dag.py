@@ -75,7 +75,7 @@ def test_form_has_a_typed_schema(dagbag):
 
 def test_form_variants_match_the_presets(dagbag):
     from costopt.params import QuantizeParams
-    from costopt.quant import PRESETS
+    from costopt.quantization.schemes import PRESETS
 
     param = dagbag.dags["optimize_model"].params.get_param("variants")
     assert sorted(param.schema["items"]["enum"]) == sorted(PRESETS), "the form must offer exactly the presets"

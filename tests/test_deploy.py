@@ -5,7 +5,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from costopt.layout import Workspace
+from costopt.storage.layout import Workspace
 from costopt.params import Params, ServeParams
 from tasks.deploy import DeployError, choose_variants, serving_python
 

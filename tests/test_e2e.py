@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from costopt.s3 import MotoServer
+from costopt.storage.s3 import MotoServer
 
 PROJECT = Path(__file__).resolve().parents[1]
 SCHEMA = PROJECT / "schemas" / "summary.schema.json"
@@ -154,7 +154,7 @@ def test_sensitivity_ranking_is_stable_across_seeds(run):
     """Two disjoint-seeded draws of sensitivity prompts rank the parts alike (Spearman >= 0.8)."""
     from scipy.stats import spearmanr
 
-    from costopt.layout import Workspace
+    from costopt.storage.layout import Workspace
     from costopt.params import load_params
     from tasks.sensitivity import run_scan
 
@@ -178,7 +178,7 @@ def test_dvc_pull_restores_every_artifact_bit_for_bit(run):
     _git(ws, "clone", "-q", str(ws), str(clone))
     shutil.copy2(ws / "dvc.lock", clone / "dvc.lock")
     shutil.copy2(ws / ".dvc" / "config.local", clone / ".dvc" / "config.local")
-    from costopt.layout import Workspace
+    from costopt.storage.layout import Workspace
     from costopt.params import load_params
     from tasks.version import pull
 

@@ -10,12 +10,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from costopt.evaldata import (TASK_FAMILIES, build_sets, check_disjoint, ppl_passages, prompt_pool,
+from costopt.evaluation.evaldata import (TASK_FAMILIES, build_sets, check_disjoint, ppl_passages, prompt_pool,
                               split_prompts, task_items, to_jsonl)
-from costopt.layout import Workspace, write_json
-from costopt.modelio import ModelFileError
+from costopt.storage.layout import Workspace, write_json
+from costopt.models.source import ModelFileError
 from costopt.params import EvalDataParams, Params, ParamsError
-from costopt.taskscore import chance_accuracy, choice_logliks, plan_sequences, predict
+from costopt.evaluation.taskscore import chance_accuracy, choice_logliks, plan_sequences, predict
 
 QUICK = EvalDataParams(prompts=32, ppl_texts=8, calibration=16, task_items=60, reference_tokens=16)
 FULL = EvalDataParams()

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from costopt.layout import Workspace
-from costopt.modelio import (ModelFileError, ModelSourceError, check_safetensors_dir, fingerprint_dir,
+from costopt.storage.layout import Workspace
+from costopt.models.source import (ModelFileError, ModelSourceError, check_safetensors_dir, fingerprint_dir,
                              resolve_source)
 from costopt.params import params_from_dict
 from tasks.ingest import ingest

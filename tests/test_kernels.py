@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from costopt import kernels
-from costopt.kernels import (dequantize_int4, fake_quant_act, int4_gemm, native_available, native_failure,
+from costopt.kernels import ops as kernels
+from costopt.kernels.ops import (dequantize_int4, fake_quant_act, int4_gemm, native_available, native_failure,
                              pack_int4, unpack_int4, w8a8_gemm)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,7 +172,7 @@ def test_disabled_native_falls_back_with_same_results(tmp_path):
     x = torch.randn(2, 192)
     torch.save({"q": q, "scale": scale, "zero": zero, "w8": w8, "x": x}, tmp_path / "in.pt")
     code = (
-        "import sys, torch; from costopt import kernels as k; d = torch.load(sys.argv[1]);"
+        "import sys, torch; from costopt.kernels import ops as k; d = torch.load(sys.argv[1]);"
         "assert not k.native_available() and 'COSTOPT_DISABLE_NATIVE' in k.native_failure('int4_gemm');"
         "torch.save({'int4': k.int4_gemm(d['x'], k.pack_int4(d['q']), d['scale'], d['zero'], 64),"
         " 'deq': k.dequantize_int4(k.pack_int4(d['q']), d['scale'], d['zero'], 64),"

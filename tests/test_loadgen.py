@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
-from costopt.workload import TraceItem, build_trace, trace_meta, write_trace
+from costopt.workload.trace import TraceItem, build_trace, trace_meta, write_trace
 from tasks.loadtest import LoadResult, RequestRecord, main, run_load, serving_section, summarize
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "summary.schema.json"  # = ../shared/schemas

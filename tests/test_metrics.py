@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from costopt.cost import cost_per_1m_requests
-from costopt.metrics import (Reference, accuracy_and_retention, bootstrap_ci, mean_over_units, ppl_ratio,
+from costopt.evaluation.cost import cost_per_1m_requests
+from costopt.evaluation.metrics import (Reference, accuracy_and_retention, bootstrap_ci, mean_over_units, ppl_ratio,
                              quantile_over_units, token_kl, token_nll, top1_match)
 
 

@@ -84,7 +84,7 @@ def test_group_size_must_divide_the_model_widths():
 
 
 def test_calibration_that_cannot_be_met_fails_in_preflight(tmp_path):
-    from costopt.layout import Workspace
+    from costopt.storage.layout import Workspace
     from tasks.preflight import check_calibration
 
     ws = Workspace(tmp_path)

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from costopt.kernels import int8_gemm, native_available
-from costopt.metrics import token_kl
-from costopt.quant import (PRESETS, SCHEMES, Calibration, Int8Linear, SchemeError, check_group_size,
+from costopt.kernels.ops import int8_gemm, native_available
+from costopt.evaluation.metrics import token_kl
+from costopt.quantization.schemes import (PRESETS, SCHEMES, Calibration, Int8Linear, SchemeError, check_group_size,
                            config_from_dict, load_variant, quantize, quantize_per_channel, save_variant)
 
 # Mean KL (nats/token) each preset may add on the tiny random model (measured: int8 ~1e-6, int4 ~2e-4,
@@ -93,7 +93,7 @@ def test_calibrated_schemes_refuse_to_run_without_data(tiny_llama, conf):
 
 
 def test_mixed_keeps_fp32_parts_and_quantizes_the_rest(tiny_llama):
-    from costopt.qmodules import Int4Linear
+    from costopt.quantization.modules import Int4Linear
 
     model = quantize(copy.deepcopy(tiny_llama), config_from_dict(MIXED), calibration())
     kinds = {n: type(m).__name__ for n, m in model.named_modules() if "proj" in n.split(".")[-1]}

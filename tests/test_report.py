@@ -16,10 +16,11 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from costopt.layout import Workspace
+from costopt.storage.layout import Workspace
 from costopt.params import CostParams, Params
 from costopt.runid import run_id
-from tasks.report import (MissingArtifactError, ReportInputError, SummarySchemaError, check_summary,
+from costopt.storage.layout import MissingArtifactError, ReportInputError
+from tasks.report import (SummarySchemaError, check_summary,
                           report, summary_table)
 
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "summary.schema.json"

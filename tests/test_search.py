@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from costopt.search import (ORDER, Point, bisect_path, cheapest_passing, greedy_path, merge_path,
+from costopt.search.frontier import (ORDER, Point, bisect_path, cheapest_passing, greedy_path, merge_path,
                             pareto_front, predict, rule_points, start_index)
 
 

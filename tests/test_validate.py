@@ -1,5 +1,5 @@
 """Validation helpers that decide which positions count."""
-from tasks.reference import shared_prefix_len
+from costopt.evaluation.reference import shared_prefix_len
 
 
 class CharTokenizer:

@@ -18,11 +18,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from costopt.layout import Workspace
+from costopt.storage.layout import Workspace
 from costopt.params import Params, VersionParams
-from costopt.s3 import (EndpointUnreachableError, MotoServer, StorageError, check_endpoint,
+from costopt.storage.s3 import (EndpointUnreachableError, MotoServer, StorageError, check_endpoint,
                         parse_s3_url, s3_client)
-from tasks.version import DvcError, pull, version
+from costopt.storage.dvc import DvcError
+from tasks.version import pull, version
 
 PROJECT = Path(__file__).resolve().parents[1]
 GIT = ["git", "-c", "user.name=costopt-test", "-c", "user.email=test@costopt.invalid",

@@ -9,8 +9,8 @@ from collections import Counter
 
 import pytest
 
-from costopt.evaldata import prompt_pool
-from costopt.workload import (DEADLINE_MS, KIND_SHARES, PRIORITY_SHARES, TRACE_NAME, TRACE_VERSION, TraceError,
+from costopt.evaluation.evaldata import prompt_pool
+from costopt.workload.trace import (DEADLINE_MS, KIND_SHARES, PRIORITY_SHARES, TRACE_NAME, TRACE_VERSION, TraceError,
                               build_trace, paraphrase, read_trace, trace_fingerprint, trace_meta, write_trace)
 
 N = 2000  # large enough that shares sit within a few points of their targets
@@ -62,7 +62,7 @@ def test_request_fields_are_mixed_and_consistent(trace):
     fresh = [it.prompt for it in trace if it.kind == "fresh"]
     assert len(set(fresh)) == len(fresh), f"{len(fresh) - len(set(fresh))} fresh prompts repeat an earlier one"
     pool = {text for _, text in prompt_pool(1234)}
-    assert sum(p in pool for p in fresh) > len(fresh) // 2, "most fresh prompts come from costopt.evaldata's pool"
+    assert sum(p in pool for p in fresh) > len(fresh) // 2, "most fresh prompts come from costopt.evaluation.evaldata's pool"
 
 
 def test_arrivals_are_poisson_at_one_request_per_second(trace):

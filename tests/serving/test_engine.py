@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from serving.engine import Engine, SamplingParams, StepEvent
+from costopt.runtimes.engine import Engine, SamplingParams, StepEvent
 
 GREEDY = SamplingParams(max_new_tokens=12)
 
@@ -229,7 +229,7 @@ def test_quantized_linears_run_in_the_batched_forward():
     """costopt's INT8 modules replace every Linear (LM head included); tokens still equal the solo loop."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from costopt.quant import preset, quantize
+    from costopt.quantization.schemes import preset, quantize
 
     torch.manual_seed(1)
     cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

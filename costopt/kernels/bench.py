@@ -1,4 +1,4 @@
-"""Times the quantized CPU kernels of `costopt.kernels` on the built-in model's Linear shapes.
+"""Times the quantized CPU kernels of `costopt.kernels.ops` on the built-in model's Linear shapes.
 
     python -m costopt.kernels                     # M in {1, 8}: median us per call, ours and maintained ones
     python -m costopt.kernels --rows 16,32,48,64  # crossover: native vs BLAS fallback per decode step
@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from costopt import kernels as K
+from costopt.kernels import ops as K
 
 SHAPES = {  # name: (N out, K in, matrices per decode step); 30 decoder layers plus the tied LM head
     "q/o 576x576": (576, 576, 60),

@@ -5,7 +5,7 @@ ONE forward over a packed, unpadded row of tokens: the newest token of every run
 (decode) followed by the whole prompt of every sequence added since the last step (prefill; its first
 token comes out of this step). Every Linear therefore runs once per step over all rows, whatever
 module it is (costopt's quantized modules included). Not thread-safe: the driver calls add/cancel/step from one
-thread. Timing entry point (real model, 2 threads): `python -m serving.engine --batch 1 16 [--hf]`.
+thread. Timing entry point (real model, 2 threads): `python -m costopt.runtimes.engine --batch 1 16 [--hf]`.
 
 Why not transformers' own manager (`transformers.generation.continuous_batching`, 5.24; source read,
 runs in /tmp on toy models and the real one): (a) it runs on CPU fp32, but sized from free host memory
@@ -43,7 +43,7 @@ model (30 layers, 3 KV heads, head dim 64, fp32) at the default max_batch 32, ma
 
 Measured on the 2-core reference CPU, real model fp32, prompts 40-80 tokens, 64 new tokens, median of
 3, tok/s summed over the batch. Another job held one core throughout, so these ran with one thread
-(`python -m serving.engine --batch 1 16 --threads 1 --hf`); at 2 threads under that contention every
+(`python -m costopt.runtimes.engine --batch 1 16 --threads 1 --hf`); at 2 threads under that contention every
 op stalls (1.2 and 5.5 tok/s) and says nothing. Rerun with the default 2 threads on an idle machine.
 
     batch | engine decode | engine end-to-end | HF manager end-to-end | HF generate end-to-end
@@ -392,7 +392,7 @@ def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Gener
     return int(order[choice])
 
 
-# -- timing entry point: python -m serving.engine --batch 1 16 [--hf] ---------------------------------
+# -- timing entry point: python -m costopt.runtimes.engine --batch 1 16 [--hf] ---------------------------------
 def _bench_prompts(batch: int, vocab: int) -> list[list[int]]:
     """`batch` fixed pseudo-random prompts of 40-80 tokens (speed does not depend on their content)."""
     gen = torch.Generator().manual_seed(0)
@@ -452,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     import statistics
     from pathlib import Path
 
-    from costopt.modelio import load_model_dir
+    from costopt.models.source import load_model_dir
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="artifacts/model", help="folder with config.json + safetensors")

@@ -5,7 +5,7 @@ Four sets, each a list of JSON-ready dicts in the shapes of `docs/artifacts.md`:
   prompt (`split_prompts`; `check_disjoint` raises if they ever do);
 - text passages for perplexity, 60-120 words of ordinary prose composed from a sentence library;
 - labeled multiple-choice items in several families, scored by log-likelihood as lm-eval does
-  (`costopt.taskscore`): the context has no trailing space, every choice starts with one.
+  (`costopt.evaluation.taskscore`): the context has no trailing space, every choice starts with one.
 
 Every generator takes a seed and counts and uses its own `random.Random`, so one seed gives
 byte-identical files (`to_jsonl`) and nothing touches the global random state.
@@ -29,7 +29,7 @@ Row = dict[str, Any]
 
 def _rng(seed: int, name: str) -> random.Random:
     # str seeds hash with sha512 (not PYTHONHASHSEED), so each set's stream is stable across runs
-    return random.Random(f"costopt.evaldata:{seed}:{name}")
+    return random.Random(f"costopt.evaluation.evaldata:{seed}:{name}")
 
 
 def _words(text: str) -> list[str]:

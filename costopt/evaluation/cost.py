@@ -1,7 +1,7 @@
 """The cost model: what one million requests cost on a machine billed by the hour.
 
 cost per 1M requests = price per hour / 3600 x machine-seconds per request x 1e6 (DESIGN.md, "Cost").
-Machine-seconds per request come from a measured trace (see costopt.speed); prices from params.yaml.
+Machine-seconds per request come from a measured trace (see costopt.evaluation.speed); prices from params.yaml.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Calibrated quantization algorithms as pure tensor functions: RTN and GPTQ INT4, AWQ and SmoothQuant scales.
 
-No modules, hooks or I/O here: `costopt.calibrated` collects the statistics on a model and builds the
+No modules, hooks or I/O here: `costopt.quantization.calibrated` collects the statistics on a model and builds the
 quantized Linears; this module holds the maths. Everything is torch on the CPU, fp32 (the GPTQ Hessian
 factorisation in fp64) and deterministic: the same inputs give bit-identical outputs.
 
@@ -36,7 +36,7 @@ from typing import Callable
 import torch
 
 INT4_MAX = 15  # codes 0..15
-INT8_MAX = 127  # symmetric INT8 range -127..127 (the -128 code unused, as in costopt.qmodules)
+INT8_MAX = 127  # symmetric INT8 range -127..127 (the -128 code unused, as in costopt.quantization.modules)
 AWQ_MIN_SCALE = 1e-4  # floor of mean|x|^alpha, so dead channels keep a finite 1/s (AWQ reference)
 SQ_RANGE = (1e-5, 1e5)  # SmoothQuant s clamp: both s and 1/s stay finite in fp32 (and in bf16)
 
@@ -326,7 +326,7 @@ def clip_search(w: torch.Tensor, x: torch.Tensor, group_size: int, grid: int = 2
 def int8_rows(w: torch.Tensor) -> torch.Tensor:
     """De-quantized symmetric per-output-channel INT8 of w [N, K]: round(w / s) * s, s = absmax_row / 127.
 
-    The same rounding as `costopt.qmodules.quantize_per_channel` (kept here so this module stays pure).
+    The same rounding as `costopt.quantization.modules.quantize_per_channel` (kept here so this module stays pure).
     """
     scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / INT8_MAX  # [N, 1]
     return torch.clamp(torch.round(w / scale), -INT8_MAX, INT8_MAX) * scale

@@ -9,7 +9,7 @@ adds more.
 Schemes:
 - `bf16`: every weight and activation in bfloat16.
 - `int8_weight_only`: symmetric per-output-channel INT8 weights (embedding and tied LM head too), fp32
-  activations, on the native INT8 kernel (`costopt.kernels`).
+  activations, on the native INT8 kernel (`costopt.kernels.ops`).
 - `int8_dynamic`: W8A8: INT8 weights per output channel, activations quantized per token at run time,
   int32 accumulation (the LM head stays INT8 weight-only).
 - `int8_static`: W8A8 with one calibrated activation scale per Linear (min/max observer over the
@@ -19,7 +19,7 @@ Schemes:
   activations; `method` = `rtn` (round to nearest, the reference), `gptq` or `awq` (calibrated). The
   tied embedding/LM head is INT8 (or fp32), never INT4.
 - `mixed`: a precision per block part (attention or MLP of each layer: int4, int8 or fp32), the
-  output of the sensitivity-driven search (`costopt.search`).
+  output of the sensitivity-driven search (`costopt.search.frontier`).
 - `dynamic_qint8_naive`: the seed paper's one-liner,
   `torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)`, kept so users see
   why gates exist (per-tensor weight scales wreck this model).
@@ -39,8 +39,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from costopt.qmodules import (Bf16Linear, Int4Linear, Int8Embedding, Int8Linear, W8A8Linear,
-                              quantize_per_channel)
+from costopt.quantization.modules import (Bf16Linear, Int4Linear, Int8Embedding, Int8Linear, W8A8Linear,
+                                          quantize_per_channel, set_module)
 
 WEIGHTS = "model.safetensors"
 PRECISIONS = ("int4", "int8", "fp32")  # per-part choices of the mixed scheme, cheapest first
@@ -260,12 +260,6 @@ def _skeleton(model: nn.Module, cfg: SchemeConfig) -> nn.Module:
     return _quantize_head(model, getattr(cfg, "head", "int8"))
 
 
-def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Put `module` at the dotted path `name` inside `model`."""
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 # ---------------------------------------------------------------------------------------------
 # Transforms
 
@@ -313,7 +307,7 @@ def _int8_dynamic(model: nn.Module, cfg: Int8DynamicConfig, calib: Calibration |
 
 
 def _calibrated(model: nn.Module, cfg: SchemeConfig, calib: Calibration | None) -> nn.Module:
-    from costopt.calibrated import apply_plan  # torch-heavy algorithms, loaded when needed
+    from costopt.quantization.calibrated import apply_plan  # torch-heavy algorithms, loaded when needed
 
     check_group_size(model, cfg)
     plan = layer_plan(model, cfg)

@@ -6,9 +6,9 @@ with the same seed. Each request is drawn in order from one seeded `random.Rando
   an exact-match cache may answer it), 15% `paraphrase` (an earlier fresh request reworded with the
   same meaning, same system message and `max_tokens`, so only a semantic cache may answer it). Both
   name their source in `source_id`; the first request is always fresh.
-- fresh prompts: 70% one prompt from `costopt.evaldata.prompt_pool(seed)` taken in order (11 families,
+- fresh prompts: 70% one prompt from `costopt.evaluation.evaldata.prompt_pool(seed)` taken in order (11 families,
   one to two sentences), 15% two or three pool prompts joined into a numbered list, 15% a 60-120 word
-  passage from `costopt.evaldata.ppl_passages` with a question about it. Fresh user texts never repeat;
+  passage from `costopt.evaluation.evaldata.ppl_passages` with a question about it. Fresh user texts never repeat;
   once the pool is used up, fresh prompts are joined lists. 25% carry a system message.
 - `max_tokens`: 40% short (8/16/24), 40% medium (32/48/64), 20% long (80/96).
 - `priority` 15% high, 70% normal, 15% low, with `deadline_ms` from `DEADLINE_MS` (generous for low);
@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from costopt.evaldata import ppl_passages, prompt_pool
+from costopt.evaluation.evaldata import ppl_passages, prompt_pool
 
 TRACE_NAME = "serving-v1"
 TRACE_VERSION = 1  # bump whenever any share, table, rule or template below changes: it changes every trace
@@ -308,7 +308,7 @@ def build_trace(n: int, seed: int) -> list[TraceItem]:
     """`n` requests (`r00000`, ...), a pure function of (n, seed); see the module docstring."""
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"workload.build_trace: n must be an integer >= 0, got {n!r}")
-    rng = random.Random(f"costopt.workload:{TRACE_VERSION}:{seed}")
+    rng = random.Random(f"costopt.workload.trace:{TRACE_VERSION}:{seed}")
     fresh = _FreshPrompts(seed)
     seen: set[str] = set()  # every user text so far: fresh prompts and paraphrases stay new
     sources: list[TraceItem] = []

@@ -2,7 +2,7 @@
 
 Batch-1 decode time is the sum of its GEMVs plus a fixed overhead (attention over the cache, norms,
 Python). The GEMVs are what precision changes, so we time each distinct Linear shape of the model on
-this machine with each kernel (fp32 `F.linear`, the INT8 and INT4 kernels of `costopt.kernels`) and
+this machine with each kernel (fp32 `F.linear`, the INT8 and INT4 kernels of `costopt.kernels.ops`) and
 add them up per part. The search only needs the ordering and the ratios right; the cost it reports
 for its pick is measured end to end like every other variant's (`tasks.benchmark`).
 """
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from costopt.quant import parts
+from costopt.quantization.schemes import parts
 
 REPEATS = 30  # timed calls per shape and kernel; the fastest is kept
 
@@ -36,9 +36,9 @@ def _time_us(fn, repeats: int = REPEATS) -> float:
 
 def shape_timings(shapes: set[tuple[int, int]], group_size: int, threads: int) -> dict[str, dict[str, float]]:
     """{"<in>x<out>": {"fp32": us, "int8": us, "int4": us}} at batch 1 for every (in, out) shape."""
-    from costopt.calib import rtn_int4
-    from costopt.kernels import int4_gemm, int8_gemm, pack_int4
-    from costopt.qmodules import quantize_per_channel
+    from costopt.quantization.algorithms import rtn_int4
+    from costopt.kernels.ops import int4_gemm, int8_gemm, pack_int4
+    from costopt.quantization.modules import quantize_per_channel
 
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)

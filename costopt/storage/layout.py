@@ -28,6 +28,14 @@ from pathlib import Path
 from typing import Any
 
 
+class MissingArtifactError(FileNotFoundError):
+    """An input artifact is missing; the message names the file and the phase that writes it."""
+
+
+class ReportInputError(ValueError):
+    """An input artifact exists but is malformed or disagrees with the others; the message names the file."""
+
+
 MIXED_PREFIX = "mixed_"  # names of the search's mixed-precision candidates
 
 

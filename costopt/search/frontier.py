@@ -9,8 +9,8 @@ Two levels:
    variant beats on both cost and KL.
 2. **Mixed precision**: one precision per block part out of int4 < int8 < fp32. There are 3^60
    assignments for SmolLM2, far too many to evaluate, so we predict instead: a part's KL cost comes
-   from the sensitivity scan (`costopt.sensitivity`), assumed additive across parts, and its run-time
-   cost from the measured kernel time of its Linears (`costopt.costmodel`). `greedy_path` starts
+   from the sensitivity scan (`costopt.search.sensitivity`), assumed additive across parts, and its run-time
+   cost from the measured kernel time of its Linears (`costopt.search.costmodel`). `greedy_path` starts
    with every part at the cheapest precision and repeatedly makes the upgrade that removes the most
    predicted KL per microsecond added, which traces the lower convex hull of predicted cost versus
    predicted KL (the Lagrangian solution of this multiple-choice knapsack). Rule-based assignments

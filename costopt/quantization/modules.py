@@ -1,7 +1,7 @@
 """Quantized drop-in modules: what a quantized variant's Linears and embeddings become at run time.
 
 Each module holds its weights in the artifact's storage format as buffers (so safetensors save and
-load them by name) and calls the matching CPU kernel in `costopt.kernels`:
+load them by name) and calls the matching CPU kernel in `costopt.kernels.ops`:
 
 - `Int8Linear`: per-output-channel INT8 weights, fp32 activations (weight-only);
 - `Int8Embedding`: per-row INT8 embedding rows; shares its tensors with a tied `Int8Linear` head;
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from costopt.kernels import int4_gemm, int8_gemm, pack_int4, w8a8_gemm
+from costopt.kernels.ops import int4_gemm, int8_gemm, pack_int4, w8a8_gemm
 
 BF16_NATIVE_ROWS = 16  # bf16 GEMM has no FMA on AVX2: past a few rows, widening to fp32 is faster
 
@@ -190,3 +190,9 @@ class W8A8Linear(nn.Module):
         y = w8a8_gemm(x2, self.weight_int8, self.scale, self.static)
         y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)  # [..., out]
         return y if self.bias is None else y + self.bias.to(x.dtype)
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` at the dotted path `name` inside `model`."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)

@@ -1,10 +1,10 @@
 """Per-part quantization sensitivity: the KL divergence from fp32 when one part alone is quantized.
 
-A *part* is the attention or the MLP of one decoder block (`costopt.quant.parts`), 60 for SmolLM2-135M.
+A *part* is the attention or the MLP of one decoder block (`costopt.quantization.schemes.parts`), 60 for SmolLM2-135M.
 For each part and each precision (INT4 round-to-nearest at the search's group size, INT8 per channel)
 we quantize that part only, run the sensitivity prompts from that block onwards and measure the mean
 token KL against fp32. Hidden states entering every block are cached from one fp32 pass
-(`costopt.capture`), so a part at depth i costs (layers - i) blocks plus the head, not a full forward.
+(`costopt.quantization.capture`), so a part at depth i costs (layers - i) blocks plus the head, not a full forward.
 
 The quantized weights are simulated in fp32 (de-quantized into an ordinary Linear): the numbers equal
 the INT4/INT8 kernels' up to summation order, and every forward here is a large batch where the
@@ -25,14 +25,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from costopt.capture import State, decoder, first_block_inputs, head_logits
-from costopt.metrics import Reference
-from costopt.quant import parts, set_module
+from costopt.quantization.capture import State, decoder, first_block_inputs, head_logits
+from costopt.evaluation.metrics import Reference
+from costopt.quantization.modules import set_module
+from costopt.quantization.schemes import parts
 
 def simulated(linear: nn.Linear, precision: str, group_size: int) -> nn.Linear:
     """An fp32 Linear holding `linear`'s weight after INT4 (RTN, grouped) or INT8 (per channel) rounding."""
-    from costopt.calib import dequant_int4, rtn_int4
-    from costopt.qmodules import quantize_per_channel
+    from costopt.quantization.algorithms import dequant_int4, rtn_int4
+    from costopt.quantization.modules import quantize_per_channel
 
     w = linear.weight.detach().float()
     if precision == "int4":

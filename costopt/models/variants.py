@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from costopt.layout import Workspace, read_json, write_json
+from costopt.storage.layout import Workspace, read_json, write_json
 
 SPEC = "spec.json"
 
@@ -50,7 +50,7 @@ def load_variant_model(ws: Workspace, name: str) -> tuple[Any, Any]:
     """(model, tokenizer) of a quantized variant, rebuilt from its artifact and spec."""
     from transformers import AutoTokenizer
 
-    from costopt.quant import config_from_dict, load_variant
+    from costopt.quantization.schemes import config_from_dict, load_variant
 
     spec = read_spec(ws, name)
     if len(spec.transforms) != 1:

@@ -2,7 +2,7 @@
 
 Three kernels, one C source each in `csrc/`, for small batches (decode, short prefill) on this AVX2
 CPU (no AVX-512, no VNNI); above a measured row count each falls back to de-quantize + BLAS, which
-wins once the work is compute-bound. `python -m costopt.kernels` (`costopt.kernelbench`) reruns every
+wins once the work is compute-bound. `python -m costopt.kernels` (`costopt.kernels.bench`) reruns every
 figure below: medians, 2 threads, the 2-core AMD EPYC (Zen 3) reference machine, whose timings drift
 by 10-30% from run to run. Per call at M=1, weights hot in cache (576x576 | LM head 49152x576): fp32
 `F.linear` 53 us | 15.4 ms, `int8_gemm` 38 | 2.35 ms, `int4_gemm` g=32 38 | 2.0 ms, g=64 34 | 1.66 ms,
@@ -322,8 +322,3 @@ def w8a8_gemm(x: torch.Tensor, w: torch.Tensor, wscale: torch.Tensor,
         raise MemoryError(f"w8a8_gemm: no memory for a {M}x{K} activation scratch buffer")
     return y
 
-
-if __name__ == "__main__":
-    from costopt.kernelbench import main
-
-    main()

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from costopt.cost import cost_per_1m_requests
+from costopt.evaluation.cost import cost_per_1m_requests
 
 TRACE_NAME = "chat-v1"  # bump when the trace's construction changes
 TRACE_NEW_TOKENS = (8, 16, 32, 48, 64)  # answer lengths a chat trace draws from, tokens

@@ -10,7 +10,7 @@ replaced, and a second pass pushes the batches through the quantized block to th
 Linears of one block all see inputs from the float block (GPTQ's "true sequential" order inside a
 block is not done: it would cost two more passes per block).
 
-The algorithms themselves are pure tensor functions in `costopt.calib`.
+The algorithms themselves are pure tensor functions in `costopt.quantization.algorithms`.
 """
 from __future__ import annotations
 
@@ -21,10 +21,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from costopt import calib
-from costopt.capture import State, decoder, first_block_inputs, run_block, watch_inputs
-from costopt.qmodules import Int4Linear, Int8Linear, W8A8Linear
-from costopt.quant import set_module
+from costopt.quantization import algorithms as calib
+from costopt.quantization.capture import State, decoder, first_block_inputs, run_block, watch_inputs
+from costopt.quantization.modules import Int4Linear, Int8Linear, W8A8Linear, set_module
 
 SEQUENTIAL = True  # fit block i on the quantized blocks' outputs (GPTQ's reference); False: float inputs
 MAX_ROWS = 4096  # activation rows kept per Linear for the AWQ / SmoothQuant searches (memory bound)

@@ -1,0 +1,4 @@
+"""`python -m costopt.kernels`: time the quantized CPU kernels (see costopt.kernels.bench)."""
+from costopt.kernels.bench import main
+
+main()

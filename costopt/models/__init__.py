@@ -1,0 +1,1 @@
+"""Models and variants: where a model comes from (`source`) and the variant spec every candidate is recorded by (`variants`)."""

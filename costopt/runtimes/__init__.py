@@ -1,0 +1,1 @@
+"""Runtimes that execute a variant: the torch continuous-batching engine (`engine`)."""

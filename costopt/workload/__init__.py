@@ -1,0 +1,1 @@
+"""Serving workloads: the fixed, versioned request trace the load generator replays (`trace`)."""
