@@ -96,27 +96,30 @@ class QuantizeParams:
     definitions: dict = field(default_factory=dict)  # extra named variants: name -> {scheme, **config}
 
     def check(self, where: str) -> None:
-        from costopt.quantization.schemes import PRESETS, SchemeError, config_from_dict  # late: the registry imports torch
+        from costopt.quantization.schemes import SchemeError  # late: the registries import torch
+        from costopt.runtimes.registry import RuntimeConfigError, variant_definition
 
         if not isinstance(self.definitions, dict):
             raise ParamsError(f"{where}.definitions: expected a mapping name -> {{scheme: ..., ...}}")
+        presets = self.presets()
         for name, conf in self.definitions.items():
             if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9_]{0,63}", name):
                 raise ParamsError(f"{where}.definitions: name {name!r}: expected lower-case letters, digits "
                                   "and '_' (it names folders and report rows)")
-            if name in PRESETS:
+            if name in presets:
                 raise ParamsError(f"{where}.definitions.{name}: clashes with the preset of that name")
             if name.startswith("mixed_"):
                 raise ParamsError(f"{where}.definitions.{name}: names starting with 'mixed_' are the search's")
             if not isinstance(conf, dict):
-                raise ParamsError(f"{where}.definitions.{name}: expected a mapping with 'scheme', got {conf!r}")
+                raise ParamsError(f"{where}.definitions.{name}: expected a mapping with 'scheme' and/or "
+                                  f"'runtime', got {conf!r}")
             try:
-                config_from_dict(conf)
-            except SchemeError as exc:
+                variant_definition(conf)
+            except (SchemeError, RuntimeConfigError) as exc:
                 raise ParamsError(f"{where}.definitions.{name}: {exc}") from exc
         if not self.variants:
             raise ParamsError(f"{where}.variants: expected at least one variant name")
-        known = sorted({*PRESETS, *self.definitions})
+        known = sorted({*presets, *self.definitions})
         for i, name in enumerate(self.variants):
             if name not in known:
                 raise ParamsError(f"{where}.variants[{i}]: unknown variant {name!r}; expected a preset or a "
@@ -124,11 +127,17 @@ class QuantizeParams:
         if len(set(self.variants)) != len(self.variants):
             raise ParamsError(f"{where}.variants: names must be unique, got {list(self.variants)}")
 
-    def config(self, name: str) -> dict[str, Any]:
-        """The scheme config (dict form) of a variant name."""
+    @staticmethod
+    def presets() -> dict[str, dict[str, Any]]:
+        """Every named preset: the schemes' (torch weights) and the runtimes' own (llama.cpp types)."""
         from costopt.quantization.schemes import PRESETS
+        from costopt.runtimes.registry import presets as runtime_presets
 
-        return dict(self.definitions.get(name) or PRESETS[name])
+        return {**PRESETS, **runtime_presets()}
+
+    def config(self, name: str) -> dict[str, Any]:
+        """The variant's definition (dict form): its scheme config and/or its runtime."""
+        return dict(self.definitions.get(name) or self.presets()[name])
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,10 @@ from datetime import timedelta
 
 from airflow.sdk import Param, dag, get_current_context, task
 
-# costopt.quantization.schemes.PRESETS, kept light (a test checks they match)
+# costopt.params.QuantizeParams.presets() (the schemes' and the runtimes'), kept light (a test checks they match)
 VARIANTS = ["bf16", "int8_weight_only", "int8_dynamic", "int8_static", "int4_rtn_g64", "int4_gptq_g64",
-            "int4_awq_g64", "int4_rtn_g32", "int4_gptq_g32", "dynamic_qint8_naive"]
+            "int4_awq_g64", "int4_rtn_g32", "int4_gptq_g32", "dynamic_qint8_naive",
+            "gguf_q8_0", "gguf_q6_k", "gguf_q5_k_m", "gguf_q4_k_m", "gguf_q4_0"]
 DEFAULT_VARIANTS = ["int8_weight_only", "int8_dynamic", "int8_static", "int4_rtn_g64", "int4_gptq_g64",
                     "int4_awq_g64", "dynamic_qint8_naive"]  # params.yaml's quantize.variants
 

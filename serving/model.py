@@ -2,7 +2,8 @@
 
 `load()` reads the variant from the workspace the pipeline wrote (`fp32` is the ingested model; any
 other name is a variant folder with its `spec.json`, rebuilt exactly as the validate phase measured
-it), builds its continuous-batching `Engine` and `EngineLoop`, and sets `self.ready`. Nothing comes
+it), builds the continuous-batching engine of the runtime its spec names (`costopt.runtimes.registry`:
+the torch engine, or llama.cpp's batched decode), its `EngineLoop`, and sets `self.ready`. Nothing comes
 from a hub. `generate()` is the one path every API takes (OpenAI chat and completions, streamed or
 not, and Open Inference Protocol v2 `predict`): it checks the request against the limits, queues it
 and yields text as tokens come.
@@ -43,19 +44,35 @@ class ServeOptions:
     threads: int = 2  # torch threads per engine step
 
 
-def load_weights(workspace: Path, name: str) -> tuple[Any, Any]:
-    """(model, tokenizer) of `name` from the workspace: fp32 or a variant the pipeline quantized."""
-    from costopt.storage.layout import Workspace
-    from costopt.models.source import load_model_dir
-    from costopt.models.variants import load_variant_model
+def load_engine(options: ServeOptions, name: str) -> tuple[Any, Any, str]:
+    """(engine, tokenizer, runtime name) of `name`: fp32, or a variant on the runtime its spec names
+    (the torch engine over costopt's modules, or llama.cpp's batched decode over its GGUF)."""
+    from transformers import AutoTokenizer
 
-    ws = Workspace(workspace)
+    from costopt.models.source import load_model_dir
+    from costopt.models.variants import read_spec
+    from costopt.runtimes.registry import spec_runtime
+    from costopt.storage.layout import Workspace
+
+    ws = Workspace(options.workspace)
     if not (ws.model_dir / "model.safetensors").is_file():
         raise FileNotFoundError(f"{ws.model_dir}: no ingested model; run the pipeline (make demo) or "
                                 f"`dvc pull` first")
+    tok = AutoTokenizer.from_pretrained(str(ws.model_dir), local_files_only=True)
+    eos = tok.eos_token_id
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
     if name == BASELINE:
-        return load_model_dir(ws.model_dir)
-    return load_variant_model(ws, name)
+        model, _ = load_model_dir(ws.model_dir)
+        return Engine(model, eos_token_ids=eos_ids, max_batch=options.admission.max_batch,
+                      max_len=options.max_len), tok, "torch"
+    spec = read_spec(ws, name)
+    runtime, _ = spec_runtime(spec)
+    reason = runtime.available()
+    if reason:
+        raise RuntimeError(f"variant {name!r}: runtime {runtime.name!r} cannot run here: {reason}")
+    engine = runtime.engine(ws, spec, eos_token_ids=eos_ids, max_batch=options.admission.max_batch,
+                            max_len=options.max_len, threads=options.threads)
+    return engine, tok, runtime.name
 
 
 class Detokenizer:
@@ -87,15 +104,12 @@ class VariantModel(kserve.Model):
 
         torch.set_num_threads(self.options.threads)
         t0 = time.perf_counter()
-        model, self.tokenizer = load_weights(self.options.workspace, self.name)
-        eos = self.tokenizer.eos_token_id
-        engine = Engine(model, eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
-                        max_batch=self.options.admission.max_batch, max_len=self.options.max_len)
+        engine, self.tokenizer, runtime = load_engine(self.options, self.name)
         admission = Admission(self.options.admission)
         calibrate(engine, admission)
         self.loop = EngineLoop(engine, admission, self.name,
                                on_step=lambda b, s, t: metrics.observe_step(self.name, b, s, t))
-        self.info = {"name": self.name, "load_seconds": round(time.perf_counter() - t0, 2),
+        self.info = {"name": self.name, "runtime": runtime, "load_seconds": round(time.perf_counter() - t0, 2),
                      "instance": uuid.uuid4().hex[:12]}
         metrics.LOADED.labels(self.name).set(1)
         self.ready = True

@@ -21,7 +21,7 @@ from costopt.storage.layout import Workspace, read_json, write_json
 from costopt.models.source import load_model_dir
 from costopt.params import load_params
 from costopt.evaluation.speed import device_label, encode, greedy_decode
-from costopt.models.variants import load_variant_model, read_spec
+from costopt.models.variants import read_spec
 
 PROMPT = "Explain in a few sentences why the sky is blue."
 
@@ -60,7 +60,9 @@ def run(ws: Workspace, params: Any, rounds: int, tokens: int, batch: int) -> dic
     torch.set_num_threads(params.benchmark.threads)
     base, tok = load_model_dir(ws.model_dir)
     names = list(dict.fromkeys([*params.quantize.variants, *search_pick(ws)]))
-    models = {"fp32": base, **{n: load_variant_model(ws, n)[0] for n in names}}
+    from tasks.benchmark import load_timed
+
+    models = {"fp32": base, **{n: load_timed(params, ws, n)[0] for n in names}}
     one, many = encode(tok, [PROMPT]), encode(tok, [PROMPT] * batch)
     for model in models.values():
         time_decode(model, one, 4)  # warm-up: kernel build, allocator

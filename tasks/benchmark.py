@@ -2,7 +2,9 @@
 
 `python -m tasks.benchmark` measures the fp32 baseline (artifacts/bench/baseline.json);
 `python -m tasks.benchmark --variants` measures each quantized variant (artifacts/bench/variants/).
-All use the same greedy loop and the same fixed request trace (costopt.evaluation.speed).
+All use the same fixed request trace (costopt.evaluation.speed); torch variants run the lean greedy
+loop, variants on another runtime (llama.cpp, the compiled torch step) run through that runtime's own
+engine. Each record names the runtime it measured.
 """
 from __future__ import annotations
 
@@ -14,8 +16,9 @@ from tqdm import tqdm
 from costopt.storage.layout import Workspace, write_json
 from costopt.models.source import load_model_dir
 from costopt.params import Params
-from costopt.evaluation.speed import measure
-from costopt.models.variants import load_variant_model
+from costopt.evaluation.speed import EngineDecoder, measure
+from costopt.models.variants import load_torch_variant, read_failure, read_spec, record_failure
+from costopt.runtimes.registry import RuntimeFailure, spec_runtime
 
 
 def held_out_prompts(ws: Workspace) -> list[str]:
@@ -35,15 +38,38 @@ def _measure(model: Any, tok: Any, name: str, params: Params, prompts: list[str]
 def benchmark_baseline(params: Params, ws: Workspace) -> dict[str, Any]:
     """Measure fp32 and write artifacts/bench/baseline.json."""
     model, tok = load_model_dir(ws.model_dir)
-    record = _measure(model, tok, "fp32", params, held_out_prompts(ws))
+    record = {**_measure(model, tok, "fp32", params, held_out_prompts(ws)), "runtime": "torch"}
     write_json(ws.bench_dir / "baseline.json", record)
     return record
 
 
+def load_timed(params: Params, ws: Workspace, name: str) -> tuple[Any, Any, str]:
+    """(what `measure` times, tokenizer, runtime label) of a variant: its torch model, or its runtime's engine."""
+    from transformers import AutoTokenizer
+
+    spec = read_spec(ws, name)
+    runtime, cfg = spec_runtime(spec)
+    label = runtime.name + ("+compile" if getattr(cfg, "compile", False) else "")
+    if label == "torch":
+        model, tok = load_torch_variant(ws, spec)
+        return model, tok, label
+    cfg_b = params.benchmark
+    engine = runtime.engine(ws, spec, eos_token_ids=[], threads=cfg_b.threads, max_len=1024,
+                            max_batch=max(cfg_b.decode_batch, cfg_b.throughput_batch, 1))
+    tok = AutoTokenizer.from_pretrained(str(ws.model_dir), local_files_only=True)
+    return EngineDecoder(engine), tok, label
+
+
 def benchmark_variant(params: Params, ws: Workspace, name: str) -> dict[str, Any]:
     """Measure one variant into artifacts/bench/variants/<name>.json (search candidates: artifacts/search/bench/)."""
-    model, tok = load_variant_model(ws, name)
-    record = _measure(model, tok, name, params, held_out_prompts(ws))
+    failed = read_failure(ws, name)
+    if failed:
+        return {"variant": name, "skipped": f"ruled out by {failed['phase']}: {failed['reason']}"}
+    try:
+        model, tok, runtime = load_timed(params, ws, name)
+        record = {**_measure(model, tok, name, params, held_out_prompts(ws)), "runtime": runtime}
+    except RuntimeFailure as exc:
+        return record_failure(ws, name, "benchmark", exc)
     write_json(ws.bench_file(name), record)
     return {k: record[k] for k in ("variant", "decode_tok_s_bs1", "decode_tok_s_batch", "p95_ms",
                                    "cost_per_1m_requests_usd")}

@@ -38,11 +38,16 @@ def calibration_curve(params: Params, ws: Workspace) -> dict[str, Any]:
         write_json(out, {"enabled": False})
         return {"enabled": False}
     known = {*params.quantize.variants, *params.quantize.definitions}
-    from costopt.quantization.schemes import PRESETS
-    if cfg.curve_variant not in known | set(PRESETS):
+    if cfg.curve_variant not in known | set(params.quantize.presets()):
         raise ParamsError(f"calibrate.curve_variant: unknown variant {cfg.curve_variant!r}; expected a preset "
                           f"or a quantize.definitions name")
-    config = config_from_dict(params.quantize.config(cfg.curve_variant))
+    from costopt.runtimes.registry import variant_definition
+
+    scheme = variant_definition(params.quantize.config(cfg.curve_variant)).scheme
+    if scheme is None:
+        raise ParamsError(f"calibrate.curve_variant: {cfg.curve_variant!r} is a runtime's own export with no "
+                          "calibration; expected a GPTQ, AWQ or static INT8 variant")
+    config = config_from_dict(scheme)
     if not SCHEMES[config.scheme].calibrated(config):
         raise ParamsError(f"calibrate.curve_variant: {cfg.curve_variant!r} reads no calibration data; "
                           "expected a GPTQ, AWQ or static INT8 variant")

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from costopt.storage.layout import replace_dir, staging_dir
+from costopt.evaluation.sequential import GATES, Gate
 from costopt.params import Gates
 
 if TYPE_CHECKING:
@@ -44,27 +45,6 @@ _NOT_NULL = "expect_column_values_to_not_be_null"
 class GateError(ValueError):
     """The metrics cannot be gated: no variants, a missing or non-numeric metric, or GE failed to run a
     check. The message names the variant and the metric."""
-
-
-@dataclass(frozen=True)
-class Gate:
-    metric: str  # column of the gate table
-    threshold: str  # field of `Gates`
-    op: str  # "<=": the value must not exceed the threshold; ">=": must not fall below it
-    unit: str  # printed after the measured value; "" for unitless ratios and shares
-    meaning: str  # one line for the Data Docs page
-
-    def bound(self, gates: Gates) -> float:
-        return float(getattr(gates, self.threshold))
-
-
-GATES = (
-    Gate("kl_mean", "kl_mean_max", "<=", "nats/token", "mean KL(fp32 || variant) over held-out tokens"),
-    Gate("kl_p99", "kl_p99_max", "<=", "nats/token", "99th percentile of per-token KL(fp32 || variant)"),
-    Gate("top1_agreement", "top1_agreement_min", ">=", "", "share of tokens whose argmax matches fp32's"),
-    Gate("ppl_ratio", "ppl_ratio_max", "<=", "", "variant perplexity / fp32 perplexity on held-out text"),
-    Gate("task_retention", "task_retention_min", ">=", "", "variant task accuracy / fp32 task accuracy"),
-)
 
 
 def _metric_value(variant: str, metric: str, entry: Any, pick: str = "value") -> float:

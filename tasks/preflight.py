@@ -16,11 +16,15 @@ from costopt.params import Params, ParamsError
 def check_group_sizes(params: Params, widths: dict[str, int]) -> None:
     """Every INT4 group size (named variants, the mixed search) must divide the model's Linear widths."""
     from costopt.quantization.schemes import config_from_dict
+    from costopt.runtimes.registry import variant_definition
 
     sizes = sorted(set(widths.values()))
     where = {}
     for i, name in enumerate(params.quantize.variants):
-        cfg = config_from_dict(params.quantize.config(name))
+        scheme = variant_definition(params.quantize.config(name)).scheme
+        if scheme is None:
+            continue  # a runtime's own export (llama.cpp types): no group size of ours
+        cfg = config_from_dict(scheme)
         if hasattr(cfg, "group_size"):
             field = (f"quantize.definitions.{name}.group_size" if name in params.quantize.definitions
                      else f"quantize.variants[{i}] ({name}): group_size")

@@ -19,7 +19,8 @@ from costopt.storage.layout import Workspace, read_json, replace_dir, staging_di
 from costopt.models.source import fingerprint_dir, load_model_dir
 from costopt.params import Params, ParamsError
 from costopt.quantization.schemes import SCHEMES, Calibration, SchemeConfig, config_from_dict, quantize, save_variant
-from costopt.models.variants import VariantSpec
+from costopt.models.variants import VariantSpec, clear_failure, record_failure
+from costopt.runtimes.registry import RuntimeFailure, RuntimeUnavailable, VariantDefinition, variant_definition
 
 
 def _log_rows(path: Path) -> list[dict[str, Any]]:
@@ -81,7 +82,7 @@ def calibration_set(params: Params, ws: Workspace, tok: Any, samples: int | None
 
 
 def build_variant(name: str, config: SchemeConfig, params: Params, ws: Workspace, folder: Path,
-                  samples: int | None = None) -> VariantSpec:
+                  samples: int | None = None, runtime: dict[str, Any] | None = None) -> VariantSpec:
     """Quantize the fp32 model with `config`, save it into `folder` and return its spec."""
     base_record = read_json(ws.model_dir / "fingerprint.json")
     model, tok = load_model_dir(ws.model_dir)
@@ -97,7 +98,28 @@ def build_variant(name: str, config: SchemeConfig, params: Params, ws: Workspace
         precision=SCHEMES[config.scheme].precision, transforms=[{"scheme": config.scheme, "config": conf}],
         artifact=str(ws.variant_dir(name).relative_to(ws.root)), size_bytes=size,
         fingerprint=fingerprint_dir(folder, ("*.safetensors",)), fast_kernel=SCHEMES[config.scheme].fast_kernel,
-        calibration={"source": calib.source, "samples": calib.samples} if calib else None)
+        calibration={"source": calib.source, "samples": calib.samples} if calib else None, runtime=runtime)
+    spec.save(folder)
+    return spec
+
+
+def export_variant(name: str, definition: VariantDefinition, params: Params, ws: Workspace,
+                   folder: Path) -> VariantSpec:
+    """A variant a runtime builds itself from the fp32 weights (llama.cpp's own quant types)."""
+    runtime, cfg = definition.runtime, definition.runtime_config
+    reason = runtime.available()
+    if reason:
+        raise RuntimeUnavailable(f"variant {name!r}: runtime {runtime.name!r} cannot run here: {reason}")
+    base_record = read_json(ws.model_dir / "fingerprint.json")
+    folder.mkdir(parents=True, exist_ok=True)
+    info = runtime.export(ws.model_dir, folder, cfg, params.ingest.model)
+    spec = VariantSpec(
+        name=name, base_model=params.ingest.model, base_fingerprint=base_record["fingerprint"],
+        precision=runtime.precision(cfg) or runtime.name,
+        transforms=[{"scheme": f"{runtime.name}_export", "config": cfg.to_dict()}],
+        artifact=str(ws.variant_dir(name).relative_to(ws.root)), size_bytes=int(info["size_bytes"]),
+        fingerprint=fingerprint_dir(folder, (info["file"],)), fast_kernel=True,
+        runtime=definition.runtime_record())
     spec.save(folder)
     return spec
 
@@ -106,11 +128,22 @@ def quantize_variant(params: Params, ws: Workspace, name: str) -> dict[str, Any]
     """Build one named variant of quantize.variants into artifacts/variants/<name>/."""
     if name not in params.quantize.variants:
         raise ParamsError(f"variant {name!r}: not in quantize.variants {list(params.quantize.variants)}")
-    config = config_from_dict(params.quantize.config(name))
+    definition = variant_definition(params.quantize.config(name))
     final = ws.variant_dir(name)
     stage = staging_dir(final)
-    spec = build_variant(name, config, params, ws, stage)
+    try:
+        if definition.scheme is None:
+            spec = export_variant(name, definition, params, ws, stage)
+        else:
+            spec = build_variant(name, config_from_dict(definition.scheme), params, ws, stage,
+                                 runtime=definition.runtime_record())
+    except RuntimeFailure as exc:  # this candidate only: recorded with its reason, the run goes on
+        import shutil
+
+        shutil.rmtree(stage, ignore_errors=True)  # an earlier artifact in `final` stays as it was
+        return record_failure(ws, name, "quantize", exc)
     replace_dir(stage, final)
+    clear_failure(ws, name)
     return {k: spec.to_dict()[k] for k in ("name", "precision", "size_bytes", "fingerprint")}
 
 

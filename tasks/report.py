@@ -196,7 +196,7 @@ def _baseline_row(inp: Inputs, price: float) -> dict[str, Any]:
     base_q = _entry(inp.quality, "baseline", "artifacts/quality/quality.json", "validate")
     accuracy = _entry(base_q, "task_accuracy", "artifacts/quality/quality.json: baseline", "validate")
     return {
-        "name": BASELINE, "precision": "fp32", "transforms": [], "size_bytes": inp.model_size,
+        "name": BASELINE, "precision": "fp32", "runtime": "torch", "transforms": [], "size_bytes": inp.model_size,
         "size_ratio": 1.0,
         "quality": {"kl_mean": 0.0, "kl_p99": 0.0, "top1_agreement": 1.0, "ppl_ratio": 1.0,
                     "task_accuracy": _point(accuracy, "quality.json: baseline.task_accuracy"),
@@ -209,6 +209,12 @@ def _baseline_row(inp: Inputs, price: float) -> dict[str, Any]:
         "gate": {"passed": True, "reasons": ["reference"]},
         "fingerprint": inp.fingerprint["fingerprint"],
     }
+
+
+def _stop_reason(q: dict[str, Any]) -> list[str]:
+    """Why validation stopped early (costopt.evaluation.sequential), when it did."""
+    seq = q.get("sequential") or {}
+    return [str(seq["reason"])] if seq.get("stopped") and seq.get("reason") else []
 
 
 def _variant_row(inp: Inputs, name: str, base: dict[str, Any], price: float) -> dict[str, Any]:
@@ -225,6 +231,7 @@ def _variant_row(inp: Inputs, name: str, base: dict[str, Any], price: float) -> 
     cost = _cost(speed_rec, price)
     return {
         "name": name, "precision": str(_entry(spec, "precision", where, "quantize")),
+        "runtime": str(speed_rec.get("runtime") or (spec.get("runtime") or {}).get("name") or "torch"),
         "transforms": list(_entry(spec, "transforms", where, "quantize")),
         "size_bytes": size, "size_ratio": _ratio(size, base["size_bytes"]),
         "quality": quality, "quality_ci95": {k: _ci(q[k]) for k in QUALITY_KEYS},
@@ -233,7 +240,7 @@ def _variant_row(inp: Inputs, name: str, base: dict[str, Any], price: float) -> 
         "cost_per_1m_requests_usd": cost,
         "cost_ratio": _ratio(cost, base["cost_per_1m_requests_usd"]),
         "gate": {"passed": _entry(verdict, "passed", f"gates.json: variants.{name}", "validate"),
-                 "reasons": [str(r) for r in verdict.get("reasons", [])],
+                 "reasons": [str(r) for r in verdict.get("reasons", [])] + _stop_reason(q),
                  "checks": verdict.get("checks", [])},
         "fingerprint": spec.get("fingerprint"),
         "fast_kernel": bool(spec.get("fast_kernel", True)),  # False: "quality-only" on this CPU
@@ -283,6 +290,9 @@ def build_summary(params: Params, inp: Inputs) -> dict[str, Any]:
         "sensitivity": _sensitivity_section(inp.sensitivity),
         "calibration_curve": inp.curve,
         "deployed": (inp.serving or {}).get("deployed", []),  # what the deploy phase served, fingerprints
+        # candidates ruled out before they could be gated (runtime missing, export or logits failed)
+        "failed_variants": [{k: f.get(k) for k in ("name", "phase", "error", "reason")}
+                            for f in inp.search.get("failed", [])],
     }
     if inp.serving and inp.serving.get("serving"):
         summary["serving"] = inp.serving["serving"]
@@ -341,16 +351,19 @@ def _verdict(gate: dict[str, Any]) -> str:
 
 def summary_table(summary: dict[str, Any]) -> str:
     """A fixed-width table for the terminal: one line per variant, fp32 first."""
-    head = (f"{'variant':<22} {'precision':<9} {'size MB':>8} {'tok/s bs1':>9} {'cost/1M $':>10} "
+    head = (f"{'variant':<22} {'precision':<9} {'runtime':<8} {'size MB':>8} {'tok/s bs1':>9} {'cost/1M $':>10} "
             f"{'KL mean':>8} {'top-1':>6} {'task ret':>8}  gate")
     lines = [head, "-" * len(head)]
     for r in _rows(summary):
         q, mark = r["quality"], "*" if r["name"] == summary["search"]["picked"] else " "
-        lines.append(f"{(r['name'] + mark)[:22]:<22} {r['precision'][:9]:<9} {r['size_bytes'] / 1e6:>8.1f} "
+        lines.append(f"{(r['name'] + mark)[:22]:<22} {r['precision'][:9]:<9} "
+                     f"{r.get('runtime', 'torch')[:8]:<8} {r['size_bytes'] / 1e6:>8.1f} "
                      f"{_fmt(r['speed']['decode_tok_s_bs1'], '.1f'):>9} "
                      f"{_fmt(r['cost_per_1m_requests_usd'], '.2f'):>10} {_fmt(q['kl_mean'], '.4f'):>8} "
                      f"{_fmt(q['top1_agreement'], '.3f'):>6} {_fmt(q['task_retention'], '.3f'):>8}  "
                      f"{_verdict(r['gate'])}")
+    for f in summary.get("failed_variants") or []:
+        lines.append(f"{f['name'][:22]:<22} ruled out in {f['phase']}: {f['reason'][:120]}")
     lines.append(f"* picked: {summary['search']['picked'] or 'none (no variant passed its gates)'}")
     return "\n".join(lines)
 
@@ -386,7 +399,7 @@ def _table_row(r: dict[str, Any], summary: dict[str, Any]) -> str:
         tags.append("quality-only: no fast kernel on this CPU")
     cells = [
         f'<td class="l"><b>{html.escape(r["name"])}</b><br><span class="ci">{", ".join(tags)}</span></td>',
-        f'<td class="l">{html.escape(r["precision"])}</td>',
+        f'<td class="l">{html.escape(r["precision"])}<br><span class="ci">{html.escape(r.get("runtime", "torch"))}</span></td>',
         f'<td>{r["size_bytes"] / 1e6:.1f}<br><span class="ci">×{_fmt(r.get("size_ratio"), ".3f")}</span></td>',
         f'<td>{_fmt(s["decode_tok_s_bs1"], ".1f")}<br><span class="ci">×{_fmt(r.get("speedup_bs1"), ".2f")}</span></td>',
         f'<td>{_fmt(s.get("decode_tok_s_batch"), ".1f")}</td>',
@@ -453,11 +466,22 @@ def _serving_html(summary: dict[str, Any]) -> str:
 <table><tr>{"".join(f"<th>{h}</th>" for h in heads)}</tr>{rows}</table>"""
 
 
+def _failed_html(summary: dict[str, Any]) -> str:
+    failed = summary.get("failed_variants") or []
+    if not failed:
+        return ""
+    rows = "".join(f"<tr><td class='l'><b>{html.escape(str(f['name']))}</b></td><td class='l'>"
+                   f"{html.escape(str(f['phase']))}</td><td class='l fail-r'>{html.escape(str(f['reason']))}</td></tr>"
+                   for f in failed)
+    return ("<h3>Candidates ruled out before their gates</h3><p class='ci'>The run went on without them.</p>"
+            f"<table><tr><th class='l'>variant</th><th class='l'>phase</th><th class='l'>reason</th></tr>{rows}</table>")
+
+
 def render_html(summary: dict[str, Any], png: bytes, figures: dict[str, bytes] | None = None) -> str:
     """The human report: one self-contained page (inline CSS, the plot as a base64 PNG)."""
     esc, search = html.escape, summary["search"]
     batch = summary["baseline"]["speed"].get("decode_batch", "n")
-    heads = ["variant", "precision", "size MB<br>(× fp32)", "decode tok/s bs1<br>(speedup)",
+    heads = ["variant", "precision<br>runtime", "size MB<br>(× fp32)", "decode tok/s bs1<br>(speedup)",
              f"decode tok/s bs{batch}", "throughput tok/s",
              "p95 ms", "cost / 1M req USD<br>(× fp32)", "KL mean<br>[95% CI]", "top-1<br>[95% CI]",
              "ppl ratio<br>[95% CI]", "task acc<br>[95% CI]", "task retention<br>[95% CI]", "gate"]
@@ -487,6 +511,7 @@ per hour / 3600 × machine-seconds per request × 10<sup>6</sup>. Ratios in pare
 <table><tr>{"".join(f"<th>{h}</th>" for h in heads)}</tr>
 {rows}
 </table>
+{_failed_html(summary)}
 <h2>Cost versus quality</h2>
 <img alt="cost versus KL mean, Pareto front highlighted" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">
 <p>Pareto front: {esc(", ".join(search["front"]) or "–")}</p>

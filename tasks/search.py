@@ -66,8 +66,11 @@ def search(params: Params, ws: Workspace) -> dict[str, Any]:
     from tasks.gates import evaluate_gates
     from costopt.evaluation.reference import load_reference
 
-    names = list(params.quantize.variants)
-    for name in names:  # every named variant must have been measured
+    from costopt.models.variants import read_failure
+
+    failed = [f for f in (read_failure(ws, n) for n in params.quantize.variants) if f]
+    names = [n for n in params.quantize.variants if n not in {f["name"] for f in failed}]
+    for name in names:  # every named variant that was not ruled out must have been measured
         _need(ws.quality_file(name), "validate")
         _need(ws.bench_file(name), "benchmark_variants")
     mixed: dict[str, Any] = {"enabled": params.search.enabled}
@@ -110,6 +113,7 @@ def search(params: Params, ws: Workspace) -> dict[str, Any]:
         "evaluations_detail": {"named": len(params.quantize.variants),
                                "mixed": len(mixed.get("trials", []))},
         "mixed": mixed,
+        "failed": failed,  # candidates ruled out before they could be gated, each with its reason
     }
     write_json(stage / "search.json", result)
     write_json(stage / "quality.json", quality)

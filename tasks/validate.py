@@ -13,16 +13,19 @@ artifacts/quality/variants/<name>.json (its Data Docs next to it), so variants v
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from costopt.storage.layout import Workspace, write_json
-from costopt.evaluation.metrics import Reference, accuracy_and_retention, mean_over_units, ppl_ratio, quantile_over_units, token_nll
-from costopt.params import Params
-from costopt.models.variants import load_variant_model
+from costopt.evaluation.metrics import (Estimate, Reference, accuracy_and_retention, mean_over_units, ppl_ratio,
+                                        quantile_over_units, token_nll)
+from costopt.evaluation.sequential import INTERIM_LEVEL, PROMPT_METRICS, Stop, failed_for_sure, fails, look_points
+from costopt.params import Gates, Params
+from costopt.models.variants import read_failure, record_failure
+from costopt.runtimes.registry import RuntimeFailure, load_scorer
 from costopt.evaluation.reference import Ref, batches, load_reference, logits, read_jsonl, task_correct
 
 
@@ -37,11 +40,14 @@ class Tally:
     nll_count: list[float] = field(default_factory=list)
 
 
-def compare_prompts(model: Any, ref: Ref, tally: Tally, limit: int | None = None) -> None:
-    """KL and top-1 against the stored fp32 reference at every real position past the shared prefix."""
+def compare_prompts(model: Any, ref: Ref, tally: Tally, limit: int | None = None,
+                    stop_after: Callable[[int, int], bool] | None = None) -> None:
+    """KL and top-1 against the stored fp32 reference at every real position past the shared prefix.
+
+    `stop_after(done, total)` is asked after each batch (counts of batches); True ends the scoring there."""
     row = 0
     encs = list(batches(ref.tok, ref.texts[:limit] if limit else ref.texts, ref.max_len))
-    for enc in tqdm(encs, desc="validate prompts", unit="batch", leave=False):
+    for done, enc in enumerate(tqdm(encs, desc="validate prompts", unit="batch", leave=False), 1):
         mask = enc["attention_mask"].bool()  # [B, T]
         mask[:, :ref.skip] = False
         out = logits(model, enc)[mask]  # [N, V]
@@ -57,6 +63,8 @@ def compare_prompts(model: Any, ref: Ref, tally: Tally, limit: int | None = None
             tally.count.append(float(length))
             start += length
         row += n
+        if stop_after is not None and done < len(encs) and stop_after(done, len(encs)):
+            return
     if limit is None and row != ref.hidden.shape[0]:
         raise RuntimeError(f"reference has {ref.hidden.shape[0]} positions, this run {row}: "
                            "the reference is stale; rerun the reference phase")
@@ -73,20 +81,52 @@ def passage_nll(model: Any, ref: Ref, tally: Tally) -> None:
             tally.nll_count.append(float(valid[b].sum()))
 
 
-def measure_quality(model: Any, ref: Ref, resamples: int) -> dict[str, Any]:
-    """Every quality metric of `model` against the fp32 reference, as {"value", "ci95"} entries."""
-    tally = Tally()
-    compare_prompts(model, ref, tally)
+def _prompt_estimates(tally: Tally, resamples: int, level: float = 0.95) -> dict[str, Estimate]:
+    return {"kl_mean": mean_over_units(tally.kl_sum, tally.count, resamples, level=level),
+            "kl_p99": quantile_over_units(tally.kl_tokens, 0.99, resamples, level=level),
+            "top1_agreement": mean_over_units(tally.top1_sum, tally.count, resamples, level=level)}
+
+
+def _interim(tally: Tally, resamples: int, gates: Gates, total: int, stops: list[Stop]) -> Callable[[int, int], bool]:
+    """The interim look of costopt.evaluation.sequential: stop once a prompt gate fails at 99.9%."""
+    def stop_after(done: int, batches_total: int) -> bool:
+        if done not in look_points(batches_total):
+            return False
+        for metric, est in _prompt_estimates(tally, resamples, INTERIM_LEVEL).items():
+            if failed_for_sure(metric, est.lo, est.hi, gates):
+                stops.append(Stop(metric, est.lo, est.hi, INTERIM_LEVEL, len(tally.count), total))
+                return True
+        return False
+    return stop_after
+
+
+def measure_quality(model: Any, ref: Ref, resamples: int, gates: Gates | None = None) -> dict[str, Any]:
+    """Every quality metric of `model` against the fp32 reference, as {"value", "ci95"} entries.
+
+    With `gates`, validation stops as soon as the verdict is decided fail (costopt.evaluation.sequential):
+    the metrics not measured are None and `sequential` says where and why it stopped."""
+    tally, stops = Tally(), []
+    stop_after = _interim(tally, resamples, gates, len(ref.texts), stops) if gates is not None else None
+    compare_prompts(model, ref, tally, stop_after=stop_after)
+    est = {k: v.to_dict() for k, v in _prompt_estimates(tally, resamples).items()}
+    failed = [m for m in PROMPT_METRICS if gates is not None and fails(m, est[m], gates)]
+    if stops or failed:
+        unmeasured = {"value": None, "ci95": None}
+        why = (stops[0].to_dict(gates) if stops else
+               {"stopped": True, "metric": failed[0], "prompts": len(tally.count), "of": len(ref.texts),
+                "reason": f"stopped after the prompts: {failed[0]} fails its gate on the full prompt set, so "
+                          "perplexity and tasks cannot change the verdict"})
+        return {**est, "ppl_ratio": unmeasured, "task_accuracy": unmeasured, "task_retention": unmeasured,
+                "sequential": why}
     passage_nll(model, ref, tally)
     correct = task_correct(model, ref.tok, ref.items)
-    est = {
-        "kl_mean": mean_over_units(tally.kl_sum, tally.count, resamples),
-        "kl_p99": quantile_over_units(tally.kl_tokens, 0.99, resamples),
-        "top1_agreement": mean_over_units(tally.top1_sum, tally.count, resamples),
-    }
-    est["ppl_ratio"], _, _ = ppl_ratio(ref.nll_sum, tally.nll_sum, tally.nll_count, resamples)
-    est["task_accuracy"], est["task_retention"] = accuracy_and_retention(ref.correct, correct, resamples)
-    return {k: v.to_dict() for k, v in est.items()}
+    ppl, _, _ = ppl_ratio(ref.nll_sum, tally.nll_sum, tally.nll_count, resamples)
+    accuracy, retention = accuracy_and_retention(ref.correct, correct, resamples)
+    est.update({"ppl_ratio": ppl.to_dict(), "task_accuracy": accuracy.to_dict(),
+                "task_retention": retention.to_dict()})
+    if gates is not None:
+        est["sequential"] = {"stopped": False, "prompts": len(tally.count), "of": len(ref.texts)}
+    return est
 
 
 def gate_one(name: str, metrics: dict[str, Any], params: Params, docs_dir) -> dict[str, Any]:
@@ -98,9 +138,15 @@ def gate_one(name: str, metrics: dict[str, Any], params: Params, docs_dir) -> di
 
 def validate_variant(params: Params, ws: Workspace, name: str) -> dict[str, Any]:
     """Measure one variant against the fp32 reference and gate it; write its quality file."""
+    failed = read_failure(ws, name)
+    if failed:
+        return {"name": name, "skipped": f"ruled out by {failed['phase']}: {failed['reason']}"}
     ref = load_reference(params, ws)
-    model, _ = load_variant_model(ws, name)
-    metrics = measure_quality(model, ref, params.validate.bootstrap)
+    try:
+        model, _ = load_scorer(ws, name)
+        metrics = measure_quality(model, ref, params.validate.bootstrap, params.validate.gates)
+    except RuntimeFailure as exc:  # e.g. non-finite logits from the runtime: never a silently wrong model
+        return record_failure(ws, name, "validate", exc)
     out = ws.quality_file(name)
     docs = out.with_suffix(".docs")
     verdict = gate_one(name, metrics, params, docs)

@@ -75,8 +75,8 @@ def test_form_has_a_typed_schema(dagbag):
 
 def test_form_variants_match_the_presets(dagbag):
     from costopt.params import QuantizeParams
-    from costopt.quantization.schemes import PRESETS
 
+    PRESETS = QuantizeParams.presets()
     param = dagbag.dags["optimize_model"].params.get_param("variants")
     assert sorted(param.schema["items"]["enum"]) == sorted(PRESETS), "the form must offer exactly the presets"
     assert set(param.value) <= set(PRESETS) and param.value, "the default selection is made of presets"

@@ -71,26 +71,27 @@ def ratio_of_sums(num: np.ndarray, den: np.ndarray) -> float:
 
 
 def bootstrap_ci(stat: Callable[[np.ndarray], float], n_units: int, resamples: int = 1000,
-                 seed: int = 0) -> tuple[float, float]:
-    """95% percentile interval of `stat(idx)` over `resamples` draws of unit indices with replacement."""
+                 seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """`level` percentile interval of `stat(idx)` over `resamples` draws of unit indices with replacement."""
     if n_units < 2:
         value = stat(np.arange(n_units))
         return value, value
     rng = np.random.default_rng(seed)
     draws = np.array([stat(rng.integers(0, n_units, n_units)) for _ in range(resamples)])
-    return float(np.nanpercentile(draws, 2.5)), float(np.nanpercentile(draws, 97.5))
+    tail = (1.0 - level) / 2 * 100
+    return float(np.nanpercentile(draws, tail)), float(np.nanpercentile(draws, 100 - tail))
 
 
 def mean_over_units(sums: Sequence[float], counts: Sequence[float], resamples: int,
-                    seed: int = 0) -> Estimate:
+                    seed: int = 0, level: float = 0.95) -> Estimate:
     """Token-weighted mean of per-sequence sums, with a CI from resampling sequences."""
     s, c = np.asarray(sums, dtype=float), np.asarray(counts, dtype=float)
-    lo, hi = bootstrap_ci(lambda i: ratio_of_sums(s[i], c[i]), len(s), resamples, seed)
+    lo, hi = bootstrap_ci(lambda i: ratio_of_sums(s[i], c[i]), len(s), resamples, seed, level)
     return Estimate(ratio_of_sums(s, c), lo, hi)
 
 
 def quantile_over_units(values_per_unit: Sequence[np.ndarray], q: float, resamples: int,
-                        seed: int = 0) -> Estimate:
+                        seed: int = 0, level: float = 0.95) -> Estimate:
     """The q-quantile of pooled token values, with a CI from resampling sequences."""
     units = [np.asarray(v, dtype=float) for v in values_per_unit]
     pooled = np.concatenate(units) if units else np.array([np.nan])
@@ -98,7 +99,7 @@ def quantile_over_units(values_per_unit: Sequence[np.ndarray], q: float, resampl
     def stat(idx: np.ndarray) -> float:
         return float(np.quantile(np.concatenate([units[i] for i in idx]), q))
 
-    lo, hi = bootstrap_ci(stat, len(units), resamples, seed)
+    lo, hi = bootstrap_ci(stat, len(units), resamples, seed, level)
     return Estimate(float(np.quantile(pooled, q)), lo, hi)
 
 

@@ -1,10 +1,14 @@
 """Speed measurements: batch-1 decode, batched throughput, and latency over a fixed request trace.
 
-Every variant is timed with the same lean greedy loop (`greedy_decode`): one prefill, then one forward
-per new token with a KV cache, no sampling and no stopping criteria. It is HF `generate` with the
-per-token Python bookkeeping removed, so the figures compare kernels, not framework overhead.
+Every torch variant is timed with the same lean greedy loop (`greedy_decode`): one prefill, then one
+forward per new token with a KV cache, no sampling and no stopping criteria. It is HF `generate` with
+the per-token Python bookkeeping removed, so the figures compare kernels, not framework overhead.
+A variant on another runtime (llama.cpp, the compiled torch step) is timed through its
+continuous-batching engine (`EngineDecoder`) under the same contract: the same prompts, one prefill
+step, then one step per new token for the whole batch, exactly `new_tokens` tokens (no EOS stop).
 
     record = measure(model, tok, prompts, trace, cfg=params.benchmark, price_per_hour=0.1)
+    record = measure(EngineDecoder(engine), tok, prompts, ...)   # any runtime's engine
 """
 from __future__ import annotations
 
@@ -69,10 +73,42 @@ def encode(tok: Any, texts: Sequence[str]) -> dict[str, torch.Tensor]:
     return tok(rendered, return_tensors="pt", padding=True)
 
 
+class EngineDecoder:
+    """A runtime's continuous-batching engine behind `greedy_decode`'s contract.
+
+    The engine must be built with no EOS ids, so every sequence runs exactly `new_tokens` tokens."""
+
+    def __init__(self, engine: Any) -> None:
+        if getattr(engine, "eos_token_ids", None):
+            raise ValueError("EngineDecoder: build the engine with eos_token_ids=[] so every row runs to length")
+        self.engine = engine
+
+    def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               new_tokens: int) -> tuple[torch.Tensor, float, float]:
+        from costopt.runtimes.engine import SamplingParams
+
+        rows = [ids[keep.bool()].tolist() for ids, keep in zip(input_ids, attention_mask)]  # unpadded
+        params = SamplingParams(max_new_tokens=new_tokens)
+        out: dict[int, list[int]] = {i: [] for i in range(len(rows))}
+        for i, r in enumerate(rows):
+            self.engine.add(i, r, params)
+        t0 = time.perf_counter()
+        for ev in self.engine.step():  # prefill: every row's first token
+            out[ev.seq_id].append(ev.token_id)
+        t1 = time.perf_counter()
+        while self.engine.has_work():
+            for ev in self.engine.step():
+                out[ev.seq_id].append(ev.token_id)
+        t2 = time.perf_counter()
+        return torch.tensor([out[i] for i in range(len(rows))]), t1 - t0, t2 - t1
+
+
 @torch.inference_mode()
 def greedy_decode(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   new_tokens: int) -> tuple[torch.Tensor, float, float]:
     """Greedy decode. ids/mask [B, T] -> (new ids [B, new_tokens], prefill s, decode s)."""
+    if isinstance(model, EngineDecoder):
+        return model.decode(input_ids, attention_mask, new_tokens)
     mask = attention_mask
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]: left padding shifts positions
     t0 = time.perf_counter()
@@ -153,3 +189,24 @@ def measure(model: Any, tok: Any, prompts: Sequence[str], cfg: Any, price_per_ho
         "slo_p95_ms": cfg.slo_p95_ms,
         "slo_met": p95 <= cfg.slo_p95_ms,
     }
+
+
+def read_bandwidth_gb_s(size_mb: int = 1024, repeats: int = 5, threads: int | None = None) -> float:
+    """This machine's streaming read bandwidth, GB/s: the median time to sum a buffer far larger than
+    any cache (torch's reduction runs on every intra-op thread, as a decode step's GEMVs do). Batch-1
+    decode must stream every weight once per token, so bandwidth / weight bytes is its roofline."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    buf = torch.ones(size_mb * (1 << 20) // 4, dtype=torch.float32)  # touched, so every page is resident
+    buf.sum()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        buf.sum()
+        times.append(time.perf_counter() - t0)
+    return buf.numel() * 4 / statistics.median(times) / 1e9
+
+
+def roofline_share(tok_s: float, weight_bytes: int, bandwidth_gb_s: float) -> float:
+    """Measured batch-1 tok/s as a share of the memory roofline (bandwidth / bytes streamed per token)."""
+    return tok_s * weight_bytes / (bandwidth_gb_s * 1e9)

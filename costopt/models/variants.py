@@ -1,7 +1,8 @@
 """The variant spec: one JSON record per candidate model, and loading a variant from it.
 
 A spec names the variant, its base model and fingerprint, the chain of transforms (each a scheme and
-its versioned config), the artifact folder, its size and fingerprint. Every metric and report row
+its versioned config), the runtime that executes it (`costopt.runtimes.registry`; torch when absent),
+the artifact folder, its size and fingerprint. Every metric and report row
 refers to a variant by this name, so any deployed variant can be traced to exactly how it was made.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ class VariantSpec:
     fingerprint: str = ""
     fast_kernel: bool = True  # False: quality-only, no kernel here makes it faster
     calibration: dict[str, Any] | None = None  # {"source": "prompts"|"logs", "samples": n} if calibrated
+    runtime: dict[str, Any] | None = None  # {"name", "config"} (costopt.runtimes.registry); None = torch, eager
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -46,18 +48,38 @@ def read_spec(ws: Workspace, name: str) -> VariantSpec:
     return VariantSpec.from_dict(read_json(path))
 
 
-def load_variant_model(ws: Workspace, name: str) -> tuple[Any, Any]:
-    """(model, tokenizer) of a quantized variant, rebuilt from its artifact and spec."""
+def load_torch_variant(ws: Workspace, spec: VariantSpec) -> tuple[Any, Any]:
+    """(model, tokenizer) of a variant whose weights are costopt's torch modules, rebuilt from its artifact."""
     from transformers import AutoTokenizer
 
     from costopt.quantization.schemes import config_from_dict, load_variant
 
-    spec = read_spec(ws, name)
     if len(spec.transforms) != 1:
-        raise ValueError(f"{ws.variant_dir(name) / SPEC}: transforms: expected one step, got "
+        raise ValueError(f"{ws.variant_dir(spec.name) / SPEC}: transforms: expected one step, got "
                          f"{len(spec.transforms)} (chains are not supported yet)")
     step = spec.transforms[0]
     config = config_from_dict({"scheme": step["scheme"], **step["config"]})
-    model = load_variant(ws.variant_dir(name), ws.model_dir, config)
+    model = load_variant(ws.variant_dir(spec.name), ws.model_dir, config)
     tok = AutoTokenizer.from_pretrained(str(ws.model_dir), local_files_only=True)
     return model, tok
+
+
+def failure_file(ws: Workspace, name: str) -> Path:
+    """Where a variant that could not be built, timed or scored records why (beside its folder)."""
+    return ws.variant_dir(name).with_name(f"{name}.failed.json")
+
+
+def record_failure(ws: Workspace, name: str, phase: str, exc: BaseException) -> dict[str, Any]:
+    """Mark `name` as ruled out of this run by `phase`, with the reason; later phases skip it."""
+    record = {"name": name, "phase": phase, "error": type(exc).__name__, "reason": str(exc)}
+    write_json(failure_file(ws, name), record)
+    return record
+
+
+def read_failure(ws: Workspace, name: str) -> dict[str, Any] | None:
+    path = failure_file(ws, name)
+    return read_json(path) if path.is_file() else None
+
+
+def clear_failure(ws: Workspace, name: str) -> None:
+    failure_file(ws, name).unlink(missing_ok=True)

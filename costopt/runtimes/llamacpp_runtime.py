@@ -1,0 +1,112 @@
+"""The llama.cpp runtime's entry in the registry: its config, presets, export, scorer and engine.
+
+The work is done by `costopt.runtimes.llamacpp` (GGUF export through llama.cpp's own quantizer,
+teacher-forced logits and the continuous-batching engine over llama.cpp's batched decode); this
+module only adapts it to the registry's shape:
+- `LlamaCppConfig(qtype)`: one of llama.cpp's own weight types, quantized from the fp32 weights by
+  llama.cpp itself (`llama_model_quantize`), so a Q4_K_M competes at equal quality, not equal bits;
+- presets `gguf_<qtype>` for the types users ask for;
+- `Scorer`: llama.cpp's logits behind the Hugging Face call the validate phase already makes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from costopt.runtimes.base import Runtime, RuntimeConfig, RuntimeConfigError
+
+GGUF = "model.gguf"  # the exported file inside the variant's folder
+QTYPES = ("F32", "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")
+PRESETS = {f"gguf_{q.lower()}": {"runtime": "llamacpp", "qtype": q} for q in ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")}
+
+
+@dataclass(frozen=True)
+class LlamaCppConfig(RuntimeConfig):
+    qtype: str = "Q8_0"  # llama.cpp weight type, quantized by llama.cpp from the fp32 weights
+
+    def check(self) -> None:
+        if self.qtype not in QTYPES:
+            raise RuntimeConfigError(f"llamacpp.qtype: expected one of {list(QTYPES)}, got {self.qtype!r}")
+
+
+def available() -> str | None:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError as exc:
+        return f"llama-cpp-python is not installed ({exc}); `make venv` installs it"
+    except OSError as exc:  # the shared library is there but does not load
+        return f"llama-cpp-python does not load ({exc})"
+    return None
+
+
+def _source_gguf(base_model: str) -> Path | None:
+    """The original GGUF when the model came from one: its tokenizer and metadata are reused."""
+    from costopt.models.source import ModelSourceError, resolve_source
+
+    try:
+        src = resolve_source(base_model)
+    except ModelSourceError:
+        return None
+    return Path(src.path) / src.gguf_file if src.kind == "gguf" and src.gguf_file else None
+
+
+def export(source_dir: Path, out_dir: Path, config: LlamaCppConfig, base_model: str) -> dict[str, Any]:
+    """Write `out_dir/model.gguf` of type `config.qtype` from the fp32 safetensors in `source_dir`."""
+    from costopt.runtimes.llamacpp import export_gguf
+
+    out = export_gguf(source_dir, out_dir / GGUF, config.qtype, source_gguf=_source_gguf(base_model))
+    return {"file": out.name, "size_bytes": out.stat().st_size}
+
+
+class Scorer:
+    """llama.cpp's teacher-forced logits, called like a Hugging Face causal LM on a padded batch."""
+
+    def __init__(self, path: Path, threads: int = 2) -> None:
+        import torch
+
+        from costopt.runtimes.llamacpp import LlamaCppModel
+
+        self.model = LlamaCppModel(path, n_threads=threads)
+        self.device = torch.device("cpu")
+
+    def eval(self) -> "Scorer":
+        return self
+
+    def __call__(self, input_ids: Any, attention_mask: Any = None, **_: Any) -> Any:
+        import torch
+        from types import SimpleNamespace
+
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        rows = []
+        for ids, keep in zip(input_ids.tolist(), mask.bool().tolist()):
+            where = [i for i, k in enumerate(keep) if k]
+            out = torch.zeros(len(ids), 0)
+            if where:
+                got = torch.from_numpy(self.model.logits([ids[i] for i in where]))  # [n, V]
+                out = torch.zeros(len(ids), got.shape[1])
+                out[torch.tensor(where)] = got
+            rows.append(out)
+        vocab = max(r.shape[1] for r in rows)
+        rows = [r if r.shape[1] == vocab else torch.zeros(r.shape[0], vocab) for r in rows]
+        return SimpleNamespace(logits=torch.stack(rows))  # [B, T, V]
+
+
+def _gguf_path(ws: Any, spec: Any) -> Path:
+    return Path(ws.root) / spec.artifact / GGUF
+
+
+def scorer(ws: Any, spec: Any) -> Scorer:
+    return Scorer(_gguf_path(ws, spec))
+
+
+def engine(ws: Any, spec: Any, *, eos_token_ids: list[int], max_batch: int, max_len: int, threads: int) -> Any:
+    from costopt.runtimes.llamacpp import LlamaCppEngine
+
+    return LlamaCppEngine(_gguf_path(ws, spec), eos_token_ids=eos_token_ids, max_batch=max_batch,
+                          max_len=max_len, n_threads=threads)
+
+
+RUNTIME = Runtime("llamacpp", LlamaCppConfig, available=available, export=export, scorer=scorer,
+                  engine=engine, precision=lambda cfg: cfg.qtype.lower(), reads_torch_weights=False,
+                  presets=PRESETS)
