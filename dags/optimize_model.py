@@ -30,12 +30,13 @@ def _run(phase_module: str, phase: str, *args):
 
     from airflow.sdk.exceptions import AirflowFailException
 
-    from tasks.cli import USER_ERRORS
+    from tasks.cli import USER_ERRORS, phase_timer
     from tasks.dagparams import resolve
 
     try:
         params, ws = resolve(get_current_context()["params"])
-        return getattr(importlib.import_module(f"tasks.{phase_module}"), phase)(params, ws, *args)
+        with phase_timer(ws, "-".join([phase, *map(str, args)])):
+            return getattr(importlib.import_module(f"tasks.{phase_module}"), phase)(params, ws, *args)
     except USER_ERRORS as exc:  # bad input: retrying cannot help, fail now with the message
         raise AirflowFailException(str(exc)) from exc
 

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant", help="measure only this variant")
     args = p.parse_args(argv)
     if args.variant:
-        return execute(lambda params, ws: benchmark_variant(params, ws, args.variant), args)
+        return execute(lambda params, ws: benchmark_variant(params, ws, args.variant), args, f"benchmark_variant-{args.variant}")
     return execute(benchmark_variants if args.variants else benchmark_baseline, args)
 
 

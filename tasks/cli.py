@@ -6,9 +6,11 @@ typed errors into a one-line message and exit code 2 instead of a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
-from typing import Any, Callable
+import time
+from typing import Any, Callable, Iterator
 
 from costopt.storage.layout import MissingArtifactError, ReportInputError, Workspace
 from costopt.models.source import ModelFileError, ModelSourceError
@@ -21,6 +23,17 @@ from costopt.storage.dvc import DvcError
 # and exit code 2 on the command line, and no pointless retries in Airflow.
 USER_ERRORS = (ParamsError, ModelSourceError, ModelFileError, SchemeError, StorageError,
                MissingArtifactError, ReportInputError, DvcError)
+
+
+@contextlib.contextmanager
+def phase_timer(ws: Workspace, label: str) -> Iterator[None]:
+    """Record the wall time of one phase run into artifacts/timings/<label>.json (the report lists them)."""
+    from costopt.storage.layout import write_json
+
+    started = time.perf_counter()
+    yield
+    write_json(ws.root / "artifacts" / "timings" / f"{label}.json",
+               {"phase": label, "wall_s": round(time.perf_counter() - started, 2)})
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -46,15 +59,17 @@ def run_variant_phase(description: str, one: Callable[[Params, Workspace, str], 
     p.add_argument("--variant", help="only this variant (default: every one of quantize.variants)")
     args = p.parse_args(argv)
     if args.variant:
-        return execute(lambda params, ws: one(params, ws, args.variant), args)
+        return execute(lambda params, ws: one(params, ws, args.variant), args, f"{one.__name__}-{args.variant}")
     return execute(every, args)
 
 
-def execute(phase: Callable[[Params, Workspace], Any], args: argparse.Namespace) -> int:
+def execute(phase: Callable[[Params, Workspace], Any], args: argparse.Namespace, label: str | None = None) -> int:
     """Run one phase with parsed flags; user errors become one line on stderr and exit code 2."""
     try:
         params = load_params(args.params, profile=args.profile)
-        result = phase(params, Workspace.from_env(args.workspace))
+        ws = Workspace.from_env(args.workspace)
+        with phase_timer(ws, label or phase.__name__):
+            result = phase(params, ws)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

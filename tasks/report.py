@@ -66,6 +66,7 @@ class Inputs:
     sensitivity: dict[str, Any] | None  # artifacts/sensitivity/sensitivity.json, when the search ran it
     curve: dict[str, Any] | None  # artifacts/calibration/curve.json, when configured
     serving: dict[str, Any] | None = None  # artifacts/serving/serving.json, when the deploy phase ran
+    root: Path = Path(".")  # the workspace root (artifacts/timings lives under it)
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -145,6 +146,7 @@ def load_inputs(params: Params, ws: Workspace) -> Inputs:
         sensitivity=_optional(ws.sensitivity_dir / "sensitivity.json"),
         curve=_optional(ws.calibration_dir / "curve.json"),
         serving=_optional(ws.root / "artifacts" / "serving" / "serving.json"),
+        root=ws.root,
     )
     for name in specs:
         for file, record in (("quality.json", inputs.quality), ("gates.json", inputs.gates)):
@@ -209,6 +211,21 @@ def _baseline_row(inp: Inputs, price: float) -> dict[str, Any]:
         "gate": {"passed": True, "reasons": ["reference"]},
         "fingerprint": inp.fingerprint["fingerprint"],
     }
+
+
+PHASES = ("preflight", "ingest", "evaldata", "benchmark_baseline", "reference", "sensitivity", "calibration_curve")
+VARIANT_PHASES = ("quantize_variant", "benchmark_variant", "validate_variant")
+
+
+def _wall_times(params: Params, root: Path) -> dict[str, float]:
+    """The wall time of every phase of this run that recorded one (tasks.cli.phase_timer), in run order."""
+    labels = [*PHASES, *(f"{p}-{v}" for v in params.quantize.variants for p in VARIANT_PHASES), "search", "deploy"]
+    out = {}
+    for label in labels:
+        path = root / "artifacts" / "timings" / f"{label}.json"
+        if path.is_file():
+            out[label] = float(read_json(path).get("wall_s", 0.0))
+    return out
 
 
 def _stop_reason(q: dict[str, Any]) -> list[str]:
@@ -290,6 +307,7 @@ def build_summary(params: Params, inp: Inputs) -> dict[str, Any]:
         "sensitivity": _sensitivity_section(inp.sensitivity),
         "calibration_curve": inp.curve,
         "deployed": (inp.serving or {}).get("deployed", []),  # what the deploy phase served, fingerprints
+        "wall_times_s": _wall_times(params, inp.root),  # each phase's last run, seconds (artifacts/timings)
         # candidates ruled out before they could be gated (runtime missing, export or logits failed)
         "failed_variants": [{k: f.get(k) for k in ("name", "phase", "error", "reason")}
                             for f in inp.search.get("failed", [])],
@@ -466,6 +484,16 @@ def _serving_html(summary: dict[str, Any]) -> str:
 <table><tr>{"".join(f"<th>{h}</th>" for h in heads)}</tr>{rows}</table>"""
 
 
+def _timings_html(summary: dict[str, Any]) -> str:
+    times = summary.get("wall_times_s") or {}
+    if not times:
+        return ""
+    rows = "".join(f"<tr><td class='l'>{html.escape(k)}</td><td>{v:.1f}</td></tr>" for k, v in times.items())
+    return ("<h2>Wall time per task</h2><p class='ci'>Each phase's last run, seconds; the report and version "
+            f"tasks come after this page is written. Total {sum(times.values()) / 60:.1f} min.</p>"
+            f"<table><tr><th class='l'>task</th><th>s</th></tr>{rows}</table>")
+
+
 def _failed_html(summary: dict[str, Any]) -> str:
     failed = summary.get("failed_variants") or []
     if not failed:
@@ -519,6 +547,7 @@ per hour / 3600 × machine-seconds per request × 10<sup>6</sup>. Ratios in pare
 {_mixed_html(search)}
 {_figures_html(summary, figures or {})}
 {_serving_html(summary)}
+{_timings_html(summary)}
 <h2>Gate thresholds</h2>
 <table><tr><th class="l">threshold</th><th>value</th></tr>{gates}</table>
 <h2>Data quality</h2>
