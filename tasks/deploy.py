@@ -133,7 +133,16 @@ def _fingerprint(ws: Any, name: str) -> str:
 
 
 def _weights(ws: Any, name: str) -> Path:
-    return (ws.model_dir if name == "fp32" else ws.variant_dir(name)) / "model.safetensors"
+    """The file `name` runs from: fp32's safetensors, or the variant's runtime's own file (spec.json first)."""
+    from costopt.models.variants import read_spec
+    from costopt.runtimes.registry import spec_runtime
+
+    if name == "fp32":
+        return ws.model_dir / "model.safetensors"
+    folder = ws.variant_dir(name)
+    if not (folder / "spec.json").is_file():
+        return folder / "spec.json"
+    return folder / spec_runtime(read_spec(ws, name))[0].weights_file
 
 
 def ensure_local(params: Any, ws: Any, names: Sequence[str]) -> list[str]:

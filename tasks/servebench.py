@@ -7,8 +7,8 @@ the load generator (`tasks.loadtest`), measuring side by side in one run:
 1. continuous batching vs batch-1 serving, both fp32 at concurrency 16 on the same requests, sent
    without deadlines to servers with deadline admission off (neither refuses any: throughput and p99
    over all of them);
-2. throughput and p50/p95/p99 at concurrency 1, 4, 16 and 64 for fp32 and INT8 weight-only, with the
-   trace's deadlines;
+2. throughput and p50/p95/p99 at concurrency 1, 4, 16 and 64 for fp32 and the search's pick on its
+   own runtime (INT8 weight-only when there is no pick), with the trace's deadlines;
 3. cost per 1M requests of the serving setup vs the naive path (fp32, batch 1, plain HF `generate`,
    one request after another, timed in this process on the same trace items);
 4. overload, per variant: the sustainable rate is its best throughput in the sweep (2.); an open loop at
@@ -101,8 +101,18 @@ class _Runs(list):
         write_json(self.path, {"runs": list(self)})
 
 
+def served_pick(ws: Workspace) -> str:
+    """The search's pick when it was built here, else INT8 weight-only (the serving comparison's second)."""
+    from costopt.storage.layout import read_json
+
+    path = ws.search_dir / "search.json"
+    picked = read_json(path).get("picked") if path.is_file() else None
+    return picked if picked and (ws.variant_dir(picked) / "spec.json").is_file() else INT8
+
+
 def run(ws: Workspace, price: float, threads: int, scale: float, logs: Path) -> dict[str, Any]:
     n = lambda k: max(4, int(round(k * scale)))  # noqa: E731
+    pick = served_pick(ws)
     items = build_trace(max(n(max(SWEEP.values())), 200), TRACE_SEED)
     runs: list[dict[str, Any]] = _Runs(logs / "partial.json")
     overloads: dict[str, dict[str, Any]] = {}
@@ -118,8 +128,8 @@ def run(ws: Workspace, price: float, threads: int, scale: float, logs: Path) -> 
                        progress=True, deadlines=False)
         runs.append({**summarize(res, price, _config(["fp32"], False)), "label": B1_LABEL})
     # 2 and 4. the serving setup, deadlines on: the sweep, then twice the best rate it sustained
-    with start_server(ws.root, ["fp32", INT8], logs / "server-batching.log", flags=SERVER_FLAGS) as srv:
-        for variant in ("fp32", INT8):
+    with start_server(ws.root, ["fp32", pick], logs / "server-batching.log", flags=SERVER_FLAGS) as srv:
+        for variant in ("fp32", pick):
             sweep = []
             for c, k in SWEEP.items():
                 res = run_load(srv.url, variant, items, concurrency=c, requests=max(n(k), c + 16), progress=True)
@@ -148,6 +158,8 @@ def run(ws: Workspace, price: float, threads: int, scale: float, logs: Path) -> 
         "continuous_p99_ms": cb["p99_ms"], "batch1_p99_ms": b1["p99_ms"],
         "naive_seconds_per_request": round(naive_s, 3), "optimized_setup": best["label"],
         "naive_vs_optimized_cost_ratio": round(naive_cost / best["cost_per_1m_requests_usd"], 2),
+        "optimized_over_naive_cost": round(best["cost_per_1m_requests_usd"] / naive_cost, 4),
+        "served_pick": pick,
         "overload": overloads,
     }
     return section

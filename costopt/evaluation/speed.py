@@ -107,8 +107,8 @@ class EngineDecoder:
 def greedy_decode(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   new_tokens: int) -> tuple[torch.Tensor, float, float]:
     """Greedy decode. ids/mask [B, T] -> (new ids [B, new_tokens], prefill s, decode s)."""
-    if isinstance(model, EngineDecoder):
-        return model.decode(input_ids, attention_mask, new_tokens)
+    if callable(getattr(model, "decode", None)) and not isinstance(model, torch.nn.Module):
+        return model.decode(input_ids, attention_mask, new_tokens)  # a runtime's own loop (EngineDecoder, ...)
     mask = attention_mask
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]: left padding shifts positions
     t0 = time.perf_counter()

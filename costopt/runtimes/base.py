@@ -44,5 +44,6 @@ class Runtime:
     scorer: Callable[..., Any]  # (ws, spec) -> HF-like causal LM for teacher-forced logits
     engine: Callable[..., Any]  # (ws, spec, *, eos_token_ids, max_batch, max_len, threads) -> Engine-like
     precision: Callable[[RuntimeConfig], str | None] = lambda cfg: None  # overrides the scheme's label
+    weights_file: str = "model.safetensors"  # the file in the variant's folder that it runs from
     reads_torch_weights: bool = True  # False: export writes everything it runs from (no scheme needed)
     presets: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)

@@ -92,21 +92,52 @@ class Scorer:
         return SimpleNamespace(logits=torch.stack(rows))  # [B, T, V]
 
 
-def _gguf_path(ws: Any, spec: Any) -> Path:
+def gguf_file(ws: Any, spec: Any) -> Path:
     return Path(ws.root) / spec.artifact / GGUF
 
 
+class LlamaGenerate:
+    """llama.cpp's own decode loop (`Llama.generate`, greedy) behind `greedy_decode`'s contract, batch 1:
+    what a user who ran llama.cpp directly would get, timed next to costopt's paths."""
+    batched = False
+
+    def __init__(self, path: Path, threads: int = 2, n_ctx: int = 512) -> None:
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
+                         verbose=False)
+
+    def decode(self, input_ids: Any, attention_mask: Any, new_tokens: int) -> tuple[Any, float, float]:
+        import time
+
+        import torch
+
+        if input_ids.shape[0] != 1:
+            raise ValueError(f"LlamaGenerate: batch 1 only, got {input_ids.shape[0]} rows")
+        prompt = input_ids[0][attention_mask[0].bool()].tolist()
+        out: list[int] = []
+        t0 = time.perf_counter()
+        t1 = t0
+        for token in self.llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+            out.append(int(token))
+            if len(out) == 1:
+                t1 = time.perf_counter()
+            if len(out) == new_tokens:
+                break
+        return torch.tensor([out]), t1 - t0, time.perf_counter() - t1
+
+
 def scorer(ws: Any, spec: Any) -> Scorer:
-    return Scorer(_gguf_path(ws, spec))
+    return Scorer(gguf_file(ws, spec))
 
 
 def engine(ws: Any, spec: Any, *, eos_token_ids: list[int], max_batch: int, max_len: int, threads: int) -> Any:
     from costopt.runtimes.llamacpp import LlamaCppEngine
 
-    return LlamaCppEngine(_gguf_path(ws, spec), eos_token_ids=eos_token_ids, max_batch=max_batch,
+    return LlamaCppEngine(gguf_file(ws, spec), eos_token_ids=eos_token_ids, max_batch=max_batch,
                           max_len=max_len, n_threads=threads)
 
 
 RUNTIME = Runtime("llamacpp", LlamaCppConfig, available=available, export=export, scorer=scorer,
-                  engine=engine, precision=lambda cfg: cfg.qtype.lower(), reads_torch_weights=False,
+                  engine=engine, precision=lambda cfg: cfg.qtype.lower(), weights_file=GGUF, reads_torch_weights=False,
                   presets=PRESETS)
