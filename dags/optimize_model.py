@@ -21,7 +21,8 @@ VARIANTS = ["bf16", "int8_weight_only", "int8_dynamic", "int8_static", "int4_rtn
             "int4_awq_g64", "int4_rtn_g32", "int4_gptq_g32", "dynamic_qint8_naive",
             "gguf_q8_0", "gguf_q6_k", "gguf_q5_k_m", "gguf_q4_k_m", "gguf_q4_0"]
 DEFAULT_VARIANTS = ["int8_weight_only", "int8_dynamic", "int8_static", "int4_rtn_g64", "int4_gptq_g64",
-                    "int4_awq_g64", "dynamic_qint8_naive"]  # params.yaml's quantize.variants
+                    "int4_awq_g64", "dynamic_qint8_naive", "gguf_q8_0", "gguf_q6_k",
+                    "gguf_q4_k_m"]  # params.yaml's quantize.variants
 
 
 def _run(phase_module: str, phase: str, *args):

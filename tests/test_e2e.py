@@ -23,7 +23,8 @@ PROJECT = Path(__file__).resolve().parents[1]
 SCHEMA = PROJECT / "schemas" / "summary.schema.json"
 pytestmark = pytest.mark.e2e
 # One of each kind the run must handle: weight-only INT8, W8A8, INT4 RTN and calibrated (AWQ), the naive one.
-VARIANTS = ["int8_weight_only", "int8_dynamic", "int4_rtn_g64", "int4_awq_g64", "dynamic_qint8_naive"]
+VARIANTS = ["int8_weight_only", "int8_dynamic", "int4_rtn_g64", "int4_awq_g64", "dynamic_qint8_naive",
+            "gguf_q8_0", "gguf_q4_k_m"]  # the last two: llama.cpp's own types, on the llama.cpp runtime
 
 
 def _files(root: Path) -> list[str]:
@@ -102,6 +103,12 @@ def test_summary_meets_the_contract(run):
         speed = v["speed"]
         assert speed["decode_tok_s_bs1"] > 0 and speed["decode_tok_s_batch"] > 0, f"{v['name']}: {speed}"
     assert summary["search"]["evaluations"] == len(VARIANTS) + 1, f"search: {summary['search']}"
+    runtimes = {v["name"]: v.get("runtime") for v in summary["variants"]}
+    assert runtimes["gguf_q8_0"] == "llamacpp" and runtimes["int8_weight_only"] == "torch", \
+        f"each variant is measured on its own runtime: {runtimes}"
+    times = summary["wall_times_s"]
+    assert {"evaldata", "search", "validate_variant-gguf_q8_0"} <= set(times) and all(t > 0 for t in times.values()), \
+        f"the report lists each task's wall time: {times}"
     assert (run["ws"] / "reports" / "latest" / "report.html").is_file(), "the human report exists"
     assert (run["ws"] / "reports" / "latest" / "data_docs" / "index.html").is_file(), "GE Data Docs are in the report"
 

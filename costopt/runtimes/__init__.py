@@ -1,1 +1,1 @@
-"""Runtimes that execute a variant: the torch continuous-batching engine (`engine`)."""
+"""Runtimes that execute a model: the torch continuous-batching engine and llama.cpp."""

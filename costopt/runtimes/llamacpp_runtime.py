@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from costopt.runtimes.base import Runtime, RuntimeConfig, RuntimeConfigError
+from costopt.runtimes.llamacpp import QTYPES
 
 GGUF = "model.gguf"  # the exported file inside the variant's folder
-QTYPES = ("F32", "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")
 PRESETS = {f"gguf_{q.lower()}": {"runtime": "llamacpp", "qtype": q} for q in ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")}
 
 

@@ -1,7 +1,7 @@
 """Serving tests run in the serving environment (.venv-serving): `make test` runs them with its pytest.
 
 `workspace` builds, once per session, what the pipeline would leave behind: the ingested built-in
-model and an INT8 weight-only variant, made by the pipeline environment's own phases (subprocesses,
+model, an INT8 weight-only variant and a llama.cpp GGUF Q8_0 variant, made by the pipeline environment's own phases (subprocesses,
 as a deployment would find them on disk). `server` is a real `python -m serving` process on a free
 loopback port (see servers.py).
 """
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from servers import PIPELINE_PY, VARIANT, phase, start_server
+from servers import GGUF_VARIANT, PIPELINE_PY, VARIANT, phase, start_server
 
 
 @pytest.fixture(scope="session")
@@ -21,6 +21,7 @@ def workspace(tmp_path_factory) -> Path:
     ws = tmp_path_factory.mktemp("ws")
     phase(ws, "tasks.ingest")
     phase(ws, "tasks.quantize", "--variant", VARIANT)
+    phase(ws, "tasks.quantize", "--variant", GGUF_VARIANT)  # exported by llama.cpp's own quantizer
     return ws
 
 

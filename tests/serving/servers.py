@@ -12,6 +12,7 @@ from tasks.deploy import start_server as _start
 PROJECT = Path(__file__).resolve().parents[2]
 PIPELINE_PY = PROJECT / ".venv" / "bin" / "python"
 VARIANT = "int8_weight_only"
+GGUF_VARIANT = "gguf_q8_0"  # the llama.cpp runtime's variant
 
 
 def phase(ws: Path, *args: str) -> None:

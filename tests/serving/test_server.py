@@ -1,6 +1,9 @@
 """The real model server on loopback with the real built-in model: OpenAI client (plain and streamed),
 Open Inference Protocol v2, Prometheus metrics, the request log, and bad input (4xx naming the field,
-never a 5xx, and the server keeps serving)."""
+never a 5xx, and the server keeps serving).
+
+Every test runs twice: against a torch variant (INT8 weight-only in costopt's engine) and against a
+llama.cpp variant (GGUF Q8_0 in the llama.cpp engine), each served next to fp32."""
 from __future__ import annotations
 
 import json
@@ -11,9 +14,27 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-VARIANT = "int8_weight_only"  # made by the session fixture `workspace` (conftest.py)
+from servers import GGUF_VARIANT, VARIANT, start_server  # both made by the session fixture `workspace`
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+
+
+@pytest.fixture(scope="module", params=[VARIANT, GGUF_VARIANT], ids=["torch", "llamacpp"])
+def server(request, workspace, tmp_path_factory):
+    """fp32 and one variant behind one server; small limits so bad-input tests are cheap."""
+    log = tmp_path_factory.mktemp(f"server-{request.param}") / "server.log"
+    reqlog = log.with_name("requests.jsonl")
+    srv = start_server(workspace, log, "--max_tokens_limit", "64", "--max_prompt_tokens", "512",
+                       "--max_body_bytes", "65536", "--request_log", str(reqlog), "--log_prompts",
+                       variants=("fp32", request.param))
+    srv.request_log, srv.variant = reqlog, request.param
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def variant(server) -> str:
+    return server.variant
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +42,8 @@ def client(server):
     return openai.OpenAI(base_url=f"{server.url}/openai/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-def test_openai_client_chat_round_trip(client):
-    out = client.chat.completions.create(model=VARIANT, messages=MESSAGES, max_tokens=12, temperature=0)
+def test_openai_client_chat_round_trip(client, variant):
+    out = client.chat.completions.create(model=variant, messages=MESSAGES, max_tokens=12, temperature=0)
     assert out.choices[0].message.content.strip(), "the answer has text"
     assert out.choices[0].finish_reason in ("stop", "length"), out.choices[0].finish_reason
     assert 1 <= out.usage.completion_tokens <= 12, f"usage counts the answer: {out.usage}"
@@ -41,11 +62,11 @@ def test_stream_equals_plain_answer_and_reports_usage(client):
     assert finishes == [plain.choices[0].finish_reason], f"one finish reason at the end: {finishes}"
 
 
-def test_completions_endpoint_and_model_list(client):
-    out = client.completions.create(model=VARIANT, prompt="The capital of France is", max_tokens=6, temperature=0)
+def test_completions_endpoint_and_model_list(client, variant):
+    out = client.completions.create(model=variant, prompt="The capital of France is", max_tokens=6, temperature=0)
     assert out.choices[0].text, "a completion has text"
     names = {m.id for m in client.models.list().data}
-    assert names == {"fp32", VARIANT}, f"/v1/models lists the served variants: {names}"
+    assert names == {"fp32", variant}, f"/v1/models lists the served variants: {names}"
 
 
 def test_stop_string_ends_the_answer(client):
@@ -60,24 +81,24 @@ def test_stop_string_ends_the_answer(client):
     assert cut.choices[0].finish_reason == "stop"
 
 
-def test_open_inference_protocol_v2(server):
+def test_open_inference_protocol_v2(server, variant):
     with httpx.Client(base_url=server.url, timeout=120) as http:
         assert http.get("/v2/health/live").status_code == 200
         assert http.get("/v2/health/ready").status_code == 200
-        assert http.get(f"/v2/models/{VARIANT}/ready").status_code == 200
+        assert http.get(f"/v2/models/{variant}/ready").status_code == 200
         body = {"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES", "data": ["Say hello."]}],
                 "parameters": {"max_tokens": 8}}
-        r = http.post(f"/v2/models/{VARIANT}/infer", json=body)
+        r = http.post(f"/v2/models/{variant}/infer", json=body)
         assert r.status_code == 200, r.text
         out = r.json()["outputs"][0]
         assert out["name"] == "text_output" and out["datatype"] == "BYTES" and out["data"][0], out
-        bad = http.post(f"/v2/models/{VARIANT}/infer", json={"inputs": [{"name": "x", "shape": [1],
+        bad = http.post(f"/v2/models/{variant}/infer", json={"inputs": [{"name": "x", "shape": [1],
                                                                           "datatype": "INT32", "data": [1]}]})
         assert bad.status_code == 400 and "text_input" in bad.text, f"a wrong input is named: {bad.text}"
 
 
-def test_metrics_parse_and_count_requests(server, client):
-    client.chat.completions.create(model=VARIANT, messages=MESSAGES, max_tokens=4, temperature=0,
+def test_metrics_parse_and_count_requests(server, client, variant):
+    client.chat.completions.create(model=variant, messages=MESSAGES, max_tokens=4, temperature=0,
                                    extra_headers={"x-costopt-priority": "high"})
     text = httpx.get(f"{server.url}/metrics", timeout=30).text
     families = {f.name: f for f in text_string_to_metric_families(text)}
@@ -85,13 +106,13 @@ def test_metrics_parse_and_count_requests(server, client):
                  "costopt_batch_size", "costopt_generated_tokens", "costopt_rejections"):
         assert name in families, f"/metrics has {name}"
     ok_high = [s for s in families["costopt_requests"].samples
-               if s.labels.get("variant") == VARIANT and s.labels.get("priority") == "high"
+               if s.labels.get("variant") == variant and s.labels.get("priority") == "high"
                and s.labels.get("outcome") == "ok" and s.name.endswith("_total")]
     assert ok_high and ok_high[0].value >= 1, "the high-priority request is counted by variant and priority"
 
 
-def test_request_log_lines(server, client):
-    client.chat.completions.create(model=VARIANT, messages=MESSAGES, max_tokens=4, temperature=0,
+def test_request_log_lines(server, client, variant):
+    client.chat.completions.create(model=variant, messages=MESSAGES, max_tokens=4, temperature=0,
                                    extra_headers={"x-costopt-tenant": "team-a"})
     rows = [json.loads(line) for line in server.request_log.read_text().splitlines()]
     mine = [r for r in rows if r["tenant"] == "team-a"]
@@ -128,6 +149,10 @@ def _post(server, path: str, body: bytes | dict, **headers: str) -> httpx.Respon
     (b"[" * 5000 + b"]" * 5000, {}, 400, "nested too deeply"),
 ])
 def test_bad_requests_get_a_4xx_naming_the_field(server, body, headers, status, named):
+    if isinstance(body, dict) and body.get("model") == VARIANT:
+        body = {**body, "model": server.variant}  # the table names the torch variant; serve whichever runs
+    elif isinstance(body, bytes):
+        body = body.replace(VARIANT.encode(), server.variant.encode())
     r = _post(server, "/openai/v1/chat/completions", body, **headers)
     assert r.status_code == status, f"expected {status}, got {r.status_code}: {r.text}"
     assert named in r.json()["error"]["message"], f"the error names {named!r}: {r.text}"
@@ -142,15 +167,15 @@ def test_unserved_model_names_never_become_metrics_labels(server):
 
 @pytest.mark.parametrize("extra", [{"temperature": 1.5, "top_p": 5.76e-156, "seed": 10584},
                                    {"temperature": 1e-300, "seed": 3}])
-def test_extreme_sampling_values_are_answered(server, extra):
-    body = {"model": VARIANT, "messages": MESSAGES, "max_tokens": 3, **extra}
+def test_extreme_sampling_values_are_answered(server, extra, variant):
+    body = {"model": variant, "messages": MESSAGES, "max_tokens": 3, **extra}
     r = _post(server, "/openai/v1/chat/completions", body)
     assert r.status_code == 200, f"{extra}: {r.status_code} {r.text}"
     greedy = _post(server, "/openai/v1/chat/completions", {**body, "temperature": 0}).json()
     assert r.json()["choices"][0]["message"] == greedy["choices"][0]["message"], "both are the greedy answer"
 
 
-def test_oip_v2_bad_text_and_headers_are_400(server):
+def test_oip_v2_bad_text_and_headers_are_400(server, variant):
     ok = {"name": "text_input", "shape": [1], "datatype": "BYTES", "data": ["Say hello."]}
     cases = [(b'{"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES", "data": ["a\\udc80"]}]}',
               {}, "text_input[0]"),
@@ -158,15 +183,15 @@ def test_oip_v2_bad_text_and_headers_are_400(server):
               {}, "parameters"),
              (json.dumps({"inputs": [ok]}).encode(), {"x-costopt-priority": "bogus"}, "x-costopt-priority")]
     for body, headers, named in cases:
-        r = _post(server, f"/v2/models/{VARIANT}/infer", body, **headers)
+        r = _post(server, f"/v2/models/{variant}/infer", body, **headers)
         assert r.status_code == 400 and named in r.text, f"{body[:80]!r}: {r.status_code} {r.text}"
 
 
-def test_oversized_body_is_413_and_server_keeps_serving(server, client):
-    big = {"model": VARIANT, "messages": [{"role": "user", "content": "x" * 70_000}]}
+def test_oversized_body_is_413_and_server_keeps_serving(server, client, variant):
+    big = {"model": variant, "messages": [{"role": "user", "content": "x" * 70_000}]}
     r = _post(server, "/openai/v1/chat/completions", big)
     assert r.status_code == 413 and "65536" in r.text, f"413 names the limit: {r.status_code} {r.text}"
-    assert client.chat.completions.create(model=VARIANT, messages=MESSAGES, max_tokens=2).choices, "still serving"
+    assert client.chat.completions.create(model=variant, messages=MESSAGES, max_tokens=2).choices, "still serving"
 
 
 def test_client_disconnect_mid_stream_leaves_server_serving(server, client):
@@ -186,6 +211,6 @@ def test_client_disconnect_mid_stream_leaves_server_serving(server, client):
     assert "costopt_requests_total" in text and 'outcome="error"' not in text, "no request ended in error"
 
 
-def test_model_versions_are_a_client_error(server):
-    r = httpx.get(f"{server.url}/v2/models/{VARIANT}/versions/2/ready", timeout=30)
+def test_model_versions_are_a_client_error(server, variant):
+    r = httpx.get(f"{server.url}/v2/models/{variant}/versions/2/ready", timeout=30)
     assert r.status_code == 400 and "model_version" in r.text, f"{r.status_code} {r.text}"

@@ -1,0 +1,820 @@
+"""llama.cpp as a costopt runtime: GGUF export, teacher-forced logits, a continuous-batching engine.
+
+Three pieces, all driving llama.cpp itself through llama-cpp-python's low-level ctypes bindings
+(pinned `llama-cpp-python==0.3.36`; it is imported lazily, so this module imports without it and every
+entry point raises `RuntimeUnavailable` naming the missing package):
+- `export_gguf(model_dir, out, qtype)`: an ingested fp32 safetensors Llama -> one GGUF file of a llama.cpp
+  type (F32, F16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0). F32/F16 are written with the `gguf` package;
+  the others are quantized from that F32 file by llama.cpp's own `llama_model_quantize`.
+- `LlamaCppModel(path).logits(ids)`: [T, vocab] logits at every position from one `llama_decode`, for
+  the quality gates (KL, top-1, perplexity are measured on llama.cpp's own arithmetic).
+- `LlamaCppEngine`: the interface and semantics of `costopt.runtimes.engine.Engine` (add, cancel,
+  pause, resume, clear, step), so the server and the load test drive either. A step is ONE
+  `llama_decode` over the newest token of every running sequence plus the prompts of newcomers, each
+  under its own llama.cpp sequence id in one unified KV cache, as llama.cpp's server does.
+
+    python -m costopt.runtimes.llamacpp export --model artifacts/model --qtype Q4_K_M --out m.gguf
+    python -m costopt.runtimes.llamacpp bench --gguf q8.gguf q4km.gguf --batch 1 4 16
+
+Export notes. transformers' GGUF loader un-permutes Q and K (llama.cpp stores each head's rotary
+halves interleaved), so the export permutes them back; an F32 export of the ingested built-in model
+reproduces the shipped Q4_1 file's de-quantized tensors bit for bit (tests/test_llamacpp.py).
+Metadata is copied from `source_gguf` when given, else built from config.json + tokenizer.json
+(byte-level BPE only). Q4_K_M/Q5_K_M/Q6_K need rows that are multiples of 256: hidden 576 is not, so
+llama.cpp itself falls back to a legacy type for those tensors (it logs which).
+
+Why, measured on the 2-core reference CPU (SmolLM2-135M, 2 threads, prompts of 40-80 tokens, 64 new
+tokens, decode tok/s after the prefill step, summed over the batch; median of 3 rounds interleaved in
+one process, `python -m costopt.runtimes.llamacpp bench --gguf q8_0.gguf q4_k_m.gguf --batch 1 4 16`):
+
+    GGUF   | Llama.generate bs1 | engine bs1 | engine bs4 | engine bs16 | engine bs1 / generate
+    Q8_0   |        (see below) |            |            |             |
+    Q4_K_M |                    |            |            |             |
+
+(filled in by the measurement run; see the numbers and ratios right below)
+"""
+from __future__ import annotations
+
+import collections
+import ctypes
+import json
+import logging
+import os
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Hashable, Sequence
+
+import numpy as np
+import torch
+
+from costopt.runtimes.base import RuntimeFailure, RuntimeUnavailable
+from costopt.runtimes.engine import SamplingParams, StepEvent, _sample
+
+QTYPES: dict[str, int] = {  # name -> llama.h `enum llama_ftype` (checked against llama_cpp in the tests)
+    "F32": 0, "F16": 1, "Q8_0": 7, "Q6_K": 18, "Q5_K_M": 17, "Q4_K_M": 15, "Q4_0": 2,
+}
+PIN = "llama-cpp-python==0.3.36"
+_LOG = logging.getLogger("costopt.llamacpp")
+
+
+class ExportError(RuntimeFailure, ValueError):
+    """The model or the export request does not fit a llama.cpp GGUF; the message names the field."""
+
+
+class GGUFFileError(RuntimeFailure, ValueError):
+    """A GGUF file is missing, truncated or corrupt; the message names the file."""
+
+
+class NonFiniteLogits(RuntimeFailure, FloatingPointError):
+    """llama.cpp produced NaN or inf logits (a broken file or an overflowing quantization)."""
+
+
+# -- llama.cpp, loaded once -------------------------------------------------------------------------
+_STATE: dict[str, Any] = {}
+_RECENT: collections.deque[str] = collections.deque(maxlen=12)  # llama.cpp's last warnings/errors
+# ggml_log_level as this llama.cpp numbers it (DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5; llama-cpp-python's
+# own _logger.py still assumes the older INFO 1 ... DEBUG 4); INFO is chatter (every key/value on load)
+_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
+_last_level = [logging.DEBUG]
+
+
+def _on_log(level: int, text: bytes, _user: Any) -> None:
+    """llama.cpp's log lines go to Python logging (its INFO chatter at DEBUG); warnings and errors are
+    kept so that a failed load or quantization can say why."""
+    py_level = _last_level[0] if level == 5 else _LEVELS.get(level, logging.DEBUG)  # 5 = continuation
+    _last_level[0] = py_level
+    line = text.decode("utf-8", "replace").rstrip("\n")
+    if py_level >= logging.WARNING and line:
+        _RECENT.append(line)
+    _LOG.log(py_level, "%s", line)
+
+
+def llama_cpp_lib() -> Any:
+    """The llama_cpp module, initialised once (backend, logging), or RuntimeUnavailable saying why not."""
+    if "lib" in _STATE:
+        return _STATE["lib"]
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise RuntimeUnavailable(f"llama-cpp-python is not installed: {exc}; install it with "
+                                 f"`pip install {PIN}` (it builds llama.cpp from source)") from exc
+    except (OSError, RuntimeError) as exc:  # the package is there but libllama failed to load
+        raise RuntimeUnavailable(f"llama-cpp-python is installed but its shared library failed to load: "
+                                 f"{exc}; reinstall it with `pip install --force-reinstall {PIN}`") from exc
+    callback = llama_cpp.llama_log_callback(_on_log)
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    llama_cpp.llama_backend_init()
+    _STATE.update(lib=llama_cpp, log_callback=callback)  # the callback must outlive every llama.cpp call
+    return llama_cpp
+
+
+def _recent_log() -> str:
+    lines = [line for line in _RECENT if line.strip()]
+    _RECENT.clear()
+    return "; ".join(lines[-4:]) or "no message from llama.cpp"
+
+
+# -- export ------------------------------------------------------------------------------------------
+def export_gguf(model_dir: Path, out: Path, qtype: str, source_gguf: Path | None = None,
+                progress: bool = True) -> Path:
+    """Write the fp32 safetensors Llama in `model_dir` as one GGUF of llama.cpp type `qtype` at `out`.
+
+    Atomic: everything is written to temporary files next to `out` and renamed at the end, so a failed
+    export leaves `out` as it was (absent, or the previous file) and no temporaries.
+    """
+    model_dir, out = Path(model_dir), Path(out)
+    if qtype not in QTYPES:
+        raise ExportError(f"qtype: {qtype!r}; expected one of {sorted(QTYPES)}")
+    config = llama_config(model_dir)
+    llama = llama_cpp_lib() if qtype not in ("F32", "F16") else None  # fail before writing 0.5 GB
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    base = tmp if llama is None else out.with_name(f".{out.name}.{os.getpid()}.f32.tmp")
+    try:
+        _write_gguf(model_dir, config, base, "F16" if qtype == "F16" else "F32", source_gguf, progress)
+        if llama is not None:
+            _quantize(llama, base, tmp, qtype)
+        os.replace(tmp, out)
+    finally:
+        for path in {tmp, base}:
+            path.unlink(missing_ok=True)
+    return out
+
+
+def llama_config(model_dir: Path) -> dict[str, Any]:
+    """config.json of a model that llama.cpp's `llama` architecture runs as is, or ExportError naming the field."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise ExportError(f"{path}: missing; export needs an ingested model folder (config.json + *.safetensors)")
+    config = json.loads(path.read_text())
+    expect = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+              "attention_bias": False, "mlp_bias": False}
+    defaults = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False}  # transformers' own
+    for field, want in expect.items():
+        got = config.get(field, defaults.get(field))
+        if got != want:
+            raise ExportError(f"{path}: {field} is {got!r}; the llama.cpp export supports {want!r} only "
+                              f"(plain Llama: SiLU MLP, no biases)")
+    return config
+
+
+_TENSOR_NAMES = {  # HF name (layer part as {i}) -> GGUF name
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+    "model.layers.{i}.input_layernorm.weight": "blk.{i}.attn_norm.weight",
+    "model.layers.{i}.post_attention_layernorm.weight": "blk.{i}.ffn_norm.weight",
+    "model.layers.{i}.self_attn.q_proj.weight": "blk.{i}.attn_q.weight",
+    "model.layers.{i}.self_attn.k_proj.weight": "blk.{i}.attn_k.weight",
+    "model.layers.{i}.self_attn.v_proj.weight": "blk.{i}.attn_v.weight",
+    "model.layers.{i}.self_attn.o_proj.weight": "blk.{i}.attn_output.weight",
+    "model.layers.{i}.mlp.gate_proj.weight": "blk.{i}.ffn_gate.weight",
+    "model.layers.{i}.mlp.up_proj.weight": "blk.{i}.ffn_up.weight",
+    "model.layers.{i}.mlp.down_proj.weight": "blk.{i}.ffn_down.weight",
+}
+
+
+def gguf_tensor_name(hf_name: str) -> str:
+    """HF parameter name -> GGUF tensor name, or ExportError for a tensor llama.cpp's llama has no slot for."""
+    parts = hf_name.split(".")
+    if len(parts) > 3 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
+        key = ".".join(parts[:2] + ["{i}"] + parts[3:])
+        if key in _TENSOR_NAMES:
+            return _TENSOR_NAMES[key].format(i=int(parts[2]))
+    elif hf_name in _TENSOR_NAMES:
+        return _TENSOR_NAMES[hf_name]
+    raise ExportError(f"tensor {hf_name!r}: no llama.cpp llama tensor takes it (expected only "
+                      f"embeddings, norms, q/k/v/o projections, gate/up/down and lm_head)")
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF rotary layout -> llama.cpp's: rows [heads, 2, hd/2] -> [heads, hd/2, 2] (llama.cpp's
+    convert_hf_to_gguf `permute`; transformers' GGUF loader applies the inverse). w: [heads*hd, in]."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _write_gguf(model_dir: Path, config: dict[str, Any], path: Path, ftype: str, source_gguf: Path | None,
+                progress: bool) -> None:
+    import gguf
+    from safetensors import safe_open
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    if source_gguf is not None:
+        _copy_metadata(Path(source_gguf), config, writer)
+    else:
+        _metadata_from_config(model_dir, config, writer)
+    writer.add_file_type(QTYPES[ftype])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    n_head, n_kv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
+    tied = config.get("tie_word_embeddings", False)
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ExportError(f"{model_dir}: no *.safetensors weights; run the ingest phase first")
+    written = set()
+    for file in files:
+        with safe_open(str(file), framework="numpy") as fh:
+            for name in fh.keys():
+                if name == "lm_head.weight" and tied:
+                    continue  # llama.cpp reads the tied head from token_embd
+                target = gguf_tensor_name(name)
+                w = fh.get_tensor(name).astype(np.float32, copy=False)
+                if target.endswith("attn_q.weight"):
+                    w = permute_qk(w, n_head)
+                elif target.endswith("attn_k.weight"):
+                    w = permute_qk(w, n_kv)
+                if ftype == "F16" and w.ndim == 2:  # 1-D norms stay F32, as llama.cpp's converter does
+                    w = w.astype(np.float16)
+                writer.add_tensor(target, np.ascontiguousarray(w))
+                written.add(target)
+    expected = {_TENSOR_NAMES[k].format(i=i) for k in _TENSOR_NAMES if "{i}" in k
+                for i in range(config["num_hidden_layers"])}
+    expected |= {"token_embd.weight", "output_norm.weight"} | (set() if tied else {"output.weight"})
+    if missing := sorted(expected - written):
+        raise ExportError(f"{model_dir}: tensors missing for a {config['num_hidden_layers']}-layer Llama: "
+                          f"{missing[:4]}{' ...' if len(missing) > 4 else ''}")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file(progress=progress)
+    writer.close()
+
+
+_CHECKED_HPARAMS = {  # GGUF key (after "llama.") -> config.json field
+    "block_count": "num_hidden_layers", "embedding_length": "hidden_size",
+    "feed_forward_length": "intermediate_size", "attention.head_count": "num_attention_heads",
+    "attention.head_count_kv": "num_key_value_heads",
+}
+_SKIPPED_KEYS = ("general.architecture", "general.file_type", "general.quantization_version")
+
+
+def _copy_metadata(source: Path, config: dict[str, Any], writer: Any) -> None:
+    """Every key/value of `source` (hparams, tokenizer, chat template) after checking it describes this model."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(source))
+    except (OSError, ValueError, IndexError) as exc:  # gguf raises these on damaged headers
+        raise GGUFFileError(f"{source}: not a readable GGUF file ({exc})") from exc
+    fields = reader.fields
+    arch = fields["general.architecture"].contents() if "general.architecture" in fields else None
+    if arch != "llama":
+        raise ExportError(f"source_gguf {source}: general.architecture is {arch!r}; expected 'llama'")
+    for key, cfg_key in _CHECKED_HPARAMS.items():
+        have = fields.get(f"llama.{key}")
+        want = config.get(cfg_key, config["num_attention_heads"] if cfg_key == "num_key_value_heads" else None)
+        if have is None or int(have.contents()) != want:
+            raise ExportError(f"source_gguf {source}: llama.{key} is {None if have is None else have.contents()}"
+                              f" but config.json {cfg_key} is {want}; pass the GGUF the model was ingested "
+                              f"from, or no source_gguf")
+    for key, field in fields.items():
+        if key.startswith("GGUF.") or key in _SKIPPED_KEYS:
+            continue
+        vtype = field.types[0]
+        sub_type = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        if sub_type == gguf.GGUFValueType.ARRAY:
+            raise ExportError(f"source_gguf {source}: {key} is a nested array, which the export cannot copy")
+        writer.add_key_value(key, field.contents(), vtype, sub_type=sub_type)
+
+
+def _metadata_from_config(model_dir: Path, config: dict[str, Any], writer: Any) -> None:
+    """Hparams from config.json, vocabulary from tokenizer.json (byte-level BPE, llama.cpp's "gpt2")."""
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ExportError(f"{model_dir}/config.json: rope_parameters.rope_type is {rope_type!r}; only 'default' "
+                          f"rotary embeddings are exported (pass source_gguf to copy a scaled-rope setup)")
+    n_head = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // n_head
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(config.get("num_key_value_heads", n_head))
+    writer.add_rope_freq_base(float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim * n_head != config["hidden_size"]:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    _add_bpe_vocab(model_dir, config["vocab_size"], writer)
+
+
+def _pre_tokenizer(spec: dict[str, Any] | None, path: Path) -> str:
+    """tokenizer.json's pre_tokenizer -> llama.cpp's `tokenizer.ggml.pre` (the regexes it splits with)."""
+    steps = (spec or {}).get("pretokenizers", [spec]) if (spec or {}).get("type") == "Sequence" else [spec]
+    kinds = [(s or {}).get("type") for s in steps]
+    byte_level = steps[-1] if kinds and kinds[-1] == "ByteLevel" else None
+    if byte_level is not None and byte_level.get("use_regex", True):
+        if kinds == ["ByteLevel"]:
+            return "gpt-2"  # GPT-2's regex (llama.cpp spells it with a hyphen; "gpt2" is refused on load)
+        if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
+            return "smollm"  # one digit per piece, then GPT-2's regex
+    raise ExportError(f"{path}: pre_tokenizer {kinds} is not one llama.cpp's 'gpt-2' or 'smollm' pre-tokenizer "
+                      f"reproduces; pass source_gguf to copy a known tokenizer")
+
+
+def _add_bpe_vocab(model_dir: Path, n_vocab: int, writer: Any) -> None:
+    import gguf
+
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        raise ExportError(f"{path}: missing; the export needs the tokenizer (or pass source_gguf)")
+    spec = json.loads(path.read_text())
+    kind = spec.get("model", {}).get("type")
+    if kind != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        raise ExportError(f"{path}: model.type {kind!r} with decoder {(spec.get('decoder') or {}).get('type')!r};"
+                          f" only byte-level BPE (GPT-2 style, llama.cpp 'gpt2') is exported")
+    pre = _pre_tokenizer(spec.get("pre_tokenizer"), path)
+    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
+    types = [gguf.TokenType.UNUSED] * n_vocab
+    added = {t["id"]: t for t in spec.get("added_tokens", [])}
+    for text, i in list(spec["model"]["vocab"].items()) + [(t["content"], t["id"]) for t in added.values()]:
+        if not 0 <= i < n_vocab:
+            raise ExportError(f"{path}: token {text!r} has id {i}, outside config.json vocab_size {n_vocab}")
+        tokens[i] = text
+        types[i] = (gguf.TokenType.NORMAL if i not in added else
+                    gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=n_vocab)
+    if not special.merges:
+        raise ExportError(f"{path}: no BPE merges found; the tokenizer cannot be rebuilt without them")
+    special.add_to_gguf(writer, quiet=True)
+    if "bos" not in special.add_special_token:
+        writer.add_add_bos_token(False)  # byte-level BPE models prepend nothing unless tokenizer_config says so
+    writer.add_add_space_prefix(False)
+
+
+def _quantize(llama: Any, src: Path, dst: Path, qtype: str) -> None:
+    params = llama.llama_model_quantize_default_params()
+    params.ftype = QTYPES[qtype]
+    params.nthread = 0  # 0 = every core
+    _RECENT.clear()
+    rc = llama.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise ExportError(f"qtype {qtype}: llama_model_quantize failed with code {rc}: {_recent_log()}")
+
+
+# -- loading and running a GGUF ----------------------------------------------------------------------
+def _check_file(path: Path) -> None:
+    if not path.is_file():
+        raise GGUFFileError(f"{path}: no such GGUF file")
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if len(head) < 8 or head[:4] != b"GGUF":
+        raise GGUFFileError(f"{path}: not a GGUF file (it does not start with the GGUF magic); re-export it")
+
+
+class _Batch:
+    """A llama_batch of `capacity` tokens with numpy views on its token/pos/logits arrays."""
+
+    def __init__(self, llama: Any, capacity: int) -> None:
+        self.llama, self.capacity = llama, capacity
+        self.raw = llama.llama_batch_init(capacity, 0, 1)
+        self.token = np.ctypeslib.as_array(self.raw.token, shape=(capacity,))  # int32
+        self.pos = np.ctypeslib.as_array(self.raw.pos, shape=(capacity,))  # int32
+        self.n_seq = np.ctypeslib.as_array(self.raw.n_seq_id, shape=(capacity,))  # int32
+        self.out = np.ctypeslib.as_array(self.raw.logits, shape=(capacity,))  # int8: 1 = logits wanted
+        self.n_seq[:] = 1
+        self._seq_of = [-1] * capacity  # the seq id last written into slot i (a pointer per token)
+
+    def fill(self, ids: Sequence[int], pos: Sequence[int], seqs: Sequence[int], outputs: Sequence[int]) -> None:
+        n = len(ids)
+        if n > self.capacity:
+            raise ValueError(f"batch: {n} tokens exceed its capacity of {self.capacity}")
+        self.token[:n], self.pos[:n], self.out[:n] = ids, pos, 0
+        self.out[list(outputs)] = 1
+        seq_id, known = self.raw.seq_id, self._seq_of
+        for i, s in enumerate(seqs):
+            if known[i] != s:
+                seq_id[i][0] = known[i] = s
+        self.raw.n_tokens = n
+
+
+def _free(llama: Any, ctx: Any, model: Any, batch: Any) -> None:
+    llama.llama_batch_free(batch)
+    llama.llama_free(ctx)
+    llama.llama_model_free(model)
+
+
+class _Context:
+    """One loaded GGUF with one llama.cpp context (KV cache for `n_seq` sequences) and one batch."""
+
+    def __init__(self, path: Path, *, n_threads: int, n_ctx: int, n_batch: int, n_seq: int, n_outputs: int,
+                 unified: bool = True, seq_len: int | None = None) -> None:
+        path = Path(path)
+        _check_file(path)
+        llama = llama_cpp_lib()
+        mparams = llama.llama_model_default_params()
+        mparams.n_gpu_layers = 0
+        _RECENT.clear()
+        model = llama.llama_model_load_from_file(str(path).encode(), mparams)
+        if not model:
+            raise GGUFFileError(f"{path}: llama.cpp cannot load it ({_recent_log()}); the file is truncated "
+                                f"or corrupt, re-export it")
+        n_ctx_train = llama.llama_model_n_ctx_train(model)
+        if seq_len is not None and not 2 <= seq_len <= n_ctx_train:
+            llama.llama_model_free(model)
+            raise ValueError(f"max_len: {seq_len}; must be in [2, {n_ctx_train}] (the model's context length)")
+        cparams = llama.llama_context_default_params()
+        cparams.n_ctx, cparams.n_batch, cparams.n_ubatch = n_ctx, n_batch, min(n_batch, 512)
+        cparams.n_seq_max, cparams.n_outputs_max, cparams.n_outputs_max_per_seq = n_seq, n_outputs, 0
+        cparams.n_threads = cparams.n_threads_batch = n_threads
+        cparams.kv_unified = unified  # False: a KV stream per sequence (see LlamaCppEngine)
+        # Off: the CPU flash-attention kernel takes a tiled path from 64 query rows on, so a prompt's
+        # logits changed (by up to 0.5 here) with how a batch split it; the plain path does not
+        cparams.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        cparams.no_perf = True
+        ctx = llama.llama_init_from_model(model, cparams)
+        if not ctx:
+            llama.llama_model_free(model)
+            raise RuntimeError(f"{path}: llama.cpp could not create a context of {n_ctx} tokens for {n_seq} "
+                               f"sequences ({_recent_log()}); lower max_batch or max_len")
+        self.llama, self.path, self.model, self.ctx = llama, path, model, ctx
+        self.mem = llama.llama_get_memory(ctx)
+        self.vocab_size = llama.llama_vocab_n_tokens(llama.llama_model_get_vocab(model))
+        self.n_ctx_train = n_ctx_train
+        self.n_ctx = llama.llama_n_ctx(ctx)
+        self.batch = _Batch(llama, n_batch)
+        self._finalizer = weakref.finalize(self, _free, llama, ctx, model, self.batch.raw)
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def decode(self, ids: Sequence[int], pos: Sequence[int], seqs: Sequence[int], outputs: Sequence[int]) -> None:
+        self.batch.fill(ids, pos, seqs, outputs)
+        rc = self.llama.llama_decode(self.ctx, self.batch.raw)
+        if rc != 0:
+            raise RuntimeError(f"{self.path.name}: llama_decode of {len(ids)} tokens failed with code {rc} "
+                               f"(1: no KV slot, 2: aborted, <0: error): {_recent_log()}")
+
+    def row(self, i: int) -> np.ndarray:
+        """Logits [vocab] of batch position i (a view valid until the next decode)."""
+        ptr = self.llama.llama_get_logits_ith(self.ctx, i)
+        if not ptr:
+            raise RuntimeError(f"{self.path.name}: llama.cpp returned no logits for batch position {i}")
+        return np.ctypeslib.as_array(ptr, shape=(self.vocab_size,))
+
+    def check_ids(self, ids: Sequence[int], what: str = "prompt") -> list[int]:
+        ids = [int(t) for t in ids]
+        if not ids:
+            raise ValueError(f"{what}: empty; it needs at least 1 token")
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            raise ValueError(f"{what}: token ids must be in [0, {self.vocab_size}) (the vocabulary)")
+        return ids
+
+
+class LlamaCppModel:
+    """A GGUF file under llama.cpp, for scoring: teacher-forced logits and a plain greedy loop."""
+
+    def __init__(self, path: str | Path, n_threads: int = 2, n_ctx: int = 2048) -> None:
+        self._c = _Context(Path(path), n_threads=n_threads, n_ctx=n_ctx, n_batch=n_ctx, n_seq=1, n_outputs=n_ctx)
+        self.path, self.vocab_size, self.n_ctx = self._c.path, self._c.vocab_size, self._c.n_ctx
+
+    def close(self) -> None:
+        self._c.close()
+
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        """float32 [T, vocab]: row t is the next-token logits after token_ids[:t+1] (one llama_decode)."""
+        ids = self._c.check_ids(token_ids, "token_ids")
+        if len(ids) > self.n_ctx:
+            raise ValueError(f"token_ids: {len(ids)} tokens exceed n_ctx={self.n_ctx}; open the model with a "
+                             f"larger n_ctx")
+        llama = self._c.llama
+        llama.llama_memory_clear(self._c.mem, False)  # metadata only: every cell is overwritten before use
+        t = len(ids)
+        self._c.decode(ids, range(t), [0] * t, range(t))
+        out = np.ctypeslib.as_array(llama.llama_get_logits(self._c.ctx), shape=(t, self.vocab_size)).copy()
+        if not np.isfinite(out).all():
+            bad = np.flatnonzero(~np.isfinite(out).all(axis=1))
+            raise NonFiniteLogits(f"{self.path}: non-finite logits at {len(bad)} of {t} positions (first at "
+                                  f"{int(bad[0])}); the file's weights are broken or overflow")
+        return out
+
+    def greedy(self, prompt_ids: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> list[int]:
+        """Argmax decoding of one prompt, one token per llama_decode: the reference for the engine."""
+        ids = self._c.check_ids(prompt_ids)
+        if len(ids) + max_new_tokens > self.n_ctx:
+            raise ValueError(f"prompt: {len(ids)} tokens + {max_new_tokens} new exceed n_ctx={self.n_ctx}")
+        self._c.llama.llama_memory_clear(self._c.mem, False)
+        self._c.decode(ids, range(len(ids)), [0] * len(ids), [len(ids) - 1])
+        out, stops = [], set(stop_ids)
+        for n in range(max_new_tokens):
+            tok = int(np.argmax(self._c.row(-1)))
+            out.append(tok)
+            if tok in stops or n == max_new_tokens - 1:
+                break
+            self._c.decode([tok], [len(ids) + n], [0], [0])
+        return out
+
+
+# -- the engine --------------------------------------------------------------------------------------
+@dataclass(eq=False, slots=True)
+class _Seq:
+    seq_id: Hashable
+    prompt: list[int]
+    params: SamplingParams
+    stops: frozenset[int]
+    generator: torch.Generator | None  # None for greedy
+    length: int = 0  # tokens whose K/V are in the cache
+    generated: int = 0
+    last: int = -1  # the newest token, fed in at the next decode step
+
+
+class LlamaCppEngine:
+    """Continuous batching on llama.cpp, with `costopt.runtimes.engine.Engine`'s interface and semantics.
+
+    KV layout: one llama.cpp sequence id per slot, each slot its own KV stream (`kv_unified=False`).
+    Measured here: in one unified cell pool a sequence's cells land wherever earlier sequences left
+    holes, which changes the order llama.cpp sums attention in; with Q8_0 activations that moved its
+    logits by up to 1.0 after a batch mate finished, so its tokens depended on its batch mates. In
+    its own stream a sequence's logits equal a solo run's bit for bit. llama.cpp splits a
+    multi-stream batch into ubatches of consecutive sequence ids, so, as in the torch engine, running
+    sequences hold slots 0..n-1 (a finished one's slot takes the last one's stream), newcomers take
+    the next slots and paused ones stack down from the top: a decode step is one ubatch, one pass
+    over the weights. A move is llama.cpp's own stream copy (`llama_memory_seq_cp` across streams,
+    applied at the next decode); slot `max_batch` is a spare for swaps. Not thread-safe, like Engine.
+
+    Memory, allocated up front: (max_batch + 1) streams of max_len cells rounded up to 256, f16 K
+    and V: 23 KB a cell for the built-in model, so 16 x 2048 is 0.8 GB (tests use far less).
+    """
+
+    def __init__(self, gguf: str | Path, *, eos_token_ids: Sequence[int], max_batch: int = 16,
+                 max_len: int = 2048, n_threads: int = 2) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch: {max_batch}; must be >= 1")
+        streams = max_batch + 1  # + the spare
+        self._c = _Context(Path(gguf), n_threads=n_threads, n_ctx=streams * max_len, n_batch=max_batch * max_len,
+                           n_seq=streams, n_outputs=streams, unified=False, seq_len=max_len)
+        self.max_batch, self.max_len = max_batch, max_len
+        self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
+        self.vocab_size = self._c.vocab_size
+        self._rows: list[_Seq] = []  # prefilled; row i lives in slot i
+        self._paused: list[_Seq] = []  # prefilled, not stepped; paused[j] lives in slot max_batch - 1 - j
+        self._pending: list[_Seq] = []  # added, prefilled at the next step (slots right after the rows)
+        self._cancelled: list[StepEvent] = []  # emitted by the next step
+
+    def close(self) -> None:
+        """Free llama.cpp's model, context and KV cache now (otherwise when the engine is collected)."""
+        self._c.close()
+
+    # -- the driver's side ------------------------------------------------------------------------
+    @property
+    def running(self) -> int:
+        """Sequences holding a slot (stepping, paused, or waiting for their prefill)."""
+        return len(self._rows) + len(self._paused) + len(self._pending)
+
+    def has_work(self) -> bool:
+        """Something to step: running rows, prompts to prefill or cancellations to report (paused
+        sequences alone are not: they wait for `resume`)."""
+        return bool(self._rows or self._pending or self._cancelled)
+
+    @property
+    def paused(self) -> int:
+        return len(self._paused)
+
+    def add(self, seq_id: Hashable, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        """Queue a sequence; its prompt is prefilled and its first token produced by the next step()."""
+        prompt = self._c.check_ids(prompt_ids)
+        total = len(prompt) + params.max_new_tokens
+        if total > self.max_len:
+            raise ValueError(f"prompt: {len(prompt)} tokens + max_tokens {params.max_new_tokens} = {total} "
+                             f"exceeds the context limit of {self.max_len} tokens; shorten the prompt or "
+                             f"lower max_tokens")
+        if any(s.seq_id == seq_id for s in self._rows + self._paused + self._pending):
+            raise ValueError(f"seq_id: {seq_id!r} is already running")
+        if self.running >= self.max_batch:
+            raise RuntimeError(f"no free slot: {self.running} of max_batch={self.max_batch} running; "
+                               f"admit at most max_batch - running sequences")
+        generator = None
+        if params.temperature > 0:
+            generator = torch.Generator()
+            generator.manual_seed(params.seed) if params.seed is not None else generator.seed()
+        stops = self.eos_token_ids | frozenset(params.stop_token_ids)
+        self._pending.append(_Seq(seq_id, prompt, params, stops, generator))
+
+    def cancel(self, seq_id: Hashable) -> None:
+        """Free `seq_id`'s slot now; the next step() emits StepEvent(seq_id, None, "cancelled").
+
+        A sequence that already finished (or never ran) is not an error: a client may hang up just as
+        its last token is produced. Nothing is emitted for it then.
+        """
+        for i, s in enumerate(self._pending):
+            if s.seq_id == seq_id:
+                del self._pending[i]  # never prefilled: it holds no cells
+                self._cancelled.append(StepEvent(seq_id, None, "cancelled"))
+                return
+        for i, s in enumerate(self._rows):
+            if s.seq_id == seq_id:
+                self._free_row(i)
+                self._cancelled.append(StepEvent(seq_id, None, "cancelled"))
+                return
+        for j, s in enumerate(self._paused):
+            if s.seq_id == seq_id:
+                self._drop_paused(j)
+                self._cancelled.append(StepEvent(seq_id, None, "cancelled"))
+                return
+
+    def pause(self, seq_id: Hashable) -> None:
+        """Stop stepping a prefilled sequence; it keeps its slot and its cache until `resume`."""
+        i = next((i for i, s in enumerate(self._rows) if s.seq_id == seq_id), None)
+        if i is None:
+            raise ValueError(f"pause: {seq_id!r} is not a running, prefilled sequence")
+        seq = self._rows[i]
+        self._move(i, self.max_batch)  # to the spare: slot i is about to take the last row
+        self._free_row(i)
+        self._move(self.max_batch, self.max_batch - 1 - len(self._paused))
+        self._paused.append(seq)
+
+    def resume(self, seq_id: Hashable) -> None:
+        """Step a paused sequence again from the next step on, where it left off."""
+        j = next((j for j, s in enumerate(self._paused) if s.seq_id == seq_id), None)
+        if j is None:
+            raise ValueError(f"resume: {seq_id!r} is not paused")
+        seq = self._paused[j]
+        self._move(self.max_batch - 1 - j, self.max_batch)
+        self._drop_paused(j)
+        self._move(self.max_batch, len(self._rows))
+        self._rows.append(seq)
+
+    def clear(self) -> None:
+        """Drop every sequence (running, paused, pending) and pending event, and empty the KV cache:
+        after a step failed midway, the driver starts over from an empty, consistent engine."""
+        self._rows, self._paused, self._pending, self._cancelled = [], [], [], []
+        self._c.llama.llama_memory_clear(self._c.mem, False)
+
+    def step(self) -> list[StepEvent]:
+        """One llama_decode: the newcomers' prompts and one token for every other running sequence."""
+        events, self._cancelled = self._cancelled, []
+        if not self._rows and not self._pending:
+            return events
+        n_dec, new = len(self._rows), self._pending
+        self._pending = []
+        ids = [s.last for s in self._rows]
+        pos = [s.length for s in self._rows]
+        slots = list(range(n_dec))
+        outputs = list(range(n_dec))
+        for j, s in enumerate(new):
+            ids += s.prompt
+            pos += range(len(s.prompt))
+            slots += [n_dec + j] * len(s.prompt)
+            outputs.append(len(ids) - 1)
+        self._c.decode(ids, pos, slots, outputs)
+        logits = np.stack([self._c.row(i) for i in outputs])  # [n_dec + len(new), vocab], copied out
+        self._rows.extend(new)
+        for s in new:
+            s.length = len(s.prompt) - 1  # the +1 below counts the prompt's last token
+        finished = []
+        for i, (s, tok) in enumerate(zip(self._rows, self._choose(logits))):
+            s.length += 1
+            s.generated += 1
+            s.last = tok
+            reason = "stop" if tok in s.stops else "length" if s.generated >= s.params.max_new_tokens else None
+            events.append(StepEvent(s.seq_id, tok, reason))
+            if reason is not None:
+                finished.append(i)
+        for i in reversed(finished):  # descending, so every row moved by _free_row is a live one
+            self._free_row(i)
+        return events
+
+    # -- internals -------------------------------------------------------------------------------
+    def _move(self, src: int, dst: int) -> None:
+        """Slot src's cells to slot dst (free); llama.cpp copies the stream at the next decode, in order."""
+        if src != dst:
+            llama, mem = self._c.llama, self._c.mem
+            llama.llama_memory_seq_cp(mem, src, dst, -1, -1)
+            llama.llama_memory_seq_rm(mem, src, -1, -1)
+
+    def _free_row(self, i: int) -> None:
+        """Drop row i's cells, moving the last row into slot i so rows stay in slots 0..n-1."""
+        self._c.llama.llama_memory_seq_rm(self._c.mem, i, -1, -1)
+        last = len(self._rows) - 1
+        if i != last:
+            self._move(last, i)
+            self._rows[i] = self._rows[last]
+        self._rows.pop()
+
+    def _drop_paused(self, j: int) -> None:
+        """Drop paused[j]'s cells, moving the last paused sequence into its slot."""
+        top = self.max_batch - 1
+        self._c.llama.llama_memory_seq_rm(self._c.mem, top - j, -1, -1)
+        last = len(self._paused) - 1
+        if j != last:
+            self._move(top - last, top - j)
+            self._paused[j] = self._paused[last]
+        self._paused.pop()
+
+    def _choose(self, logits: np.ndarray) -> list[int]:
+        """Next token per row: argmax, or a sample from the row's own generator (the torch engine's sampler)."""
+        tokens = logits.argmax(-1).tolist()
+        for i, s in enumerate(self._rows):
+            if s.generator is not None:
+                try:
+                    tokens[i] = _sample(torch.from_numpy(logits[i]), s.params, s.generator)
+                except RuntimeError:  # non-finite logits: this row goes greedy, its batch mates never fail
+                    pass
+        return tokens
+
+
+# -- command line: export, and the timing behind the docstring's table -------------------------------
+def _bench_prompts(batch: int, vocab: int) -> list[list[int]]:
+    """`batch` fixed pseudo-random prompts of 40-80 tokens (speed does not depend on their content)."""
+    rng = np.random.default_rng(0)
+    return [rng.integers(100, vocab, 40 + (17 * i) % 41).tolist() for i in range(batch)]
+
+
+def _time_engine(engine: LlamaCppEngine, prompts: list[list[int]], new_tokens: int) -> float:
+    """Decode tok/s summed over the batch, after the step that prefills every prompt."""
+    import time
+
+    for i, p in enumerate(prompts):
+        engine.add(i, p, SamplingParams(max_new_tokens=new_tokens))
+    engine.step()
+    t0 = time.perf_counter()
+    while engine.has_work():
+        engine.step()
+    return len(prompts) * (new_tokens - 1) / (time.perf_counter() - t0)
+
+
+def _time_generate(llm: Any, prompt: list[int], new_tokens: int) -> float:
+    """Decode tok/s of llama-cpp-python's high-level `Llama.generate` (greedy), after its first token."""
+    import time
+
+    n, t0 = 0, 0.0
+    for _ in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+        n += 1
+        if n == 1:
+            t0 = time.perf_counter()
+        if n == new_tokens:
+            break
+    return (new_tokens - 1) / (time.perf_counter() - t0)
+
+
+def bench(ggufs: Sequence[Path], batches: Sequence[int], new_tokens: int = 64, repeats: int = 3,
+          threads: int = 2) -> list[dict[str, Any]]:
+    """Median decode tok/s per GGUF: Llama.generate at batch 1 and the engine at each batch size, all
+    rounds interleaved in this process so that load from other jobs hits every figure alike."""
+    import statistics
+
+    from llama_cpp import Llama
+
+    llama_cpp_lib()
+    top = max(batches)
+    setups = []
+    for path in ggufs:
+        engine = LlamaCppEngine(path, eos_token_ids=[], max_batch=top, max_len=96 + new_tokens, n_threads=threads)
+        llm = Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=96 + new_tokens,
+                    verbose=False)
+        _time_engine(engine, _bench_prompts(2, engine.vocab_size), 4)  # warm-up: first calls pay setup
+        _time_generate(llm, _bench_prompts(1, engine.vocab_size)[0], 4)
+        setups.append((Path(path), engine, llm, {"generate_bs1": []} | {f"engine_bs{b}": [] for b in batches}))
+    for _ in range(repeats):
+        for _, engine, llm, runs in setups:
+            runs["generate_bs1"].append(_time_generate(llm, _bench_prompts(1, engine.vocab_size)[0], new_tokens))
+            for b in batches:
+                runs[f"engine_bs{b}"].append(_time_engine(engine, _bench_prompts(b, engine.vocab_size), new_tokens))
+    rows = []
+    for path, engine, llm, runs in setups:
+        row: dict[str, Any] = {"gguf": path.name, "threads": threads, "load_avg_1min": round(os.getloadavg()[0], 2)}
+        row |= {k: round(statistics.median(v), 1) for k, v in runs.items()}
+        if 1 in batches:
+            row["engine_bs1_over_generate"] = round(row["engine_bs1"] / row["generate_bs1"], 2)
+            row |= {f"engine_bs{b}_over_bs1": round(row[f"engine_bs{b}"] / row["engine_bs1"], 2)
+                    for b in batches if b != 1}
+        rows.append(row)
+        engine.close()
+        llm.close()
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("export", help="write an ingested fp32 model folder as a GGUF")
+    ex.add_argument("--model", default="artifacts/model", help="folder with config.json + safetensors")
+    ex.add_argument("--qtype", required=True, choices=sorted(QTYPES))
+    ex.add_argument("--out", required=True, help="the .gguf file to write")
+    ex.add_argument("--source-gguf", help="copy metadata (hparams, tokenizer) from this GGUF")
+    be = sub.add_parser("bench", help="decode tok/s: Llama.generate vs the engine at several batch sizes")
+    be.add_argument("--gguf", nargs="+", required=True)
+    be.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16])
+    be.add_argument("--new-tokens", type=int, default=64)
+    be.add_argument("--repeats", type=int, default=3)
+    be.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    if args.command == "export":
+        source = Path(args.source_gguf) if args.source_gguf else None
+        print(export_gguf(Path(args.model), Path(args.out), args.qtype, source_gguf=source))
+        return
+    for row in bench([Path(g) for g in args.gguf], args.batch, args.new_tokens, args.repeats, args.threads):
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
