@@ -45,6 +45,14 @@ def engine(ws: Any, spec: Any, *, eos_token_ids: list[int], max_batch: int, max_
     model, _ = load_torch_variant(ws, spec)
     cfg = config_of(spec)
     kwargs = {"compile": True} if cfg.compile else {}
+    if kwargs:
+        import inspect
+
+        from costopt.runtimes.base import RuntimeUnavailable
+
+        if "compile" not in inspect.signature(Engine).parameters:
+            raise RuntimeUnavailable(f"variant {spec.name!r}: compile: true, but this build's engine has no "
+                                     "compiled decode step yet; set compile: false")
     return Engine(model, eos_token_ids=eos_token_ids, max_batch=max_batch, max_len=max_len, **kwargs)
 
 
