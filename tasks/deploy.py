@@ -141,7 +141,7 @@ def _weights(ws: Any, name: str) -> Path:
         return ws.model_dir / "model.safetensors"
     folder = ws.variant_dir(name)
     if not (folder / "spec.json").is_file():
-        return folder / "spec.json"
+        return folder / "model.safetensors"  # no spec to name its runtime: the torch runtime's file
     return folder / spec_runtime(read_spec(ws, name))[0].weights_file
 
 
