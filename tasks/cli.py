@@ -27,12 +27,12 @@ USER_ERRORS = (ParamsError, ModelSourceError, ModelFileError, SchemeError, Stora
 
 @contextlib.contextmanager
 def phase_timer(ws: Workspace, label: str) -> Iterator[None]:
-    """Record the wall time of one phase run into artifacts/timings/<label>.json (the report lists them)."""
+    """Record the wall time of one phase run into logs/timings/<label>.json (not a DVC output: a measurement) (the report lists them)."""
     from costopt.storage.layout import write_json
 
     started = time.perf_counter()
     yield
-    write_json(ws.root / "artifacts" / "timings" / f"{label}.json",
+    write_json(ws.root / "logs" / "timings" / f"{label}.json",
                {"phase": label, "wall_s": round(time.perf_counter() - started, 2)})
 
 

@@ -66,7 +66,7 @@ class Inputs:
     sensitivity: dict[str, Any] | None  # artifacts/sensitivity/sensitivity.json, when the search ran it
     curve: dict[str, Any] | None  # artifacts/calibration/curve.json, when configured
     serving: dict[str, Any] | None = None  # artifacts/serving/serving.json, when the deploy phase ran
-    root: Path = Path(".")  # the workspace root (artifacts/timings lives under it)
+    root: Path = Path(".")  # the workspace root (logs/timings lives under it)
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -222,7 +222,7 @@ def _wall_times(params: Params, root: Path) -> dict[str, float]:
     labels = [*PHASES, *(f"{p}-{v}" for v in params.quantize.variants for p in VARIANT_PHASES), "search", "deploy"]
     out = {}
     for label in labels:
-        path = root / "artifacts" / "timings" / f"{label}.json"
+        path = root / "logs" / "timings" / f"{label}.json"
         if path.is_file():
             out[label] = float(read_json(path).get("wall_s", 0.0))
     return out
@@ -307,7 +307,7 @@ def build_summary(params: Params, inp: Inputs) -> dict[str, Any]:
         "sensitivity": _sensitivity_section(inp.sensitivity),
         "calibration_curve": inp.curve,
         "deployed": (inp.serving or {}).get("deployed", []),  # what the deploy phase served, fingerprints
-        "wall_times_s": _wall_times(params, inp.root),  # each phase's last run, seconds (artifacts/timings)
+        "wall_times_s": _wall_times(params, inp.root),  # each phase's last run, seconds (logs/timings)
         # candidates ruled out before they could be gated (runtime missing, export or logits failed)
         "failed_variants": [{k: f.get(k) for k in ("name", "phase", "error", "reason")}
                             for f in inp.search.get("failed", [])],
