@@ -24,7 +24,7 @@ from costopt.storage.layout import Workspace  # noqa: E402
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about autumn leaves.",
            "Explain in one sentence what a CPU cache does.", "Name three prime numbers.", "How do I boil an egg?"]
-NEW = 24  # greedy tokens compared per prompt
+NEW = 16  # greedy tokens compared per prompt
 KL_BOUND = 0.02  # nats/token, Q8_0 vs fp32; measured 0.0063-0.0073 per prompt here
 NEAR_TIE = 0.5  # logits: Q8_0's greedy may leave fp32's only where fp32's own top-2 gap is below this
 THREADS = 1  # correctness only; two threads on this shared 2-core box spin on each other under load
@@ -64,14 +64,18 @@ def torch_runs(model_dir):
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    runs = []
-    for text in PROMPTS:
-        ids = list(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                           tokenize=True)["input_ids"])
-        with torch.inference_mode():
-            gen = model.generate(torch.tensor([ids]), max_new_tokens=NEW, do_sample=False)[0, len(ids):].tolist()
-            logp = torch.log_softmax(model(torch.tensor([ids + gen])).logits[0], -1).numpy()
-        runs.append((ids, gen, logp))
+    runs, threads = [], torch.get_num_threads()
+    torch.set_num_threads(THREADS)  # restored below: other test files share this process
+    try:
+        for text in PROMPTS:
+            ids = list(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                               tokenize=True)["input_ids"])
+            with torch.inference_mode():
+                gen = model.generate(torch.tensor([ids]), max_new_tokens=NEW, do_sample=False)[0, len(ids):].tolist()
+                logp = torch.log_softmax(model(torch.tensor([ids + gen])).logits[0], -1).numpy()
+            runs.append((ids, gen, logp))
+    finally:
+        torch.set_num_threads(threads)
     return runs
 
 
@@ -86,6 +90,11 @@ def _fields(path: Path) -> dict:
     return {k: f.contents() for k, f in gguf.GGUFReader(str(path)).fields.items() if not k.startswith("GGUF.")}
 
 
+@pytest.fixture(scope="module")
+def source_fields(source_gguf) -> dict:
+    return _fields(source_gguf)
+
+
 def test_qtypes_are_llama_cpps_own_file_types():
     import llama_cpp
 
@@ -95,7 +104,7 @@ def test_qtypes_are_llama_cpps_own_file_types():
         assert value == want, f"{qtype}: costopt says llama_ftype {value}, llama.cpp says {want}"
 
 
-def test_f32_export_reproduces_the_shipped_gguf_tensor_for_tensor(f32_gguf, source_gguf):
+def test_f32_export_reproduces_the_shipped_gguf_tensor_for_tensor(f32_gguf, source_gguf, source_fields):
     """The ingested weights are the Q4_1 file de-quantized (Q/K un-permuted by transformers); written back,
     every tensor must equal the original's de-quantization bit for bit (Q/K permuted back)."""
     import gguf
@@ -110,18 +119,18 @@ def test_f32_export_reproduces_the_shipped_gguf_tensor_for_tensor(f32_gguf, sour
         assert ours[t.name].tensor_type == gguf.GGMLQuantizationType.F32, f"{t.name} is not F32"
         assert got.shape == want.shape and np.array_equal(got, want), \
             f"{t.name}: max |export - source| = {np.abs(got - want).max() if got.shape == want.shape else got.shape}"
-    src, out = _fields(source_gguf), _fields(f32_gguf)
+    src, out = source_fields, _fields(f32_gguf)
     assert out["general.file_type"] == 0, f"file_type {out['general.file_type']}, expected 0 (ALL_F32)"
     for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.chat_template", "llama.rope.freq_base"):
         assert out[key] == src[key], f"{key} was not copied from the source GGUF"
 
 
-def test_metadata_built_from_the_folder_matches_the_shipped_gguf(q8_gguf, source_gguf):
+def test_metadata_built_from_the_folder_matches_the_shipped_gguf(q8_gguf, source_fields):
     """Without source_gguf, hparams and the tokenizer come from config.json + tokenizer.json; they must
     describe the same model as the file it was ingested from (naming keys aside)."""
     import gguf
 
-    src, out = _fields(source_gguf), _fields(q8_gguf)
+    src, out = source_fields, _fields(q8_gguf)
     descriptive = {k for k in src if k.startswith("general.")} - {"general.architecture"}
     for key in sorted(set(src) - descriptive - {"tokenizer.ggml.pre", "general.file_type"}):
         assert key in out, f"{key} missing from the exported metadata"
@@ -165,7 +174,7 @@ def test_q8_0_logits_track_the_fp32_model(q8_gguf, torch_runs):
         top2 = np.sort(logp[len(ids) - 1 + k])[-2:]
         assert top2[1] - top2[0] < NEAR_TIE, \
             f"Q8_0 greedy left fp32's at token {k} where fp32 prefers its token by {top2[1] - top2[0]:.2f} nats"
-    assert identical >= 1, f"no prompt's {NEW} greedy tokens equal fp32's (2 of 7 did when measured)"
+    assert identical >= 1, f"no prompt's {NEW} greedy tokens equal fp32's (2 of 7 did for 24 tokens when measured)"
     model.close()
 
 

@@ -38,6 +38,12 @@ compiler or AVX2, or with COSTOPT_DISABLE_NATIVE=1, every kernel falls back to t
 torch, and `native_available()` / `native_failure()` say so. The kernels use OpenMP over output rows
 with `torch.get_num_threads()` threads; when other processes hold the cores, a 2-thread call can stall
 for a scheduler slice (milliseconds), as torch's own parallel ops do.
+
+Each GEMM is also a torch custom op (`torch.ops.costopt.int8_gemm`, `.int4_gemm`, `.w8a8_gemm`, with
+a fake implementation for shape propagation), so `torch.compile(fullgraph=True)` traces a model built
+of costopt's quantized modules without a graph break (ctypes calls cannot be traced). The public
+functions keep their signatures: under tracing they emit the op, in eager they call the kernel
+directly, because a dispatcher round trip per call (~211 per decode step) would tax eager callers.
 """
 from __future__ import annotations
 
@@ -174,6 +180,22 @@ def _fp32(t: torch.Tensor) -> torch.Tensor:
 
 def int8_gemm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x fp32 [M, K] @ (w int8 [N, K] * scale [N, 1]).T -> fp32 [M, N]."""
+    if torch.compiler.is_compiling():
+        return torch.ops.costopt.int8_gemm(x, w, scale)
+    return _int8_gemm(x, w, scale)
+
+
+@torch.library.custom_op("costopt::int8_gemm", mutates_args=())
+def _int8_gemm_op(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return _int8_gemm(x, w, scale)
+
+
+@_int8_gemm_op.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[0])  # [M, N], x's dtype (fp32 on the native path)
+
+
+def _int8_gemm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     M, K = x.shape
     N = w.shape[0]
     lib = native_library() if M <= MAX_NATIVE_ROWS else None
@@ -253,6 +275,28 @@ def int4_gemm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: 
     if not (group_size % 2 == 0 and G * group_size == K and packed.dtype == torch.uint8
             and packed.shape == (N, K // 2) and scale.shape == (N, G) and zero.shape == (N, G)):
         _check_int4(K, packed, scale, zero, group_size)  # raises, naming the problem
+    if torch.compiler.is_compiling():
+        return torch.ops.costopt.int4_gemm(x, packed, scale, zero, group_size)
+    return _int4_gemm(x, packed, scale, zero, group_size)
+
+
+@torch.library.custom_op("costopt::int4_gemm", mutates_args=())
+def _int4_gemm_op(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                  group_size: int) -> torch.Tensor:
+    return _int4_gemm(x, packed, scale, zero, group_size)
+
+
+@_int4_gemm_op.register_fake
+def _(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+      group_size: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], packed.shape[0])  # [M, N]
+
+
+def _int4_gemm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+               group_size: int) -> torch.Tensor:
+    """int4_gemm after validation."""
+    M, K = x.shape
+    N = packed.shape[0]
     lib = _native_for("int4_gemm", x, INT4_MAX_NATIVE_ROWS) if group_size % 16 == 0 else None
     if lib is None:
         return F.linear(x, dequantize_int4(packed, scale, zero, group_size).to(x.dtype))
@@ -311,6 +355,26 @@ def w8a8_gemm(x: torch.Tensor, w: torch.Tensor, wscale: torch.Tensor,
                          f"{tuple(w.shape)}, wscale {tuple(wscale.shape)}")
     if act_scale is not None and not act_scale > 0:
         raise ValueError(f"act_scale: must be a positive float or None (dynamic), got {act_scale}")
+    if torch.compiler.is_compiling():
+        return torch.ops.costopt.w8a8_gemm(x, w, wscale, act_scale)
+    return _w8a8_gemm(x, w, wscale, act_scale)
+
+
+@torch.library.custom_op("costopt::w8a8_gemm", mutates_args=())
+def _w8a8_gemm_op(x: torch.Tensor, w: torch.Tensor, wscale: torch.Tensor,
+                  act_scale: float | None) -> torch.Tensor:
+    return _w8a8_gemm(x, w, wscale, act_scale)
+
+
+@_w8a8_gemm_op.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, wscale: torch.Tensor, act_scale: float | None) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[0])  # [M, N]
+
+
+def _w8a8_gemm(x: torch.Tensor, w: torch.Tensor, wscale: torch.Tensor, act_scale: float | None) -> torch.Tensor:
+    """w8a8_gemm after validation."""
+    M, K = x.shape
+    N = w.shape[0]
     lib = _native_for("w8a8_gemm", x, W8A8_MAX_NATIVE_ROWS) if K <= W8A8_MAX_K else None
     if lib is None:
         return _w8a8_fallback(x, w, wscale, act_scale).to(x.dtype)

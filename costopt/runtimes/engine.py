@@ -5,7 +5,17 @@ ONE forward over a packed, unpadded row of tokens: the newest token of every run
 (decode) followed by the whole prompt of every sequence added since the last step (prefill; its first
 token comes out of this step). Every Linear therefore runs once per step over all rows, whatever
 module it is (costopt's quantized modules included). Not thread-safe: the driver calls add/cancel/step from one
-thread. Timing entry point (real model, 2 threads): `python -m costopt.runtimes.engine --batch 1 16 [--hf]`.
+thread. Timing entry point (real model, 2 threads): `python -m costopt.runtimes.engine --batch 1 16
+[--compile] [--variant int8_weight_only --workspace DIR] [--hf]`.
+
+`Engine(..., compile=True)` runs every decode-only step (no prompt to prefill in it) through one
+`torch.compile` graph of the whole decode forward (`costopt.runtimes.compiled`: Inductor's C++ kernels,
+costopt's quantized GEMMs as custom ops, one graph for batch 1 and one for batch >= 2, any cache
+length); steps with a prefill stay eager. Both graphs compile in the constructor (`compile_seconds`).
+If compiling fails (a graph break, an op Inductor cannot lower, no C++ compiler, a recompile that
+fails later), the engine logs a warning and runs eager from then on, with `compiled` False and
+`compile_error` the reason: it is never silently wrong, only slower. Compiled and eager agree: the
+same greedy tokens, logits within 1e-3 (tests/serving/test_engine_compiled.py).
 
 Why not transformers' own manager (`transformers.generation.continuous_batching`, 5.24; source read,
 runs in /tmp on toy models and the real one): (a) it runs on CPU fp32, but sized from free host memory
@@ -58,11 +68,16 @@ other step equalled each prompt's own `generate` (16/16, 32 tokens, fp32).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Hashable, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from costopt.runtimes.rope import rope as _rope
+
+log = logging.getLogger(__name__)
 
 FINISH_REASONS = ("stop", "length", "cancelled")
 
@@ -112,7 +127,7 @@ class Engine:
     """Continuous batching over a Llama-architecture causal LM (fp32, bf16 or costopt-quantized) on CPU."""
 
     def __init__(self, model: torch.nn.Module, *, eos_token_ids: Sequence[int], max_batch: int = 16,
-                 max_len: int = 2048) -> None:
+                 max_len: int = 2048, compile: bool = False) -> None:
         cfg = getattr(model, "config", None)
         body = getattr(model, "model", None)
         needed = ("embed_tokens", "layers", "norm", "rotary_emb")
@@ -140,6 +155,13 @@ class Engine:
         self._paused: list[_Seq] = []  # prefilled but not stepped; paused[i] lives in slot max_batch - 1 - i
         self._pending: list[_Seq] = []  # added, prefilled at the next step
         self._cancelled: list[StepEvent] = []  # emitted by the next step
+        self.compiled = False  # decode-only steps run as a compiled graph (costopt.runtimes.compiled)
+        self.compile_error: str | None = None  # why not, when compile=True was asked for
+        self.compile_seconds: dict[str, float] = {}  # graph -> seconds its compile (first call) took
+        self.compiled_steps = 0  # steps that ran through the compiled graph
+        self._graph = None
+        if compile:
+            self._compile()
 
     # -- the driver's side ------------------------------------------------------------------------
     @property
@@ -250,7 +272,9 @@ class Engine:
             pos += range(len(s.prompt))
             slots += [n_dec + j] * len(s.prompt)
             out_rows.append(len(ids) - 1)
-        logits = self._forward(ids, pos, slots, n_dec, spans, out_rows)  # [n_dec + len(new), vocab]
+        logits = self._decode_compiled(ids, pos) if self._graph is not None and not new else None
+        if logits is None:
+            logits = self._forward(ids, pos, slots, n_dec, spans, out_rows)  # [n_dec + len(new), vocab]
         self._rows.extend(new)
         for s in new:
             s.length = len(s.prompt) - 1  # the +1 below counts the prompt's last token
@@ -268,6 +292,59 @@ class Engine:
         return events
 
     # -- internals -------------------------------------------------------------------------------
+    def _compile(self) -> None:
+        """Build and compile the decode graph; on any failure keep running eager and say why."""
+        from costopt.runtimes.compiled import CompiledDecode
+
+        if self.dtype != torch.float32:
+            # bf16 activations: Inductor's fused kernels round intermediates differently from eager's
+            # op-by-op bf16 (a tiny random bf16 Llama's greedy tokens diverged after 8), so the
+            # compiled step would be a different model rather than a faster one
+            self._compile_off(f"activations are {self.dtype}: the compiled decode step is exact only for "
+                              f"float32 activations (fp32, costopt's INT8/INT4/W8A8 modules)")
+            return
+        try:
+            graph = CompiledDecode(self.model, self.kv, heads=self._heads, kv_heads=self._kv_heads,
+                                   head_dim=self._head_dim)
+            graph.warmup()
+        except Exception as exc:  # a graph break, an op Inductor cannot lower, no C++ compiler, ...
+            self._compile_off(_reason(exc))
+            return
+        self._graph, self.compiled, self.compile_seconds = graph, True, graph.compile_seconds
+
+    def _compile_off(self, reason: str) -> None:
+        self.compile_error = reason
+        self._graph, self.compiled = None, False
+        log.warning("engine: the compiled decode step is off, every step runs eager: %s", reason)
+
+    def _decode_compiled(self, ids: list[int], pos: list[int]) -> torch.Tensor | None:
+        """Logits [n_dec, vocab] of a decode-only step through the compiled graph (row i in slot i).
+
+        None after a compile failure here (a recompile for a shape the warm-up did not see): the engine
+        is eager from then on, and the caller reruns the step eagerly, rewriting the same cache positions."""
+        top = max(pos) + 1
+        self._zero_new_positions(top)
+        pos_t = torch.tensor(pos)  # [B]
+        hidden = torch.arange(top)[None] > pos_t[:, None]  # [B, S]: row b sees positions 0..pos[b]
+        mask = torch.zeros(len(ids), 1, 1, top, dtype=self.dtype).masked_fill_(hidden[:, None, None],
+                                                                              float("-inf"))
+        try:
+            logits = self._graph(torch.tensor(ids), pos_t, mask)
+        except self._graph.errors as exc:
+            self._compile_off(_reason(exc))
+            return None
+        self.compiled_steps += 1
+        return logits
+
+    def _zero_new_positions(self, top: int) -> None:
+        """Make positions < top finite in every slot (see _forward)."""
+        if top > self._clean:
+            # A decode row reads up to `span` in its slot; past its own length the mask gives weight 0,
+            # but 0 * NaN = NaN, and torch.empty may hold NaN bit patterns. Zero each new position in
+            # every slot once, before anything is written there, so resident memory grows with use.
+            self.kv[:, :, :, :, self._clean:top].zero_()
+            self._clean = top
+
     def _free_row(self, i: int) -> None:
         """Drop row i, moving the last row (and its cache) into slot i so slots stay 0..n-1."""
         last = len(self._rows) - 1
@@ -311,13 +388,7 @@ class Engine:
         cos, sin = body.rotary_emb(h, pos_t[None])  # [1, T, hd] each
         cos, sin = cos[0, :, None], sin[0, :, None]  # [T, 1, hd]: broadcast over heads
         span = max(pos[:n_dec], default=0) + 1  # cache positions decode rows attend to
-        top = max(pos) + 1
-        if top > self._clean:
-            # A decode row reads up to `span` in its slot; past its own length the mask gives weight 0,
-            # but 0 * NaN = NaN, and torch.empty may hold NaN bit patterns. Zero each new position in
-            # every slot once, before anything is written there, so resident memory grows with use.
-            self.kv[:, :, :, :, self._clean:top].zero_()
-            self._clean = top
+        self._zero_new_positions(max(pos) + 1)
         # additive mask [n_dec, 1, 1, span]: row b sees positions 0..pos[b] of its own slot
         hidden = (torch.arange(span)[None] > pos_t[:n_dec, None]).view(n_dec, 1, 1, span)
         mask = torch.zeros(n_dec, 1, 1, span, dtype=self.dtype).masked_fill_(hidden, float("-inf"))
@@ -344,11 +415,10 @@ class Engine:
         return self.model.lm_head(body.norm(h))
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding as Llama applies it: x [T, heads, hd], cos/sin [T, 1, hd]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def _reason(exc: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message (Inductor's run to pages)."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first[:500]}"
 
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
@@ -392,18 +462,17 @@ def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Gener
     return int(order[choice])
 
 
-# -- timing entry point: python -m costopt.runtimes.engine --batch 1 16 [--hf] ---------------------------------
+# -- timing entry point: python -m costopt.runtimes.engine --batch 1 16 [--compile] [--variant V] [--hf] ---------
 def _bench_prompts(batch: int, vocab: int) -> list[list[int]]:
     """`batch` fixed pseudo-random prompts of 40-80 tokens (speed does not depend on their content)."""
     gen = torch.Generator().manual_seed(0)
     return [torch.randint(100, vocab, (40 + (17 * i) % 41,), generator=gen).tolist() for i in range(batch)]
 
 
-def _time_engine(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
+def _time_engine(engine: Engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
     """(decode tok/s summed over the batch after the prefill step, end-to-end tok/s) for one run."""
     import time
 
-    engine = Engine(model, eos_token_ids=[], max_batch=len(prompts), max_len=256)
     for i, p in enumerate(prompts):
         engine.add(i, p, SamplingParams(max_new_tokens=new_tokens))
     t0 = time.perf_counter()
@@ -446,36 +515,73 @@ def _time_generate(model: torch.nn.Module, prompts: list[list[int]], new_tokens:
     return len(prompts) * new_tokens / (time.perf_counter() - t0)
 
 
+def _load_bench_model(args) -> torch.nn.Module:
+    from pathlib import Path
+
+    if args.variant is None:
+        from costopt.models.source import load_model_dir
+
+        return load_model_dir(Path(args.model))[0]
+    from costopt.models.variants import load_torch_variant, read_spec
+    from costopt.storage.layout import Workspace
+
+    ws = Workspace(Path(args.workspace))
+    return load_torch_variant(ws, read_spec(ws, args.variant))[0]
+
+
+def _bench_row(model: torch.nn.Module, batch: int, args) -> dict:
+    """One batch size: eager (and compiled) engines built once, their runs interleaved, medians."""
+    import statistics
+
+    prompts = _bench_prompts(batch, model.config.vocab_size)
+    engines = {"engine": Engine(model, eos_token_ids=[], max_batch=batch, max_len=256)}
+    row: dict = {"batch": batch}
+    if args.compile:
+        engines["compiled"] = compiled = Engine(model, eos_token_ids=[], max_batch=batch, max_len=256,
+                                                compile=True)
+        row["compile_s"] = compiled.compile_seconds
+        if not compiled.compiled:
+            row["compile_error"] = compiled.compile_error
+    for engine in engines.values():
+        _time_engine(engine, prompts, 4)  # warm-up: first-touch of the cache pages
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in engines}
+    for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits both alike
+        for name, engine in engines.items():
+            runs[name].append(_time_engine(engine, prompts, args.new_tokens))
+    for name, rs in runs.items():
+        row[f"{name}_decode_tok_s"] = statistics.median(r[0] for r in rs)
+        row[f"{name}_e2e_tok_s"] = statistics.median(r[1] for r in rs)
+    if args.compile:
+        row["compiled_over_eager_decode"] = row["compiled_decode_tok_s"] / row["engine_decode_tok_s"]
+    if args.hf:
+        row["hf_manager_e2e_tok_s"] = statistics.median(
+            _time_hf_manager(model, prompts, args.new_tokens) for _ in range(args.repeats))
+        row["generate_e2e_tok_s"] = statistics.median(
+            _time_generate(model, prompts, args.new_tokens) for _ in range(args.repeats))
+    return row
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     import argparse
     import json
-    import statistics
-    from pathlib import Path
-
-    from costopt.models.source import load_model_dir
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="artifacts/model", help="folder with config.json + safetensors")
+    parser.add_argument("--variant", help="time this variant of --workspace (e.g. int8_weight_only) instead")
+    parser.add_argument("--workspace", default=".", help="folder holding artifacts/ (with --variant)")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the compiled decode step, interleaved with eager; reports compile seconds")
     parser.add_argument("--hf", action="store_true", help="also time transformers' manager and generate")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    model, _ = load_model_dir(Path(args.model))
-    _time_engine(model, _bench_prompts(2, model.config.vocab_size), 4)  # warm-up
+    torch.set_num_threads(args.threads)  # before compiling: Inductor's kernels keep this thread count
+    model = _load_bench_model(args)
     for batch in args.batch:
-        prompts = _bench_prompts(batch, model.config.vocab_size)
-        runs = [_time_engine(model, prompts, args.new_tokens) for _ in range(args.repeats)]
-        row = {"batch": batch, "engine_decode_tok_s": statistics.median(r[0] for r in runs),
-               "engine_e2e_tok_s": statistics.median(r[1] for r in runs)}
-        if args.hf:
-            row["hf_manager_e2e_tok_s"] = statistics.median(
-                _time_hf_manager(model, prompts, args.new_tokens) for _ in range(args.repeats))
-            row["generate_e2e_tok_s"] = statistics.median(
-                _time_generate(model, prompts, args.new_tokens) for _ in range(args.repeats))
-        print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+        row = _bench_row(model, batch, args)
+        print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,37 +1,68 @@
 """llama.cpp as a costopt runtime: GGUF export, teacher-forced logits, a continuous-batching engine.
 
 Three pieces, all driving llama.cpp itself through llama-cpp-python's low-level ctypes bindings
-(pinned `llama-cpp-python==0.3.36`; it is imported lazily, so this module imports without it and every
-entry point raises `RuntimeUnavailable` naming the missing package):
-- `export_gguf(model_dir, out, qtype)`: an ingested fp32 safetensors Llama -> one GGUF file of a llama.cpp
-  type (F32, F16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0). F32/F16 are written with the `gguf` package;
-  the others are quantized from that F32 file by llama.cpp's own `llama_model_quantize`.
-- `LlamaCppModel(path).logits(ids)`: [T, vocab] logits at every position from one `llama_decode`, for
-  the quality gates (KL, top-1, perplexity are measured on llama.cpp's own arithmetic).
+(pinned `llama-cpp-python==0.3.36`; imported lazily, so this module imports without it and each entry
+point raises `RuntimeUnavailable` saying what to install):
+- `export_gguf(model_dir, out, qtype)`: an ingested fp32 safetensors Llama -> one GGUF of a llama.cpp
+  type (F32, F16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0). F32/F16 are written with the `gguf` package; the
+  others are quantized from that F32 file by llama.cpp's own `llama_model_quantize`. Atomic.
+- `LlamaCppModel(path).logits(ids)`: [T, vocab] logits at every position from one `llama_decode`, so
+  the quality gates (KL, top-1, perplexity) measure llama.cpp's own arithmetic, not a torch twin's.
 - `LlamaCppEngine`: the interface and semantics of `costopt.runtimes.engine.Engine` (add, cancel,
-  pause, resume, clear, step), so the server and the load test drive either. A step is ONE
-  `llama_decode` over the newest token of every running sequence plus the prompts of newcomers, each
-  under its own llama.cpp sequence id in one unified KV cache, as llama.cpp's server does.
+  pause, resume, clear, step; same EOS/stop/length rules and the same seeded sampler), so the server
+  and the load test drive either. A step is ONE `llama_decode` over the newest token of every running
+  sequence plus the prompts of newcomers, each under its own llama.cpp sequence id.
 
     python -m costopt.runtimes.llamacpp export --model artifacts/model --qtype Q4_K_M --out m.gguf
-    python -m costopt.runtimes.llamacpp bench --gguf q8.gguf q4km.gguf --batch 1 4 16
+    python -m costopt.runtimes.llamacpp bench --gguf q8_0.gguf q4_k_m.gguf --batch 1 4 16 --threads 1
 
-Export notes. transformers' GGUF loader un-permutes Q and K (llama.cpp stores each head's rotary
-halves interleaved), so the export permutes them back; an F32 export of the ingested built-in model
-reproduces the shipped Q4_1 file's de-quantized tensors bit for bit (tests/test_llamacpp.py).
-Metadata is copied from `source_gguf` when given, else built from config.json + tokenizer.json
-(byte-level BPE only). Q4_K_M/Q5_K_M/Q6_K need rows that are multiples of 256: hidden 576 is not, so
-llama.cpp itself falls back to a legacy type for those tensors (it logs which).
+Export. transformers' GGUF loader un-permutes Q and K (llama.cpp keeps each head's rotary halves
+interleaved), so the export permutes them back: an F32 export of the ingested built-in model equals the
+shipped Q4_1 file's de-quantized tensors bit for bit, and its logits match transformers' fp32 forward
+(KL < 1e-4; tests/test_llamacpp.py). Metadata is copied from `source_gguf` when given, else built from
+config.json + tokenizer.json (byte-level BPE only; the ingested tokenizer.json maps to llama.cpp's
+'gpt-2' pre-tokenizer, where the shipped file says 'smollm', which also splits digits one by one).
+K-quants need rows that are multiples of 256 and hidden 576 is not, so llama.cpp falls back for those
+tensors: our "Q4_K_M" is 180 of 272 tensors Q5_0/Q8_0 (Q4_K only in the 1536-wide ffn_down), Q6_K
+keeps token_embd at Q8_0. Q8_0 against the fp32 model: mean KL 0.006-0.007 nats/token on five chat
+prompts, top-1 93-98%; its greedy text leaves fp32's only where fp32's own top-2 gap is < 0.5.
 
-Why, measured on the 2-core reference CPU (SmolLM2-135M, 2 threads, prompts of 40-80 tokens, 64 new
-tokens, decode tok/s after the prefill step, summed over the batch; median of 3 rounds interleaved in
-one process, `python -m costopt.runtimes.llamacpp bench --gguf q8_0.gguf q4_k_m.gguf --batch 1 4 16`):
+Engine layout, measured. One unified KV cell pool is what llama.cpp's server uses by default, but there
+a sequence's cells land in whatever holes finished sequences left, which changes the order llama.cpp
+sums attention in; with Q8_0's 8-bit activations that moved a sequence's logits by up to 1.0 once a
+batch mate finished, so its tokens depended on its batch mates. CPU flash attention likewise takes a
+tiled path from 64 query rows on, so a prompt's logits changed with how a batch split it (up to 0.5).
+So: one KV stream per slot (`kv_unified=False`) and flash attention off. Then every sequence's logits
+equal a solo run's bit for bit for Q8_0, Q4_0 and Q4_1 (randomised tests: many prompt lengths,
+arrivals, pause/resume); K-quant files are not bit-stable (llama.cpp's Q4_K kernels handle 4-row groups
+and leftovers differently), their tokens may differ at near-ties. llama.cpp splits a multi-stream batch
+into ubatches of consecutive sequence ids, so running sequences keep slots 0..n-1 (a finished one's
+slot takes the last one's stream, via llama.cpp's own cross-stream `llama_memory_seq_cp`), newcomers
+take the next slots, paused ones stack down from the top, slot max_batch is a spare for swaps: a decode
+step is one ubatch, one pass over the weights. Per-slot streams were also faster than one pool at
+batch 16 here (162 vs 110 tokens per CPU-second, Q8_0, 1 thread), since each token attends only its
+own cells. (The figures in this paragraph come from one-off probes of llama.cpp, not from `bench`;
+the exactness they motivate is what tests/serving/test_llamacpp_engine.py checks.)
 
-    GGUF   | Llama.generate bs1 | engine bs1 | engine bs4 | engine bs16 | engine bs1 / generate
-    Q8_0   |        (see below) |            |            |             |
-    Q4_K_M |                    |            |            |             |
+Speed on the shared 2-core box (SmolLM2-135M, prompts of 40-80 tokens, 64 new tokens, decode tok/s
+after the prefill step summed over the batch; median of 5 rounds interleaved in one process; load
+average about 4 from other jobs throughout, so also tokens per CPU-second of this process):
 
-(filled in by the measurement run; see the numbers and ratios right below)
+    1 thread          | Llama.generate | engine bs1 | engine bs4 | engine bs16 | bs1 / generate | bs16 / bs1
+    Q8_0   tok/s      |           50.4 |       47.8 |       83.4 |       138.3 |           0.95 |       2.89
+           tok/CPU-s  |           69.4 |       61.8 |       87.8 |       163.1 |           0.89 |       2.64
+    Q4_K_M tok/s      |           54.9 |       54.4 |       90.4 |       148.4 |           0.99 |       2.73
+           tok/CPU-s  |           68.1 |       70.8 |      121.4 |       169.5 |           1.04 |       2.39
+
+At batch 1 the engine is as fast as llama-cpp-python's own `Llama.generate` (ratios 0.9-1.0, within
+the noise); batching gives 2.4-2.9x at 16, far less than the torch engine's 7.4x because llama.cpp's
+batch-1 step has no per-op dispatch to amortise (one core computes 16 rows per weight pass). With two
+threads (`--threads 2`, the default) the figures collapse whenever another job holds a core: llama.cpp's
+two workers meet at a barrier after every op, so one descheduled thread stalls both. Two runs of the
+same command, 40 minutes apart (load 3 and 4): Q8_0 Llama.generate 82.2 and 16.6 tok/s, engine bs1
+41.2 and 7.5, bs16 13.6 and 24.8; Q4_K_M bs4 48.7 and 10.4, below bs1 in the second. Those say
+nothing about either program; give llama.cpp at most as many threads as there are free cores, and
+rerun the 2-thread table on an idle machine.
 """
 from __future__ import annotations
 
@@ -233,10 +264,12 @@ def _write_gguf(model_dir: Path, config: dict[str, Any], path: Path, ftype: str,
     if missing := sorted(expected - written):
         raise ExportError(f"{model_dir}: tensors missing for a {config['num_hidden_layers']}-layer Llama: "
                           f"{missing[:4]}{' ...' if len(missing) > 4 else ''}")
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file(progress=progress)
-    writer.close()
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=progress)
+    finally:
+        writer.close()  # also on failure: export_gguf then removes the half-written file
 
 
 _CHECKED_HPARAMS = {  # GGUF key (after "llama.") -> config.json field
@@ -485,7 +518,7 @@ class LlamaCppModel:
             raise ValueError(f"token_ids: {len(ids)} tokens exceed n_ctx={self.n_ctx}; open the model with a "
                              f"larger n_ctx")
         llama = self._c.llama
-        llama.llama_memory_clear(self._c.mem, False)  # metadata only: every cell is overwritten before use
+        llama.llama_memory_clear(self._c.mem, False)  # cells emptied (masked out); their bytes need no zeroing
         t = len(ids)
         self._c.decode(ids, range(t), [0] * t, range(t))
         out = np.ctypeslib.as_array(llama.llama_get_logits(self._c.ctx), shape=(t, self.vocab_size)).copy()
@@ -528,19 +561,11 @@ class _Seq:
 class LlamaCppEngine:
     """Continuous batching on llama.cpp, with `costopt.runtimes.engine.Engine`'s interface and semantics.
 
-    KV layout: one llama.cpp sequence id per slot, each slot its own KV stream (`kv_unified=False`).
-    Measured here: in one unified cell pool a sequence's cells land wherever earlier sequences left
-    holes, which changes the order llama.cpp sums attention in; with Q8_0 activations that moved its
-    logits by up to 1.0 after a batch mate finished, so its tokens depended on its batch mates. In
-    its own stream a sequence's logits equal a solo run's bit for bit. llama.cpp splits a
-    multi-stream batch into ubatches of consecutive sequence ids, so, as in the torch engine, running
-    sequences hold slots 0..n-1 (a finished one's slot takes the last one's stream), newcomers take
-    the next slots and paused ones stack down from the top: a decode step is one ubatch, one pass
-    over the weights. A move is llama.cpp's own stream copy (`llama_memory_seq_cp` across streams,
-    applied at the next decode); slot `max_batch` is a spare for swaps. Not thread-safe, like Engine.
-
-    Memory, allocated up front: (max_batch + 1) streams of max_len cells rounded up to 256, f16 K
-    and V: 23 KB a cell for the built-in model, so 16 x 2048 is 0.8 GB (tests use far less).
+    Slot i is llama.cpp sequence id i with its own KV stream: rows in slots 0..n-1, newcomers next,
+    paused sequences from max_batch - 1 down, slot max_batch a spare for swaps (the module docstring
+    says why). A move is llama.cpp's cross-stream copy, applied in order at the next decode. Memory,
+    allocated up front: (max_batch + 1) streams of max_len cells rounded up to 256, f16 K and V, 23 KB
+    a cell for the built-in model, so 16 x 2048 is 0.8 GB. Not thread-safe, like Engine.
     """
 
     def __init__(self, gguf: str | Path, *, eos_token_ids: Sequence[int], max_batch: int = 16,
@@ -727,37 +752,44 @@ def _bench_prompts(batch: int, vocab: int) -> list[list[int]]:
     return [rng.integers(100, vocab, 40 + (17 * i) % 41).tolist() for i in range(batch)]
 
 
-def _time_engine(engine: LlamaCppEngine, prompts: list[list[int]], new_tokens: int) -> float:
-    """Decode tok/s summed over the batch, after the step that prefills every prompt."""
+def _time_engine(engine: LlamaCppEngine, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
+    """(decode tok/s, decode tokens per CPU-second of this process) summed over the batch, after the
+    step that prefills every prompt."""
     import time
 
     for i, p in enumerate(prompts):
         engine.add(i, p, SamplingParams(max_new_tokens=new_tokens))
     engine.step()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     while engine.has_work():
         engine.step()
-    return len(prompts) * (new_tokens - 1) / (time.perf_counter() - t0)
+    n = len(prompts) * (new_tokens - 1)
+    return n / (time.perf_counter() - t0), n / (time.process_time() - c0)
 
 
-def _time_generate(llm: Any, prompt: list[int], new_tokens: int) -> float:
-    """Decode tok/s of llama-cpp-python's high-level `Llama.generate` (greedy), after its first token."""
+def _time_generate(llm: Any, prompt: list[int], new_tokens: int) -> tuple[float, float]:
+    """(decode tok/s, tokens per CPU-second) of llama-cpp-python's high-level `Llama.generate` (greedy),
+    after its first token."""
     import time
 
-    n, t0 = 0, 0.0
+    n, t0, c0 = 0, 0.0, 0.0
     for _ in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
         n += 1
         if n == 1:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
         if n == new_tokens:
             break
-    return (new_tokens - 1) / (time.perf_counter() - t0)
+    return (new_tokens - 1) / (time.perf_counter() - t0), (new_tokens - 1) / (time.process_time() - c0)
 
 
 def bench(ggufs: Sequence[Path], batches: Sequence[int], new_tokens: int = 64, repeats: int = 3,
           threads: int = 2) -> list[dict[str, Any]]:
-    """Median decode tok/s per GGUF: Llama.generate at batch 1 and the engine at each batch size, all
-    rounds interleaved in this process so that load from other jobs hits every figure alike."""
+    """Median decode speed per GGUF: Llama.generate at batch 1 and the engine at each batch size, all
+    rounds interleaved in this process so that load from other jobs hits every figure alike.
+
+    Each figure comes twice: tok/s of wall time, and tokens per CPU-second of this process (`_cpu`).
+    With one thread the CPU figure does not move when other jobs share the cores; with two, llama.cpp's
+    workers spin while they wait for each other, so it overstates the cost under load."""
     import statistics
 
     from llama_cpp import Llama
@@ -769,7 +801,7 @@ def bench(ggufs: Sequence[Path], batches: Sequence[int], new_tokens: int = 64, r
         engine = LlamaCppEngine(path, eos_token_ids=[], max_batch=top, max_len=96 + new_tokens, n_threads=threads)
         llm = Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=96 + new_tokens,
                     verbose=False)
-        _time_engine(engine, _bench_prompts(2, engine.vocab_size), 4)  # warm-up: first calls pay setup
+        _time_engine(engine, _bench_prompts(min(2, top), engine.vocab_size), 4)  # warm-up: first calls pay setup
         _time_generate(llm, _bench_prompts(1, engine.vocab_size)[0], 4)
         setups.append((Path(path), engine, llm, {"generate_bs1": []} | {f"engine_bs{b}": [] for b in batches}))
     for _ in range(repeats):
@@ -780,11 +812,14 @@ def bench(ggufs: Sequence[Path], batches: Sequence[int], new_tokens: int = 64, r
     rows = []
     for path, engine, llm, runs in setups:
         row: dict[str, Any] = {"gguf": path.name, "threads": threads, "load_avg_1min": round(os.getloadavg()[0], 2)}
-        row |= {k: round(statistics.median(v), 1) for k, v in runs.items()}
-        if 1 in batches:
-            row["engine_bs1_over_generate"] = round(row["engine_bs1"] / row["generate_bs1"], 2)
-            row |= {f"engine_bs{b}_over_bs1": round(row[f"engine_bs{b}"] / row["engine_bs1"], 2)
-                    for b in batches if b != 1}
+        for name, values in runs.items():
+            row[name] = round(statistics.median(v[0] for v in values), 1)
+            row[f"{name}_cpu"] = round(statistics.median(v[1] for v in values), 1)
+        for unit in ("", "_cpu"):
+            if 1 in batches:
+                row[f"engine_bs1_over_generate{unit}"] = round(row[f"engine_bs1{unit}"] / row[f"generate_bs1{unit}"], 2)
+                row |= {f"engine_bs{b}_over_bs1{unit}": round(row[f"engine_bs{b}{unit}"] / row[f"engine_bs1{unit}"], 2)
+                        for b in batches if b != 1}
         rows.append(row)
         engine.close()
         llm.close()

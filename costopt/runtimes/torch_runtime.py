@@ -43,18 +43,9 @@ def engine(ws: Any, spec: Any, *, eos_token_ids: list[int], max_batch: int, max_
 
     torch.set_num_threads(threads)
     model, _ = load_torch_variant(ws, spec)
-    cfg = config_of(spec)
-    kwargs = {"compile": True} if cfg.compile else {}
-    if kwargs:
-        import inspect
-
-        from costopt.runtimes.base import RuntimeUnavailable
-
-        if "compile" not in inspect.signature(Engine).parameters:
-            raise RuntimeUnavailable(f"variant {spec.name!r}: compile: true, but this build's engine has no "
-                                     "compiled decode step yet; set compile: false")
-    return Engine(model, eos_token_ids=eos_token_ids, max_batch=max_batch, max_len=max_len, **kwargs)
-
+    # compile: true whose compile fails runs eager, logging why (engine.compiled / engine.compile_error)
+    return Engine(model, eos_token_ids=eos_token_ids, max_batch=max_batch, max_len=max_len,
+                  compile=config_of(spec).compile)
 
 RUNTIME = Runtime("torch", TorchConfig, available=lambda: None, export=lambda *a, **k: None,
                   scorer=scorer, engine=engine)
