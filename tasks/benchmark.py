@@ -56,6 +56,8 @@ def load_timed(params: Params, ws: Workspace, name: str) -> tuple[Any, Any, str]
     cfg_b = params.benchmark
     engine = runtime.engine(ws, spec, eos_token_ids=[], threads=cfg_b.threads, max_len=1024,
                             max_batch=max(cfg_b.decode_batch, cfg_b.throughput_batch, 1))
+    if getattr(engine, "compile_error", None):  # asked for compile, runs eager: the speed is eager's, say so
+        label = f"torch (compile failed, eager: {engine.compile_error})"
     tok = AutoTokenizer.from_pretrained(str(ws.model_dir), local_files_only=True)
     return EngineDecoder(engine), tok, label
 

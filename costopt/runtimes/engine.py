@@ -69,62 +69,21 @@ other step equalled each prompt's own `generate` (16/16, 32 tokens, fp32).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Hashable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from costopt.runtimes.rope import rope as _rope
+from costopt.runtimes.slots import FINISH_REASONS, SamplingParams, Seq, SlotEngine, StepBatch, StepEvent
 
+__all__ = ["Engine", "FINISH_REASONS", "SamplingParams", "StepEvent"]  # the request types live in slots
 log = logging.getLogger(__name__)
 
-FINISH_REASONS = ("stop", "length", "cancelled")
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int = 64  # tokens generated at most, EOS included
-    temperature: float = 0.0  # 0 = greedy (deterministic whatever the seed)
-    top_p: float = 1.0  # nucleus mass kept, in (0, 1]
-    seed: int | None = None  # per-request generator: output independent of batch mates; None = random
-    stop_token_ids: tuple[int, ...] = ()  # in addition to the engine's EOS ids
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens: {self.max_new_tokens!r}; must be an integer >= 1")
-        if not (isinstance(self.temperature, (int, float)) and 0.0 <= self.temperature <= 100.0):
-            raise ValueError(f"temperature: {self.temperature!r}; must be in [0, 100] (0 = greedy)")
-        if not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p: {self.top_p!r}; must be in (0, 1]")
-        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
-            raise ValueError(f"seed: {self.seed!r}; must be None or an integer in [0, 2**63)")
-        if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids: {self.stop_token_ids!r}; must be non-negative token ids")
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-
-
-@dataclass(frozen=True)
-class StepEvent:
-    seq_id: Hashable
-    token_id: int | None  # the new token (EOS/stop ids included); None when cancelled
-    finish_reason: str | None  # None while running, else one of FINISH_REASONS
-
-
-@dataclass(eq=False, slots=True)
-class _Seq:
-    seq_id: Hashable
-    prompt: list[int]
-    params: SamplingParams
-    stops: frozenset[int]
-    generator: torch.Generator | None  # None for greedy
-    length: int = 0  # tokens whose K/V are in the cache
-    generated: int = 0
-    last: int = -1  # the newest token, fed in at the next decode step
-
-
-class Engine:
-    """Continuous batching over a Llama-architecture causal LM (fp32, bf16 or costopt-quantized) on CPU."""
+class Engine(SlotEngine):
+    """Continuous batching over a Llama-architecture causal LM (fp32, bf16 or costopt-quantized) on CPU;
+    the slot bookkeeping (add, cancel, pause, resume, clear, step) is `SlotEngine`'s."""
 
     def __init__(self, model: torch.nn.Module, *, eos_token_ids: Sequence[int], max_batch: int = 16,
                  max_len: int = 2048, compile: bool = False) -> None:
@@ -134,15 +93,12 @@ class Engine:
         if cfg is None or body is None or not hasattr(model, "lm_head") or not all(hasattr(body, n) for n in needed):
             raise TypeError("model: expected a Llama-like causal LM with .config, .lm_head and .model."
                             f"{{{', '.join(needed)}}} (e.g. transformers' LlamaForCausalLM)")
-        if max_batch < 1:
-            raise ValueError(f"max_batch: {max_batch}; must be >= 1")
         limit = getattr(cfg, "max_position_embeddings", max_len)
         if not 2 <= max_len <= limit:
             raise ValueError(f"max_len: {max_len}; must be in [2, {limit}] (the model's max_position_embeddings)")
+        super().__init__(eos_token_ids=eos_token_ids, max_batch=max_batch, max_len=max_len,
+                         vocab_size=cfg.vocab_size)
         self.model, self._body = model, body
-        self.max_batch, self.max_len = max_batch, max_len
-        self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
-        self.vocab_size = cfg.vocab_size
         self._heads, self._kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self._head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         with torch.inference_mode():
@@ -151,10 +107,6 @@ class Engine:
             self.kv = torch.empty(len(body.layers), 2, max_batch, self._kv_heads, max_len, self._head_dim,
                                   dtype=self.dtype)
         self._clean = 0  # positions < _clean hold finite values in every slot (see _forward)
-        self._rows: list[_Seq] = []  # prefilled sequences; row i lives in cache slot i
-        self._paused: list[_Seq] = []  # prefilled but not stepped; paused[i] lives in slot max_batch - 1 - i
-        self._pending: list[_Seq] = []  # added, prefilled at the next step
-        self._cancelled: list[StepEvent] = []  # emitted by the next step
         self.compiled = False  # decode-only steps run as a compiled graph (costopt.runtimes.compiled)
         self.compile_error: str | None = None  # why not, when compile=True was asked for
         self.compile_seconds: dict[str, float] = {}  # graph -> seconds its compile (first call) took
@@ -163,133 +115,29 @@ class Engine:
         if compile:
             self._compile()
 
-    # -- the driver's side ------------------------------------------------------------------------
-    @property
-    def running(self) -> int:
-        """Sequences holding a slot (stepping, paused, or waiting for their prefill)."""
-        return len(self._rows) + len(self._paused) + len(self._pending)
-
-    def has_work(self) -> bool:
-        """Something to step: running rows, prompts to prefill or cancellations to report (paused
-        sequences alone are not: they wait for `resume`)."""
-        return bool(self._rows or self._pending or self._cancelled)
-
-    def add(self, seq_id: Hashable, prompt_ids: Sequence[int], params: SamplingParams) -> None:
-        """Queue a sequence; its prompt is prefilled and its first token produced by the next step()."""
-        prompt = [int(t) for t in prompt_ids]
-        if not prompt:
-            raise ValueError("prompt: empty; it needs at least 1 token")
-        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
-            raise ValueError(f"prompt: token ids must be in [0, {self.vocab_size}) (the vocabulary)")
-        total = len(prompt) + params.max_new_tokens
-        if total > self.max_len:
-            raise ValueError(f"prompt: {len(prompt)} tokens + max_tokens {params.max_new_tokens} = {total} "
-                             f"exceeds the context limit of {self.max_len} tokens; shorten the prompt or "
-                             f"lower max_tokens")
-        if any(s.seq_id == seq_id for s in self._rows + self._paused + self._pending):
-            raise ValueError(f"seq_id: {seq_id!r} is already running")
-        if self.running >= self.max_batch:
-            raise RuntimeError(f"no free slot: {self.running} of max_batch={self.max_batch} running; "
-                               f"admit at most max_batch - running sequences")
-        generator = None
-        if params.temperature > 0:
-            generator = torch.Generator()
-            generator.manual_seed(params.seed) if params.seed is not None else generator.seed()
-        stops = self.eos_token_ids | frozenset(params.stop_token_ids)
-        self._pending.append(_Seq(seq_id, prompt, params, stops, generator))
-
-    def cancel(self, seq_id: Hashable) -> None:
-        """Free `seq_id`'s slot now; the next step() emits StepEvent(seq_id, None, "cancelled").
-
-        A sequence that already finished (or never ran) is not an error: a client may hang up just as
-        its last token is produced. Nothing is emitted for it then.
-        """
-        for i, s in enumerate(self._pending):
-            if s.seq_id == seq_id:
-                del self._pending[i]
-                self._cancelled.append(StepEvent(seq_id, None, "cancelled"))
-                return
-        for i, s in enumerate(self._rows):
-            if s.seq_id == seq_id:
-                self._free_row(i)
-                self._cancelled.append(StepEvent(seq_id, None, "cancelled"))
-                return
-        for j, s in enumerate(self._paused):
-            if s.seq_id == seq_id:
-                self._drop_paused(j)
-                self._cancelled.append(StepEvent(seq_id, None, "cancelled"))
-                return
-
-    def pause(self, seq_id: Hashable) -> None:
-        """Stop stepping a prefilled sequence; it keeps its slot and its cache until `resume`. A scheduler
-        pauses lower-priority sequences so that a smaller batch steps faster for an urgent one."""
-        i = next((i for i, s in enumerate(self._rows) if s.seq_id == seq_id), None)
-        if i is None:
-            raise ValueError(f"pause: {seq_id!r} is not a running, prefilled sequence")
-        seq = self._rows[i]
-        with torch.inference_mode():
-            cache = self.kv[:, :, i, :, :seq.length].clone()
-            self._free_row(i)  # the last row moves into slot i, so the rows stay 0..n-1
-            self.kv[:, :, self.max_batch - 1 - len(self._paused), :, :seq.length] = cache
-        self._paused.append(seq)
-
-    def resume(self, seq_id: Hashable) -> None:
-        """Step a paused sequence again from the next step on, where it left off."""
-        j = next((j for j, s in enumerate(self._paused) if s.seq_id == seq_id), None)
-        if j is None:
-            raise ValueError(f"resume: {seq_id!r} is not paused")
-        seq = self._paused[j]
-        with torch.inference_mode():
-            cache = self.kv[:, :, self.max_batch - 1 - j, :, :seq.length].clone()
-            self._drop_paused(j)
-            self.kv[:, :, len(self._rows), :, :seq.length] = cache
-        self._rows.append(seq)
-
-    @property
-    def paused(self) -> int:
-        return len(self._paused)
-
-    def clear(self) -> None:
-        """Drop every sequence (running, paused, pending) and pending event: after a step failed midway,
-        the driver fails their requests and starts over from an empty, consistent engine."""
-        self._rows, self._paused, self._pending, self._cancelled = [], [], [], []
-
+    # -- the runtime's side (costopt.runtimes.slots.SlotEngine's hooks) ----------------------------
     @torch.inference_mode()
     def step(self) -> list[StepEvent]:
-        """One iteration: prefill the newcomers and decode one token for every other running sequence."""
-        events, self._cancelled = self._cancelled, []
-        if not self._rows and not self._pending:
-            return events
-        n_dec, new = len(self._rows), self._pending
-        self._pending = []
-        ids = [s.last for s in self._rows]
-        pos = [s.length for s in self._rows]
-        slots = list(range(n_dec))
-        spans, out_rows = [], list(range(n_dec))
-        for j, s in enumerate(new):
-            spans.append((len(ids), len(s.prompt)))
-            ids += s.prompt
-            pos += range(len(s.prompt))
-            slots += [n_dec + j] * len(s.prompt)
-            out_rows.append(len(ids) - 1)
-        logits = self._decode_compiled(ids, pos) if self._graph is not None and not new else None
+        return super().step()
+
+    def _logits(self, batch: StepBatch, new: list[Seq]) -> torch.Tensor:
+        logits = self._decode_compiled(batch.ids, batch.pos) if self._graph is not None and not new else None
         if logits is None:
-            logits = self._forward(ids, pos, slots, n_dec, spans, out_rows)  # [n_dec + len(new), vocab]
-        self._rows.extend(new)
-        for s in new:
-            s.length = len(s.prompt) - 1  # the +1 below counts the prompt's last token
-        finished = []
-        for i, (s, tok) in enumerate(zip(self._rows, self._choose(logits))):
-            s.length += 1
-            s.generated += 1
-            s.last = tok
-            reason = "stop" if tok in s.stops else "length" if s.generated >= s.params.max_new_tokens else None
-            events.append(StepEvent(s.seq_id, tok, reason))
-            if reason is not None:
-                finished.append(i)
-        for i in reversed(finished):  # descending, so every row moved by _free_row is a live one
-            self._free_row(i)
-        return events
+            logits = self._forward(batch.ids, batch.pos, batch.slots, batch.n_dec, batch.spans, batch.out_rows)
+        return logits
+
+    def _move_slot(self, src: int, dst: int, length: int) -> None:
+        if src != dst:
+            with torch.inference_mode():
+                self.kv[:, :, dst, :, :length] = self.kv[:, :, src, :, :length]
+
+    def _stash(self, slot: int, length: int) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.kv[:, :, slot, :, :length].clone()
+
+    def _unstash(self, held: torch.Tensor, slot: int, length: int) -> None:
+        with torch.inference_mode():
+            self.kv[:, :, slot, :, :length] = held
 
     # -- internals -------------------------------------------------------------------------------
     def _compile(self) -> None:
@@ -344,38 +192,6 @@ class Engine:
             # every slot once, before anything is written there, so resident memory grows with use.
             self.kv[:, :, :, :, self._clean:top].zero_()
             self._clean = top
-
-    def _free_row(self, i: int) -> None:
-        """Drop row i, moving the last row (and its cache) into slot i so slots stay 0..n-1."""
-        last = len(self._rows) - 1
-        if i != last:
-            n = self._rows[last].length
-            with torch.inference_mode():
-                self.kv[:, :, i, :, :n] = self.kv[:, :, last, :, :n]
-            self._rows[i] = self._rows[last]
-        self._rows.pop()
-
-    def _drop_paused(self, j: int) -> None:
-        """Drop paused[j], moving the last paused sequence (and its cache) into its slot."""
-        last = len(self._paused) - 1
-        if j != last:
-            n = self._paused[last].length
-            src, dst = self.max_batch - 1 - last, self.max_batch - 1 - j
-            with torch.inference_mode():
-                self.kv[:, :, dst, :, :n] = self.kv[:, :, src, :, :n]
-            self._paused[j] = self._paused[last]
-        self._paused.pop()
-
-    def _choose(self, logits: torch.Tensor) -> list[int]:
-        """Next token per row: argmax, or a sample from the row's own generator."""
-        tokens = logits.argmax(-1).tolist()
-        for i, s in enumerate(self._rows):
-            if s.generator is not None:
-                try:
-                    tokens[i] = _sample(logits[i], s.params, s.generator)
-                except RuntimeError:  # non-finite logits: this row goes greedy, its batch mates never fail
-                    pass
-        return tokens
 
     def _forward(self, ids: list[int], pos: list[int], slots: list[int], n_dec: int,
                  spans: list[tuple[int, int]], out_rows: list[int]) -> torch.Tensor:
@@ -442,24 +258,6 @@ def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
                                          v.transpose(0, 1)[None], is_causal=True, scale=scale,
                                          enable_gqa=True)  # [1, H, P, hd]
     return out[0].transpose(0, 1)
-
-
-def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """Temperature + nucleus (top-p) sampling of one row of logits [vocab] with the request's generator.
-
-    Safe for every temperature > 0 and top_p in (0, 1]: the largest logit is subtracted before
-    scaling, so a tiny temperature is greedy rather than inf/inf = NaN, and the most likely token is
-    always kept, so a top_p below float32's resolution is greedy rather than an empty distribution.
-    """
-    row = logits.float()
-    probs = torch.softmax((row - row.max()) / params.temperature, dim=-1)
-    if params.top_p >= 1.0:
-        return int(torch.multinomial(probs, 1, generator=generator))
-    sorted_p, order = probs.sort(descending=True)
-    keep = (sorted_p.cumsum(0) - sorted_p) < params.top_p  # the smallest prefix reaching top_p
-    keep[0] = True
-    choice = torch.multinomial(sorted_p * keep, 1, generator=generator)
-    return int(order[choice])
 
 
 # -- timing entry point: python -m costopt.runtimes.engine --batch 1 16 [--compile] [--variant V] [--hf] ---------

@@ -72,15 +72,13 @@ import json
 import logging
 import os
 import weakref
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Hashable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from costopt.runtimes.base import RuntimeFailure, RuntimeUnavailable
-from costopt.runtimes.engine import SamplingParams, StepEvent, _sample
+from costopt.runtimes.slots import SamplingParams, Seq, SlotEngine, StepBatch, StepEvent
 
 QTYPES: dict[str, int] = {  # name -> llama.h `enum llama_ftype` (checked against llama_cpp in the tests)
     "F32": 0, "F16": 1, "Q8_0": 7, "Q6_K": 18, "Q5_K_M": 17, "Q4_K_M": 15, "Q4_0": 2,
@@ -545,20 +543,8 @@ class LlamaCppModel:
         return out
 
 
-# -- the engine --------------------------------------------------------------------------------------
-@dataclass(eq=False, slots=True)
-class _Seq:
-    seq_id: Hashable
-    prompt: list[int]
-    params: SamplingParams
-    stops: frozenset[int]
-    generator: torch.Generator | None  # None for greedy
-    length: int = 0  # tokens whose K/V are in the cache
-    generated: int = 0
-    last: int = -1  # the newest token, fed in at the next decode step
-
-
-class LlamaCppEngine:
+# -- the engine ---------------------------------------------------------------------------------------
+class LlamaCppEngine(SlotEngine):
     """Continuous batching on llama.cpp, with `costopt.runtimes.engine.Engine`'s interface and semantics.
 
     Slot i is llama.cpp sequence id i with its own KV stream: rows in slots 0..n-1, newcomers next,
@@ -575,174 +561,38 @@ class LlamaCppEngine:
         streams = max_batch + 1  # + the spare
         self._c = _Context(Path(gguf), n_threads=n_threads, n_ctx=streams * max_len, n_batch=max_batch * max_len,
                            n_seq=streams, n_outputs=streams, unified=False, seq_len=max_len)
-        self.max_batch, self.max_len = max_batch, max_len
-        self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
-        self.vocab_size = self._c.vocab_size
-        self._rows: list[_Seq] = []  # prefilled; row i lives in slot i
-        self._paused: list[_Seq] = []  # prefilled, not stepped; paused[j] lives in slot max_batch - 1 - j
-        self._pending: list[_Seq] = []  # added, prefilled at the next step (slots right after the rows)
-        self._cancelled: list[StepEvent] = []  # emitted by the next step
+        super().__init__(eos_token_ids=eos_token_ids, max_batch=max_batch, max_len=max_len,
+                         vocab_size=self._c.vocab_size)
 
     def close(self) -> None:
         """Free llama.cpp's model, context and KV cache now (otherwise when the engine is collected)."""
         self._c.close()
 
-    # -- the driver's side ------------------------------------------------------------------------
-    @property
-    def running(self) -> int:
-        """Sequences holding a slot (stepping, paused, or waiting for their prefill)."""
-        return len(self._rows) + len(self._paused) + len(self._pending)
-
-    def has_work(self) -> bool:
-        """Something to step: running rows, prompts to prefill or cancellations to report (paused
-        sequences alone are not: they wait for `resume`)."""
-        return bool(self._rows or self._pending or self._cancelled)
-
-    @property
-    def paused(self) -> int:
-        return len(self._paused)
-
-    def add(self, seq_id: Hashable, prompt_ids: Sequence[int], params: SamplingParams) -> None:
-        """Queue a sequence; its prompt is prefilled and its first token produced by the next step()."""
-        prompt = self._c.check_ids(prompt_ids)
-        total = len(prompt) + params.max_new_tokens
-        if total > self.max_len:
-            raise ValueError(f"prompt: {len(prompt)} tokens + max_tokens {params.max_new_tokens} = {total} "
-                             f"exceeds the context limit of {self.max_len} tokens; shorten the prompt or "
-                             f"lower max_tokens")
-        if any(s.seq_id == seq_id for s in self._rows + self._paused + self._pending):
-            raise ValueError(f"seq_id: {seq_id!r} is already running")
-        if self.running >= self.max_batch:
-            raise RuntimeError(f"no free slot: {self.running} of max_batch={self.max_batch} running; "
-                               f"admit at most max_batch - running sequences")
-        generator = None
-        if params.temperature > 0:
-            generator = torch.Generator()
-            generator.manual_seed(params.seed) if params.seed is not None else generator.seed()
-        stops = self.eos_token_ids | frozenset(params.stop_token_ids)
-        self._pending.append(_Seq(seq_id, prompt, params, stops, generator))
-
-    def cancel(self, seq_id: Hashable) -> None:
-        """Free `seq_id`'s slot now; the next step() emits StepEvent(seq_id, None, "cancelled").
-
-        A sequence that already finished (or never ran) is not an error: a client may hang up just as
-        its last token is produced. Nothing is emitted for it then.
-        """
-        for i, s in enumerate(self._pending):
-            if s.seq_id == seq_id:
-                del self._pending[i]  # never prefilled: it holds no cells
-                self._cancelled.append(StepEvent(seq_id, None, "cancelled"))
-                return
-        for i, s in enumerate(self._rows):
-            if s.seq_id == seq_id:
-                self._free_row(i)
-                self._cancelled.append(StepEvent(seq_id, None, "cancelled"))
-                return
-        for j, s in enumerate(self._paused):
-            if s.seq_id == seq_id:
-                self._drop_paused(j)
-                self._cancelled.append(StepEvent(seq_id, None, "cancelled"))
-                return
-
-    def pause(self, seq_id: Hashable) -> None:
-        """Stop stepping a prefilled sequence; it keeps its slot and its cache until `resume`."""
-        i = next((i for i, s in enumerate(self._rows) if s.seq_id == seq_id), None)
-        if i is None:
-            raise ValueError(f"pause: {seq_id!r} is not a running, prefilled sequence")
-        seq = self._rows[i]
-        self._move(i, self.max_batch)  # to the spare: slot i is about to take the last row
-        self._free_row(i)
-        self._move(self.max_batch, self.max_batch - 1 - len(self._paused))
-        self._paused.append(seq)
-
-    def resume(self, seq_id: Hashable) -> None:
-        """Step a paused sequence again from the next step on, where it left off."""
-        j = next((j for j, s in enumerate(self._paused) if s.seq_id == seq_id), None)
-        if j is None:
-            raise ValueError(f"resume: {seq_id!r} is not paused")
-        seq = self._paused[j]
-        self._move(self.max_batch - 1 - j, self.max_batch)
-        self._drop_paused(j)
-        self._move(self.max_batch, len(self._rows))
-        self._rows.append(seq)
-
-    def clear(self) -> None:
-        """Drop every sequence (running, paused, pending) and pending event, and empty the KV cache:
-        after a step failed midway, the driver starts over from an empty, consistent engine."""
-        self._rows, self._paused, self._pending, self._cancelled = [], [], [], []
-        self._c.llama.llama_memory_clear(self._c.mem, False)
-
-    def step(self) -> list[StepEvent]:
+    # -- the runtime's side (SlotEngine's hooks) --------------------------------------------------
+    def _logits(self, batch: StepBatch, new: list[Seq]) -> np.ndarray:
         """One llama_decode: the newcomers' prompts and one token for every other running sequence."""
-        events, self._cancelled = self._cancelled, []
-        if not self._rows and not self._pending:
-            return events
-        n_dec, new = len(self._rows), self._pending
-        self._pending = []
-        ids = [s.last for s in self._rows]
-        pos = [s.length for s in self._rows]
-        slots = list(range(n_dec))
-        outputs = list(range(n_dec))
-        for j, s in enumerate(new):
-            ids += s.prompt
-            pos += range(len(s.prompt))
-            slots += [n_dec + j] * len(s.prompt)
-            outputs.append(len(ids) - 1)
-        self._c.decode(ids, pos, slots, outputs)
-        logits = np.stack([self._c.row(i) for i in outputs])  # [n_dec + len(new), vocab], copied out
-        self._rows.extend(new)
-        for s in new:
-            s.length = len(s.prompt) - 1  # the +1 below counts the prompt's last token
-        finished = []
-        for i, (s, tok) in enumerate(zip(self._rows, self._choose(logits))):
-            s.length += 1
-            s.generated += 1
-            s.last = tok
-            reason = "stop" if tok in s.stops else "length" if s.generated >= s.params.max_new_tokens else None
-            events.append(StepEvent(s.seq_id, tok, reason))
-            if reason is not None:
-                finished.append(i)
-        for i in reversed(finished):  # descending, so every row moved by _free_row is a live one
-            self._free_row(i)
-        return events
+        self._c.decode(batch.ids, batch.pos, batch.slots, batch.out_rows)
+        return np.stack([self._c.row(i) for i in batch.out_rows])  # [rows, vocab], copied out
 
-    # -- internals -------------------------------------------------------------------------------
-    def _move(self, src: int, dst: int) -> None:
-        """Slot src's cells to slot dst (free); llama.cpp copies the stream at the next decode, in order."""
+    def _move_slot(self, src: int, dst: int, length: int) -> None:
+        """llama.cpp's cross-stream copy (applied in order at the next decode), then src emptied."""
         if src != dst:
             llama, mem = self._c.llama, self._c.mem
             llama.llama_memory_seq_cp(mem, src, dst, -1, -1)
             llama.llama_memory_seq_rm(mem, src, -1, -1)
 
-    def _free_row(self, i: int) -> None:
-        """Drop row i's cells, moving the last row into slot i so rows stay in slots 0..n-1."""
-        self._c.llama.llama_memory_seq_rm(self._c.mem, i, -1, -1)
-        last = len(self._rows) - 1
-        if i != last:
-            self._move(last, i)
-            self._rows[i] = self._rows[last]
-        self._rows.pop()
+    def _release_slot(self, slot: int) -> None:
+        self._c.llama.llama_memory_seq_rm(self._c.mem, slot, -1, -1)
 
-    def _drop_paused(self, j: int) -> None:
-        """Drop paused[j]'s cells, moving the last paused sequence into its slot."""
-        top = self.max_batch - 1
-        self._c.llama.llama_memory_seq_rm(self._c.mem, top - j, -1, -1)
-        last = len(self._paused) - 1
-        if j != last:
-            self._move(top - last, top - j)
-            self._paused[j] = self._paused[last]
-        self._paused.pop()
+    def _stash(self, slot: int, length: int) -> int:
+        self._move_slot(slot, self.max_batch, length)  # to the spare stream
+        return self.max_batch
 
-    def _choose(self, logits: np.ndarray) -> list[int]:
-        """Next token per row: argmax, or a sample from the row's own generator (the torch engine's sampler)."""
-        tokens = logits.argmax(-1).tolist()
-        for i, s in enumerate(self._rows):
-            if s.generator is not None:
-                try:
-                    tokens[i] = _sample(torch.from_numpy(logits[i]), s.params, s.generator)
-                except RuntimeError:  # non-finite logits: this row goes greedy, its batch mates never fail
-                    pass
-        return tokens
+    def _unstash(self, held: int, slot: int, length: int) -> None:
+        self._move_slot(held, slot, length)
+
+    def _reset(self) -> None:
+        self._c.llama.llama_memory_clear(self._c.mem, False)
 
 
 # -- command line: export, and the timing behind the docstring's table -------------------------------

@@ -1,0 +1,290 @@
+"""Continuous batching's bookkeeping, shared by every engine: requests, KV slots, steps, sampling.
+
+`SlotEngine` keeps which sequence holds which KV-cache slot and what one step does with them; a
+runtime's engine (`engine.Engine` over torch modules, `llamacpp.LlamaCppEngine` over llama.cpp) adds
+the model: the logits of one step's tokens and how a slot's cache moves. Both engines had grown the
+same slot code twice (found by `duplicates --change`); one copy keeps their semantics equal by
+construction, which the server, the driver and the tests rely on.
+
+Slot layout (both runtimes): running sequences ("rows") hold slots 0..n-1, so one decode step is one
+contiguous batch; the prompts a step prefills take the slots right after them; paused sequences
+stack down from slot max_batch - 1. A finished row's slot takes the last row, so rows stay 0..n-1.
+
+The interface the server drives: add, cancel, pause, resume, clear, step (one decode over the newest
+token of every row plus the newcomers' prompts) -> StepEvents. Greedy at temperature 0; otherwise a
+per-request seeded generator, so a sequence's tokens never depend on its batch mates. Not thread-safe:
+the driver calls everything from one thread.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Hashable, Sequence
+
+import torch
+
+FINISH_REASONS = ("stop", "length", "cancelled")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64  # tokens generated at most, EOS included
+    temperature: float = 0.0  # 0 = greedy (deterministic whatever the seed)
+    top_p: float = 1.0  # nucleus mass kept, in (0, 1]
+    seed: int | None = None  # per-request generator: output independent of batch mates; None = random
+    stop_token_ids: tuple[int, ...] = ()  # in addition to the engine's EOS ids
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: {self.max_new_tokens!r}; must be an integer >= 1")
+        if not (isinstance(self.temperature, (int, float)) and 0.0 <= self.temperature <= 100.0):
+            raise ValueError(f"temperature: {self.temperature!r}; must be in [0, 100] (0 = greedy)")
+        if not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p: {self.top_p!r}; must be in (0, 1]")
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
+            raise ValueError(f"seed: {self.seed!r}; must be None or an integer in [0, 2**63)")
+        if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids: {self.stop_token_ids!r}; must be non-negative token ids")
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    seq_id: Hashable
+    token_id: int | None  # the new token (EOS/stop ids included); None when cancelled
+    finish_reason: str | None  # None while running, else one of FINISH_REASONS
+
+
+@dataclass(eq=False, slots=True)
+class Seq:
+    seq_id: Hashable
+    prompt: list[int]
+    params: SamplingParams
+    stops: frozenset[int]
+    generator: torch.Generator | None  # None for greedy
+    length: int = 0  # tokens whose K/V are in the cache
+    generated: int = 0
+    last: int = -1  # the newest token, fed in at the next decode step
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """One step's tokens, rows first: ids/pos/slots per token; spans (start, length) of each newcomer's
+    prompt; out_rows the token positions whose logits are wanted (every row's, each prompt's last)."""
+    ids: list[int]
+    pos: list[int]
+    slots: list[int]
+    n_dec: int
+    spans: list[tuple[int, int]]
+    out_rows: list[int]
+
+
+class SlotEngine:
+    """The slot bookkeeping of a continuous-batching engine; subclasses add the model (see hooks)."""
+
+    def __init__(self, *, eos_token_ids: Sequence[int], max_batch: int, max_len: int, vocab_size: int) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch: {max_batch}; must be >= 1")
+        self.max_batch, self.max_len = max_batch, max_len
+        self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
+        self.vocab_size = vocab_size
+        self._rows: list[Seq] = []  # prefilled; row i lives in slot i
+        self._paused: list[Seq] = []  # prefilled, not stepped; paused[j] lives in slot max_batch - 1 - j
+        self._pending: list[Seq] = []  # added, prefilled at the next step (slots right after the rows)
+        self._cancelled: list[StepEvent] = []  # emitted by the next step
+
+    # -- hooks: the runtime's side ------------------------------------------------------------------
+    def _logits(self, batch: StepBatch, new: list[Seq]) -> Any:
+        """Logits [len(batch.out_rows), vocab] (torch or numpy) of one step; writes the tokens' K/V into
+        their slots."""
+        raise NotImplementedError
+
+    def _move_slot(self, src: int, dst: int, length: int) -> None:
+        """Slot src's first `length` cache positions to slot dst; src is free afterwards."""
+        raise NotImplementedError
+
+    def _release_slot(self, slot: int) -> None:
+        """A sequence left `slot` (finished, cancelled, moved): drop what the runtime keeps for it."""
+
+    def _stash(self, slot: int, length: int) -> Any:
+        """Set slot's cache aside while the rows move (pause, resume); `_unstash` puts it back."""
+        raise NotImplementedError
+
+    def _unstash(self, held: Any, slot: int, length: int) -> None:
+        raise NotImplementedError
+
+    def _reset(self) -> None:
+        """`clear`: empty the runtime's cache."""
+
+    # -- the driver's side ------------------------------------------------------------------------
+    @property
+    def running(self) -> int:
+        """Sequences holding a slot (stepping, paused, or waiting for their prefill)."""
+        return len(self._rows) + len(self._paused) + len(self._pending)
+
+    def has_work(self) -> bool:
+        """Something to step: running rows, prompts to prefill or cancellations to report (paused
+        sequences alone are not: they wait for `resume`)."""
+        return bool(self._rows or self._pending or self._cancelled)
+
+    @property
+    def paused(self) -> int:
+        return len(self._paused)
+
+    def add(self, seq_id: Hashable, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        """Queue a sequence; its prompt is prefilled and its first token produced by the next step()."""
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("prompt: empty; it needs at least 1 token")
+        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            raise ValueError(f"prompt: token ids must be in [0, {self.vocab_size}) (the vocabulary)")
+        total = len(prompt) + params.max_new_tokens
+        if total > self.max_len:
+            raise ValueError(f"prompt: {len(prompt)} tokens + max_tokens {params.max_new_tokens} = {total} "
+                             f"exceeds the context limit of {self.max_len} tokens; shorten the prompt or "
+                             f"lower max_tokens")
+        if any(s.seq_id == seq_id for s in self._rows + self._paused + self._pending):
+            raise ValueError(f"seq_id: {seq_id!r} is already running")
+        if self.running >= self.max_batch:
+            raise RuntimeError(f"no free slot: {self.running} of max_batch={self.max_batch} running; "
+                               f"admit at most max_batch - running sequences")
+        generator = None
+        if params.temperature > 0:
+            generator = torch.Generator()
+            generator.manual_seed(params.seed) if params.seed is not None else generator.seed()
+        stops = self.eos_token_ids | frozenset(params.stop_token_ids)
+        self._pending.append(Seq(seq_id, prompt, params, stops, generator))
+
+    def cancel(self, seq_id: Hashable) -> None:
+        """Free `seq_id`'s slot now; the next step() emits StepEvent(seq_id, None, "cancelled").
+
+        A sequence that already finished (or never ran) is not an error: a client may hang up just as
+        its last token is produced. Nothing is emitted for it then.
+        """
+        for i, s in enumerate(self._pending):
+            if s.seq_id == seq_id:
+                del self._pending[i]  # never prefilled: it holds no cache
+                self._cancelled.append(StepEvent(seq_id, None, "cancelled"))
+                return
+        for i, s in enumerate(self._rows):
+            if s.seq_id == seq_id:
+                self._free_row(i)
+                self._cancelled.append(StepEvent(seq_id, None, "cancelled"))
+                return
+        for j, s in enumerate(self._paused):
+            if s.seq_id == seq_id:
+                self._drop_paused(j)
+                self._cancelled.append(StepEvent(seq_id, None, "cancelled"))
+                return
+
+    def pause(self, seq_id: Hashable) -> None:
+        """Stop stepping a prefilled sequence; it keeps its slot and its cache until `resume`. A scheduler
+        pauses lower-priority sequences so that a smaller batch steps faster for an urgent one."""
+        i = next((i for i, s in enumerate(self._rows) if s.seq_id == seq_id), None)
+        if i is None:
+            raise ValueError(f"pause: {seq_id!r} is not a running, prefilled sequence")
+        seq = self._rows[i]
+        held = self._stash(i, seq.length)
+        self._free_row(i)  # the last row moves into slot i, so the rows stay 0..n-1
+        self._unstash(held, self.max_batch - 1 - len(self._paused), seq.length)
+        self._paused.append(seq)
+
+    def resume(self, seq_id: Hashable) -> None:
+        """Step a paused sequence again from the next step on, where it left off."""
+        j = next((j for j, s in enumerate(self._paused) if s.seq_id == seq_id), None)
+        if j is None:
+            raise ValueError(f"resume: {seq_id!r} is not paused")
+        seq = self._paused[j]
+        held = self._stash(self.max_batch - 1 - j, seq.length)
+        self._drop_paused(j)
+        self._unstash(held, len(self._rows), seq.length)
+        self._rows.append(seq)
+
+    def clear(self) -> None:
+        """Drop every sequence (running, paused, pending) and pending event, and empty the cache: after a
+        step failed midway, the driver fails their requests and starts over from an empty, consistent
+        engine."""
+        self._rows, self._paused, self._pending, self._cancelled = [], [], [], []
+        self._reset()
+
+    def step(self) -> list[StepEvent]:
+        """One iteration: prefill the newcomers and decode one token for every other running sequence."""
+        events, self._cancelled = self._cancelled, []
+        if not self._rows and not self._pending:
+            return events
+        n_dec, new = len(self._rows), self._pending
+        self._pending = []
+        ids = [s.last for s in self._rows]
+        pos = [s.length for s in self._rows]
+        slots = list(range(n_dec))
+        spans, out_rows = [], list(range(n_dec))
+        for j, s in enumerate(new):
+            spans.append((len(ids), len(s.prompt)))
+            ids += s.prompt
+            pos += range(len(s.prompt))
+            slots += [n_dec + j] * len(s.prompt)
+            out_rows.append(len(ids) - 1)
+        logits = self._logits(StepBatch(ids, pos, slots, n_dec, spans, out_rows), new)  # [n_dec + len(new), vocab]
+        self._rows.extend(new)
+        for s in new:
+            s.length = len(s.prompt) - 1  # the +1 below counts the prompt's last token
+        finished = []
+        for i, (s, tok) in enumerate(zip(self._rows, self._choose(logits))):
+            s.length += 1
+            s.generated += 1
+            s.last = tok
+            reason = "stop" if tok in s.stops else "length" if s.generated >= s.params.max_new_tokens else None
+            events.append(StepEvent(s.seq_id, tok, reason))
+            if reason is not None:
+                finished.append(i)
+        for i in reversed(finished):  # descending, so every row moved by _free_row is a live one
+            self._free_row(i)
+        return events
+
+    # -- internals -------------------------------------------------------------------------------
+    def _free_row(self, i: int) -> None:
+        """Drop row i, moving the last row (and its cache) into slot i so rows stay in slots 0..n-1."""
+        self._release_slot(i)
+        last = len(self._rows) - 1
+        if i != last:
+            self._move_slot(last, i, self._rows[last].length)
+            self._rows[i] = self._rows[last]
+        self._rows.pop()
+
+    def _drop_paused(self, j: int) -> None:
+        """Drop paused[j], moving the last paused sequence (and its cache) into its slot."""
+        top = self.max_batch - 1
+        self._release_slot(top - j)
+        last = len(self._paused) - 1
+        if j != last:
+            self._move_slot(top - last, top - j, self._paused[last].length)
+            self._paused[j] = self._paused[last]
+        self._paused.pop()
+
+    def _choose(self, logits: Any) -> list[int]:
+        """Next token per row: argmax, or a sample from the row's own generator."""
+        tokens = logits.argmax(-1).tolist()
+        for i, s in enumerate(self._rows):
+            if s.generator is not None:
+                try:
+                    tokens[i] = sample(torch.as_tensor(logits[i]), s.params, s.generator)
+                except RuntimeError:  # non-finite logits: this row goes greedy, its batch mates never fail
+                    pass
+        return tokens
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """Temperature + nucleus (top-p) sampling of one row of logits [vocab] with the request's generator.
+
+    Safe for every temperature > 0 and top_p in (0, 1]: the largest logit is subtracted before
+    scaling, so a tiny temperature is greedy rather than inf/inf = NaN, and the most likely token is
+    always kept, so a top_p below float32's resolution is greedy rather than an empty distribution.
+    """
+    row = logits.float()
+    probs = torch.softmax((row - row.max()) / params.temperature, dim=-1)
+    if params.top_p >= 1.0:
+        return int(torch.multinomial(probs, 1, generator=generator))
+    sorted_p, order = probs.sort(descending=True)
+    keep = (sorted_p.cumsum(0) - sorted_p) < params.top_p  # the smallest prefix reaching top_p
+    keep[0] = True
+    choice = torch.multinomial(sorted_p * keep, 1, generator=generator)
+    return int(order[choice])
