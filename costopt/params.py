@@ -146,7 +146,7 @@ class CalibrateParams:
     logs: str = "logs/requests.jsonl"  # serving request log (JSONL with a "prompt" text field)
     samples: int = 128  # calibration sequences used by GPTQ/AWQ/static INT8
     max_seq_len: int = 128  # tokens per calibration sequence
-    curve: tuple[int, ...] = (16, 64, 256)  # calibration sizes of the KL-vs-size curve in the report
+    curve: tuple[int, ...] = (16, 64, 128)  # calibration sizes of the KL-vs-size curve in the report
     curve_variant: str = "int4_gptq_g64"  # the calibrated variant the curve re-fits ("" = no curve)
     curve_prompts: int = 64  # held-out prompts the curve's KL is measured on
 
@@ -173,10 +173,13 @@ class SearchParams:
     group_size: int = 64  # INT4 group size of mixed variants
     max_evaluations: int = 2  # mixed candidates quantized and validated at most
     target_margin: float = 0.6  # the first mixed candidate aims at this share of the KL gate
+    skip_dominated: bool = True  # build no mixed candidate when none can cost less than the cheapest passing one
 
     def check(self, where: str) -> None:
         if not isinstance(self.enabled, bool):
             raise ParamsError(f"{where}.enabled: expected true or false, got {self.enabled!r}")
+        if not isinstance(self.skip_dominated, bool):
+            raise ParamsError(f"{where}.skip_dominated: expected true or false, got {self.skip_dominated!r}")
         _check_number(f"{where}.sensitivity_prompts", self.sensitivity_prompts, 2, 10_000, integer=True)
         if not self.precisions or any(p not in ("int4", "int8") for p in self.precisions):
             raise ParamsError(f"{where}.precisions: expected a non-empty subset of ['int4', 'int8'], "

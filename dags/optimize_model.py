@@ -5,9 +5,9 @@ DVC stages and `python -m tasks.<phase>` run). Nothing heavy is imported at pars
 (Params) lets a platform engineer pick the model, variants, gates, price and profile. Variants fan out
 with dynamic task mapping: one quantize -> benchmark -> validate chain per variant.
 
-    preflight -> ingest -> evaldata -> [benchmark, reference, sensitivity, calibration_curve]
+    preflight -> ingest -> evaldata -> [benchmark, reference, sensitivity]
       -> plan -> quantize[v] -> benchmark_variant[v] -> validate[v]   (mapped over the variants)
-      -> search (mixed precision, cheapest passing variant, Pareto front)
+      -> calibration_curve (reuses the curve variant quantize built) -> search (mixed precision, cheapest passing variant, Pareto front)
       -> deploy (fp32 + the winners on a loopback KServe server, short load test) -> report -> version
 """
 from __future__ import annotations
@@ -151,7 +151,7 @@ def optimize_model():
     ready >> names
     checked = validate.expand(name=benchmark_variant.expand(name=quantize.expand(name=names)))
     side = [sensitivity(), calibration_curve()]
-    ready >> side[1]
+    checked >> side[1]  # its point at calibrate.samples is the variant quantize built
     data >> side[0]
     found = search()
     [checked, *side] >> found

@@ -1,11 +1,17 @@
 """Phase 3b, calibration_curve: how a calibrated variant's KL changes with the calibration-set size.
 
 Run it as `python -m tasks.calibcurve`. Re-fits `calibrate.curve_variant` (a GPTQ, AWQ or static INT8
-variant) on the first n calibration samples for each n in `calibrate.curve` (16/64/256 by default) and
+variant) on the first n calibration samples for each n in `calibrate.curve` (16/64/128 by default) and
 measures its KL mean (95% CI) on the first `calibrate.curve_prompts` held-out prompts against the
 stored fp32 reference. For INT4 schemes the same config with round-to-nearest (no calibration) is
 measured too, as the floor the calibration has to beat. Writes artifacts/calibration/curve.json;
 an "enabled": false record when no curve is configured.
+
+It runs after the quantize phase: the point at n = calibrate.samples is the curve variant that phase
+built (same config, same calibration rows; its spec says so), read back rather than fitted again
+(`"reused"` in the point). In the full-profile demo that fit is the dearest one (GPTQ on 128 samples,
+83 s of the phase's 340 s when every size was fitted here); a size the variant was not built with is
+fitted as before.
 """
 from __future__ import annotations
 
@@ -60,9 +66,11 @@ def calibration_curve(params: Params, ws: Workspace) -> dict[str, Any]:
     prompts = min(cfg.curve_prompts, len(ref.texts))
     points = []
     for n in tqdm(sizes, desc="calibration curve", unit="size"):
-        model, tok = load_model_dir(ws.model_dir)
-        model = quantize(model, config, calibration_set(params, ws, tok, n))
-        points.append({"samples": n, "source": source,
+        model, reused = _built_variant(params, ws, cfg.curve_variant, config, n, source), True
+        if model is None:
+            model, tok = load_model_dir(ws.model_dir)
+            model, reused = quantize(model, config, calibration_set(params, ws, tok, n)), False
+        points.append({"samples": n, "source": source, "reused": reused,
                        "kl_mean": _kl(model, ref, prompts, params.validate.bootstrap)})
     rtn = None
     if config.scheme == "int4_weight_only":
@@ -74,6 +82,25 @@ def calibration_curve(params: Params, ws: Workspace) -> dict[str, Any]:
     write_json(out, record)
     return {"variant": cfg.curve_variant, "kl_mean": {p["samples"]: p["kl_mean"]["value"] for p in points},
             "rtn_kl_mean": rtn}
+
+
+def _built_variant(params: Params, ws: Workspace, name: str, config: Any, samples: int, source: str) -> Any:
+    """The quantize phase's `name` when it is exactly this curve point (same scheme config, fitted on
+    the same first `samples` rows of the same source, from the same fp32 weights), else None."""
+    from costopt.models.variants import load_torch_variant, read_failure, read_spec
+    from costopt.storage.layout import read_json
+
+    folder = ws.variant_dir(name)
+    if name not in params.quantize.variants or read_failure(ws, name) or not (folder / "spec.json").is_file():
+        return None
+    spec = read_spec(ws, name)
+    conf = config.to_dict()
+    conf.pop("scheme")
+    base = read_json(ws.model_dir / "fingerprint.json")["fingerprint"]
+    if (spec.transforms != [{"scheme": config.scheme, "config": conf}] or spec.base_fingerprint != base
+            or spec.calibration != {"source": source, "samples": samples}):
+        return None
+    return load_torch_variant(ws, spec)[0]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,8 @@ from costopt.evaluation.taskscore import chance_accuracy
 FILES = {"prompts": "prompts.jsonl", "ppl": "ppl.jsonl", "calibration": "calibration.jsonl",
          "tasks": "tasks.jsonl"}
 MANIFEST = "manifest.json"
-GENERATE_BATCH = 16  # prompts per generate() call: ~8x batch-1 throughput on the 2-core CPU
+REFERENCE_DECODER = "engine-1"  # greedy references from costopt's engine (was: left-padded HF generate)
+GENERATE_BATCH = 16  # sequences decoding together in the reference engine
 
 
 def model_fingerprint(ws: Workspace) -> str:
@@ -40,7 +41,8 @@ def _counts(p: EvalDataParams) -> dict[str, int]:
 def _identity(p: EvalDataParams, fingerprint: str) -> dict[str, Any]:
     """What the data depends on; a manifest that records the same identity describes the same files."""
     return {"seed": p.seed, "counts": _counts(p), "reference_tokens": p.reference_tokens,
-            "model_fingerprint": fingerprint, "generator_version": GENERATOR_VERSION}
+            "model_fingerprint": fingerprint, "generator_version": GENERATOR_VERSION,
+            "reference_decoder": REFERENCE_DECODER}
 
 
 def cached_manifest(out: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
@@ -62,29 +64,23 @@ def cached_manifest(out: Path, identity: dict[str, Any]) -> dict[str, Any] | Non
 
 def greedy_references(model: Any, tokenizer: Any, conversations: list[list[dict]], max_new_tokens: int,
                       batch_size: int = GENERATE_BATCH, progress: bool = True) -> list[str]:
-    """The model's greedy answer to each conversation, via its chat template, in left-padded batches."""
-    import torch
+    """The model's greedy answer to each conversation, via its chat template, through the serving
+    engine's continuous batching (`costopt.runtimes.slots.generate_all`): no padding, and a finished
+    answer's slot goes to the next prompt at once. Stops at the model's EOS ids, as `generate` does."""
     from tqdm import tqdm
 
-    texts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
-             for c in conversations]
-    lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-    order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))  # less padding per batch
-    tokenizer.padding_side = "left"  # generate() appends on the right, so prompts must end flush
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out = [""] * len(texts)
-    with torch.inference_mode():
-        for start in tqdm(range(0, len(order), batch_size), desc="reference answers", unit="batch",
-                          disable=not progress):
-            chunk = order[start:start + batch_size]
-            enc = tokenizer([texts[i] for i in chunk], return_tensors="pt", padding=True,
-                            add_special_tokens=False)
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=pad_id)  # [B, prompt + new]
-            new = gen[:, enc["input_ids"].shape[1]:]
-            for i, text in zip(chunk, tokenizer.batch_decode(new, skip_special_tokens=True)):
-                out[i] = text
-    return out
+    from costopt.runtimes.engine import Engine
+    from costopt.runtimes.slots import SamplingParams, generate_all
+
+    texts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
+    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    eos = tokenizer.eos_token_id if eos is None else eos
+    engine = Engine(model, eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
+                    max_batch=batch_size, max_len=max(map(len, prompts), default=1) + max_new_tokens)
+    with tqdm(total=len(prompts), desc="reference answers", unit="prompt", disable=not progress) as bar:
+        new = generate_all(engine, prompts, SamplingParams(max_new_tokens=max_new_tokens), progress=bar)
+    return tokenizer.batch_decode(new, skip_special_tokens=True)
 
 
 def _write_sets(stage: Path, sets: dict[str, list[dict]]) -> dict[str, str]:

@@ -435,6 +435,8 @@ def _mixed_html(search: dict[str, Any]) -> str:
     mixed = search.get("mixed") or {}
     if not mixed.get("enabled"):
         return "<p>The mixed-precision search was off in this run (search.enabled: false).</p>"
+    if mixed.get("skipped"):
+        return f"<p>No mixed-precision candidate was built: {html.escape(mixed['skipped'])}.</p>"
     rows = "".join(
         f"<tr><td class='l'>{html.escape(t['name'])}</td><td class='l'>{html.escape(t['label'])}</td>"
         f"<td>{t['index']}</td><td>{_fmt(t['predicted_kl'], '.4f')}</td><td>{_fmt(t['measured_kl'], '.4f')}</td>"

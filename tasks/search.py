@@ -62,6 +62,34 @@ def plan_path(params: Params, ws: Workspace) -> tuple[list[Point], dict[str, Any
     return path, record
 
 
+def _mixed_cannot_win(params: Params, ws: Workspace, names: list[str]) -> str | None:
+    """Why no mixed INT8/INT4 candidate can be the pick, or None: the cheapest passing named candidate
+    already costs less than a lower bound on every mixed candidate's cost (`mixed_cost_floor`, from
+    the measured all-INT8 variant), so quantizing and validating them would change nothing.
+
+    Mixed candidates run on the torch engine; when a faster runtime's variant passes (llama.cpp's Q8_0
+    decodes about twice as fast as torch INT8 here), this saves the search's whole cost: in the
+    full-profile demo two GPTQ fits, two full validations and two benchmarks, about 7 minutes."""
+    from costopt.search.frontier import mixed_cost_floor
+
+    int8 = "int8_weight_only"
+    if int8 not in names:
+        return None
+    rows = [{"name": n, "cost": read_json(ws.bench_file(n))["cost_per_1m_requests_usd"],
+             "passed": read_json(ws.quality_file(n))["gate"]["passed"]} for n in names]
+    best = cheapest_passing(rows)
+    if best is None:
+        return None
+    path, record = plan_path(params, ws)
+    cost = {r["name"]: r["cost"] for r in rows}
+    floor = mixed_cost_floor(path, cost[int8], record["costs"]["parts"])
+    if cost[best] >= floor:
+        return None
+    return (f"the cheapest passing candidate, {best}, costs ${cost[best]:.4g} per 1M requests; no mixed "
+            f"INT8/INT4 candidate can cost less than ${floor:.4g} (measured {int8} ${cost[int8]:.4g} x the "
+            f"cheapest mix's predicted share of its GEMM time), so none was quantized")
+
+
 def search(params: Params, ws: Workspace) -> dict[str, Any]:
     from tasks.gates import evaluate_gates
     from costopt.evaluation.reference import load_reference
@@ -74,7 +102,10 @@ def search(params: Params, ws: Workspace) -> dict[str, Any]:
         _need(ws.quality_file(name), "validate")
         _need(ws.bench_file(name), "benchmark_variants")
     mixed: dict[str, Any] = {"enabled": params.search.enabled}
-    if params.search.enabled:
+    skip = _mixed_cannot_win(params, ws, names) if params.search.enabled and params.search.skip_dominated else None
+    if skip:
+        mixed["skipped"] = skip
+    if params.search.enabled and not skip:
         path, _ = plan_path(params, ws)
         gate = params.validate.gates.kl_mean_max
         best, trials = bisect_path(path, lambda p: evaluate_mixed(params, ws, p), gate,

@@ -10,9 +10,9 @@ PROJECT = Path(__file__).resolve().parents[1]
 EXPECTED_EDGES = {
     "preflight": {"ingest"}, "ingest": {"evaldata"},
     "evaldata": {"benchmark", "reference", "sensitivity"},
-    "benchmark": {"plan", "calibration_curve"}, "reference": {"plan", "calibration_curve"},
+    "benchmark": {"plan"}, "reference": {"plan"},
     "plan": {"quantize"}, "quantize": {"benchmark_variant"}, "benchmark_variant": {"validate"},
-    "validate": {"search"}, "sensitivity": {"search"}, "calibration_curve": {"search"},
+    "validate": {"search", "calibration_curve"}, "sensitivity": {"search"}, "calibration_curve": {"search"},
     "search": {"deploy"}, "deploy": {"report"}, "report": {"version"}, "version": set(),
 }
 MAPPED = {"quantize", "benchmark_variant", "validate"}  # dynamic task mapping over the variants

@@ -234,3 +234,19 @@ def test_failed_rebuild_keeps_the_earlier_set(tiny_workspace):
         evaldata(replace(params, evaldata=replace(params.evaldata, seed=99)), ws)
     after = {f.name: f.read_bytes() for f in ws.data_dir.iterdir()}
     assert after == before, "a failed rebuild changed the earlier data set"
+
+
+def test_reference_answers_equal_each_prompts_own_greedy_generate(tiny):
+    """The continuous-batching references (5 prompts through 2 slots, so slots are refilled mid-run)
+    equal HF generate run on each prompt alone, EOS stops included."""
+    from tasks.evaldata import greedy_references
+
+    model, tok = tiny
+    convs = [[{"role": "user", "content": it["context"]}] for it in task_items(5, 5)]
+    got = greedy_references(model, tok, convs, max_new_tokens=12, batch_size=2, progress=False)
+    for conv, answer in zip(convs, got):
+        ids = tok(tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=False),
+                  add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            gen = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=1, pad_token_id=0)
+        assert answer == tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True), conv

@@ -103,3 +103,49 @@ def test_start_index_respects_the_margin(margin):
     i = start_index(path, 0.05, margin)
     assert path[i].kl <= margin * 0.05 or i == len(path) - 1, "the start point is predicted within the margin"
     assert i == 0 or path[i - 1].kl > margin * 0.05, "and it is the cheapest such point"
+
+
+def test_mixed_cost_floor_is_the_cheapest_mix_share_of_the_int8_cost():
+    from costopt.search.frontier import mixed_cost_floor
+
+    sens, cost = _synthetic(6, 2)
+    path = greedy_path(sens, cost)
+    all_int8 = sum(c["int8"] for c in cost.values())
+    floor = mixed_cost_floor(path, 2.0, cost)
+    assert floor == pytest.approx(2.0 * path[0].cost / all_int8), "all-INT4 is the path's cheapest point"
+    assert floor < 2.0, "INT4 GEMMs are predicted cheaper than INT8 ones, so the floor is below INT8's cost"
+
+
+def _search_ws(tmp_path, costs: dict[str, float], passed: dict[str, bool]):
+    """A workspace holding what the search reads: bench and quality records, a sensitivity scan."""
+    from costopt.storage.layout import Workspace, write_json
+
+    ws = Workspace(tmp_path)
+    for name, c in costs.items():
+        write_json(ws.bench_file(name), {"cost_per_1m_requests_usd": c})
+        write_json(ws.quality_file(name), {"gate": {"passed": passed[name]}})
+    sens, cost = _synthetic(4, 3)
+    write_json(ws.sensitivity_dir / "sensitivity.json",
+               {"enabled": True, "scan": {"parts": sens}, "costs": {"parts": cost}})
+    return ws
+
+
+@pytest.mark.parametrize("q8_cost, q8_passed, skipped", [
+    (0.10, True, True),    # a passing llama.cpp Q8_0 at half the torch INT8 cost: no mix can beat it
+    (0.19, True, False),   # just under INT8's cost: a mix with INT4 parts might be cheaper, search on
+    (0.10, False, False),  # it failed its gates: the cheapest passing one is INT8 itself, search on
+])
+def test_search_skips_mixed_candidates_only_when_none_can_win(tmp_path, q8_cost, q8_passed, skipped):
+    from pathlib import Path
+
+    from costopt.params import load_params
+    from tasks.search import _mixed_cannot_win
+
+    names = ["int8_weight_only", "gguf_q8_0"]
+    ws = _search_ws(tmp_path, {"int8_weight_only": 0.20, "gguf_q8_0": q8_cost},
+                    {"int8_weight_only": True, "gguf_q8_0": q8_passed})
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml", profile="quick")
+    why = _mixed_cannot_win(params, ws, names)
+    assert (why is not None) == skipped, why
+    if skipped:
+        assert "gguf_q8_0" in why and "int8_weight_only" in why, f"the reason names both candidates: {why}"

@@ -288,3 +288,31 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     keep[0] = True
     choice = torch.multinomial(sorted_p * keep, 1, generator=generator)
     return int(order[choice])
+
+
+def generate_all(engine: SlotEngine, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 progress: Any = None) -> list[list[int]]:
+    """Each prompt's new tokens (its stop token left out), through `engine` kept full: a finished
+    sequence's slot goes to the next prompt at once, so no step is spent on padding or on rows that are
+    done, as in a left-padded `generate` batch. `progress` (e.g. a tqdm bar) is updated per prompt."""
+    out: list[list[int]] = [[] for _ in prompts]
+    queue = iter(range(len(prompts)))
+    running = 0
+    for i in queue:  # fill every slot
+        engine.add(i, prompts[i], params)
+        running += 1
+        if running == engine.max_batch:
+            break
+    while running:
+        for ev in engine.step():
+            if ev.token_id is not None and ev.finish_reason != "stop":
+                out[ev.seq_id].append(ev.token_id)
+            if ev.finish_reason is not None:
+                running -= 1
+                if progress is not None:
+                    progress.update(1)
+                nxt = next(queue, None)
+                if nxt is not None:
+                    engine.add(nxt, prompts[nxt], params)
+                    running += 1
+    return out

@@ -58,6 +58,16 @@ def cheapest_passing(rows: list[dict[str, Any]]) -> str | None:
     return min(ok, key=lambda r: (r["cost"], r["name"]))["name"] if ok else None
 
 
+def mixed_cost_floor(path: list[Point], int8_cost: float, cost: dict[str, dict[str, float]]) -> float:
+    """A lower bound on the measured cost of any point of `path`, from the measured cost of the all-INT8
+    variant (`int8_cost`, same kernels): int8_cost x the cheapest point's predicted parts' time over the
+    all-INT8 one's. Conservative: predictions count only the parts' GEMMs, and the time every step also
+    spends outside them (attention, norms, dispatch) is the same in every mix, so measured ratios sit
+    closer to 1 than predicted ones."""
+    all_int8 = sum(c["int8"] for c in cost.values())
+    return int8_cost * min(p.cost for p in path) / all_int8
+
+
 def predict(assign: dict[str, str], sens: dict[str, dict[str, float]], cost: dict[str, dict[str, float]]
             ) -> tuple[float, float]:
     """(predicted cost, predicted KL) of an assignment: sums over parts; fp32 parts add no KL."""
