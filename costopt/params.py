@@ -53,7 +53,7 @@ class EvalDataParams:
     seed: int = 1234  # all sets are a pure function of this seed
     prompts: int = 240  # held-out chat prompts
     ppl_texts: int = 48  # held-out passages for perplexity
-    calibration: int = 256  # calibration prompts, disjoint from held-out
+    calibration: int = 128  # calibration prompts, disjoint from held-out (calibrate.samples and curve use at most this many)
     task_items: int = 360  # labeled multiple-choice items
     reference_tokens: int = 48  # fp32 greedy answer length per held-out prompt, tokens
 

@@ -63,7 +63,7 @@ def cached_manifest(out: Path, identity: dict[str, Any]) -> dict[str, Any] | Non
 
 
 def greedy_references(model: Any, tokenizer: Any, conversations: list[list[dict]], max_new_tokens: int,
-                      batch_size: int = GENERATE_BATCH, progress: bool = True) -> list[str]:
+                      batch_size: int = GENERATE_BATCH, progress: bool = True, compile: bool = True) -> list[str]:
     """The model's greedy answer to each conversation, via its chat template, through the serving
     engine's continuous batching (`costopt.runtimes.slots.generate_all`): no padding, and a finished
     answer's slot goes to the next prompt at once. Stops at the model's EOS ids, as `generate` does."""
@@ -76,8 +76,11 @@ def greedy_references(model: Any, tokenizer: Any, conversations: list[list[dict]
     prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     eos = getattr(model.generation_config, "eos_token_id", None)
     eos = tokenizer.eos_token_id if eos is None else eos
+    # compile: decode-only steps (most of them: answers run to length together, so slots refill in waves)
+    # run as one compiled graph, whose tokens equal eager's (tests/serving/test_engine_compiled.py)
     engine = Engine(model, eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
-                    max_batch=batch_size, max_len=max(map(len, prompts), default=1) + max_new_tokens)
+                    max_batch=batch_size, max_len=max(map(len, prompts), default=1) + max_new_tokens,
+                    compile=compile)
     with tqdm(total=len(prompts), desc="reference answers", unit="prompt", disable=not progress) as bar:
         new = generate_all(engine, prompts, SamplingParams(max_new_tokens=max_new_tokens), progress=bar)
     return tokenizer.batch_decode(new, skip_special_tokens=True)
