@@ -75,7 +75,8 @@ import torch
 import torch.nn.functional as F
 
 from costopt.runtimes.rope import rope as _rope
-from costopt.runtimes.slots import FINISH_REASONS, SamplingParams, Seq, SlotEngine, StepBatch, StepEvent
+from costopt.runtimes.slots import (FINISH_REASONS, SamplingParams, Seq, SlotEngine, StepBatch, StepEvent,
+                                    bench_prompts, time_engine)
 
 __all__ = ["Engine", "FINISH_REASONS", "SamplingParams", "StepEvent"]  # the request types live in slots
 log = logging.getLogger(__name__)
@@ -261,27 +262,6 @@ def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
 
 
 # -- timing entry point: python -m costopt.runtimes.engine --batch 1 16 [--compile] [--variant V] [--hf] ---------
-def _bench_prompts(batch: int, vocab: int) -> list[list[int]]:
-    """`batch` fixed pseudo-random prompts of 40-80 tokens (speed does not depend on their content)."""
-    gen = torch.Generator().manual_seed(0)
-    return [torch.randint(100, vocab, (40 + (17 * i) % 41,), generator=gen).tolist() for i in range(batch)]
-
-
-def _time_engine(engine: Engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
-    """(decode tok/s summed over the batch after the prefill step, end-to-end tok/s) for one run."""
-    import time
-
-    for i, p in enumerate(prompts):
-        engine.add(i, p, SamplingParams(max_new_tokens=new_tokens))
-    t0 = time.perf_counter()
-    engine.step()  # prefill of every prompt + their first tokens
-    t1 = time.perf_counter()
-    while engine.has_work():
-        engine.step()
-    t2 = time.perf_counter()
-    return len(prompts) * (new_tokens - 1) / (t2 - t1), len(prompts) * new_tokens / (t2 - t0)
-
-
 def _time_hf_manager(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int) -> float:
     """End-to-end tok/s of transformers' continuous batching manager (generate_batch), sized by hand."""
     import time
@@ -331,7 +311,7 @@ def _bench_row(model: torch.nn.Module, batch: int, args) -> dict:
     """One batch size: eager (and compiled) engines built once, their runs interleaved, medians."""
     import statistics
 
-    prompts = _bench_prompts(batch, model.config.vocab_size)
+    prompts = bench_prompts(batch, model.config.vocab_size)
     engines = {"engine": Engine(model, eos_token_ids=[], max_batch=batch, max_len=256)}
     row: dict = {"batch": batch}
     if args.compile:
@@ -341,14 +321,14 @@ def _bench_row(model: torch.nn.Module, batch: int, args) -> dict:
         if not compiled.compiled:
             row["compile_error"] = compiled.compile_error
     for engine in engines.values():
-        _time_engine(engine, prompts, 4)  # warm-up: first-touch of the cache pages
-    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in engines}
+        time_engine(engine, prompts, 4)  # warm-up: first-touch of the cache pages
+    runs: dict[str, list] = {name: [] for name in engines}
     for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits both alike
         for name, engine in engines.items():
-            runs[name].append(_time_engine(engine, prompts, args.new_tokens))
+            runs[name].append(time_engine(engine, prompts, args.new_tokens))
     for name, rs in runs.items():
-        row[f"{name}_decode_tok_s"] = statistics.median(r[0] for r in rs)
-        row[f"{name}_e2e_tok_s"] = statistics.median(r[1] for r in rs)
+        row[f"{name}_decode_tok_s"] = statistics.median(r.decode_tok_s for r in rs)
+        row[f"{name}_e2e_tok_s"] = statistics.median(r.e2e_tok_s for r in rs)
     if args.compile:
         row["compiled_over_eager_decode"] = row["compiled_decode_tok_s"] / row["engine_decode_tok_s"]
     if args.hf:

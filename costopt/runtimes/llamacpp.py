@@ -78,7 +78,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from costopt.runtimes.base import RuntimeFailure, RuntimeUnavailable
-from costopt.runtimes.slots import SamplingParams, Seq, SlotEngine, StepBatch, StepEvent
+from costopt.runtimes.slots import Seq, SlotEngine, StepBatch, bench_prompts, time_engine
 
 QTYPES: dict[str, int] = {  # name -> llama.h `enum llama_ftype` (checked against llama_cpp in the tests)
     "F32": 0, "F16": 1, "Q8_0": 7, "Q6_K": 18, "Q5_K_M": 17, "Q4_K_M": 15, "Q4_0": 2,
@@ -596,25 +596,10 @@ class LlamaCppEngine(SlotEngine):
 
 
 # -- command line: export, and the timing behind the docstring's table -------------------------------
-def _bench_prompts(batch: int, vocab: int) -> list[list[int]]:
-    """`batch` fixed pseudo-random prompts of 40-80 tokens (speed does not depend on their content)."""
-    rng = np.random.default_rng(0)
-    return [rng.integers(100, vocab, 40 + (17 * i) % 41).tolist() for i in range(batch)]
-
-
 def _time_engine(engine: LlamaCppEngine, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
-    """(decode tok/s, decode tokens per CPU-second of this process) summed over the batch, after the
-    step that prefills every prompt."""
-    import time
-
-    for i, p in enumerate(prompts):
-        engine.add(i, p, SamplingParams(max_new_tokens=new_tokens))
-    engine.step()
-    t0, c0 = time.perf_counter(), time.process_time()
-    while engine.has_work():
-        engine.step()
-    n = len(prompts) * (new_tokens - 1)
-    return n / (time.perf_counter() - t0), n / (time.process_time() - c0)
+    """(decode tok/s, decode tokens per CPU-second) of one engine run (`slots.time_engine`)."""
+    t = time_engine(engine, prompts, new_tokens)
+    return t.decode_tok_s, t.decode_tok_per_cpu_s
 
 
 def _time_generate(llm: Any, prompt: list[int], new_tokens: int) -> tuple[float, float]:
@@ -651,14 +636,14 @@ def bench(ggufs: Sequence[Path], batches: Sequence[int], new_tokens: int = 64, r
         engine = LlamaCppEngine(path, eos_token_ids=[], max_batch=top, max_len=96 + new_tokens, n_threads=threads)
         llm = Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=96 + new_tokens,
                     verbose=False)
-        _time_engine(engine, _bench_prompts(min(2, top), engine.vocab_size), 4)  # warm-up: first calls pay setup
-        _time_generate(llm, _bench_prompts(1, engine.vocab_size)[0], 4)
+        _time_engine(engine, bench_prompts(min(2, top), engine.vocab_size), 4)  # warm-up: first calls pay setup
+        _time_generate(llm, bench_prompts(1, engine.vocab_size)[0], 4)
         setups.append((Path(path), engine, llm, {"generate_bs1": []} | {f"engine_bs{b}": [] for b in batches}))
     for _ in range(repeats):
         for _, engine, llm, runs in setups:
-            runs["generate_bs1"].append(_time_generate(llm, _bench_prompts(1, engine.vocab_size)[0], new_tokens))
+            runs["generate_bs1"].append(_time_generate(llm, bench_prompts(1, engine.vocab_size)[0], new_tokens))
             for b in batches:
-                runs[f"engine_bs{b}"].append(_time_engine(engine, _bench_prompts(b, engine.vocab_size), new_tokens))
+                runs[f"engine_bs{b}"].append(_time_engine(engine, bench_prompts(b, engine.vocab_size), new_tokens))
     rows = []
     for path, engine, llm, runs in setups:
         row: dict[str, Any] = {"gguf": path.name, "threads": threads, "load_avg_1min": round(os.getloadavg()[0], 2)}

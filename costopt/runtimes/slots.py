@@ -18,7 +18,7 @@ the driver calls everything from one thread.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Hashable, Sequence
+from typing import Any, Hashable, NamedTuple, Sequence
 
 import torch
 
@@ -316,3 +316,32 @@ def generate_all(engine: SlotEngine, prompts: Sequence[Sequence[int]], params: S
                     engine.add(nxt, prompts[nxt], params)
                     running += 1
     return out
+
+
+# -- timing, shared by the engines' command-line benches ------------------------------------------------
+class EngineTiming(NamedTuple):
+    decode_tok_s: float  # new tokens per second summed over the batch, after the step that prefills them
+    e2e_tok_s: float  # every new token over the whole run, the prefill step included
+    decode_tok_per_cpu_s: float  # decode tokens per CPU-second of this process (robust to other jobs)
+
+
+def bench_prompts(batch: int, vocab: int) -> list[list[int]]:
+    """`batch` fixed pseudo-random prompts of 40-80 tokens (speed does not depend on their content)."""
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randint(100, vocab, (40 + (17 * i) % 41,), generator=gen).tolist() for i in range(batch)]
+
+
+def time_engine(engine: SlotEngine, prompts: Sequence[Sequence[int]], new_tokens: int) -> EngineTiming:
+    """One run of `prompts` together, `new_tokens` each (build the engine with no EOS ids)."""
+    import time
+
+    for i, p in enumerate(prompts):
+        engine.add(i, p, SamplingParams(max_new_tokens=new_tokens))
+    t0 = time.perf_counter()
+    engine.step()  # prefill of every prompt + their first tokens
+    t1, c1 = time.perf_counter(), time.process_time()
+    while engine.has_work():
+        engine.step()
+    t2, c2 = time.perf_counter(), time.process_time()
+    n = len(prompts) * (new_tokens - 1)
+    return EngineTiming(n / (t2 - t1), len(prompts) * new_tokens / (t2 - t0), n / (c2 - c1))

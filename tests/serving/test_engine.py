@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from costopt.runtimes.engine import Engine, SamplingParams, StepEvent
+from engine_scenarios import drive, pause_resume
 
 GREEDY = SamplingParams(max_new_tokens=12)
 
@@ -31,36 +32,6 @@ def solo_greedy(model, prompt, n, stops=()):
                 break
             ids = torch.tensor([[tok]])
     return out
-
-
-def drive(engine, schedule, cancels=None, max_steps=200):
-    """A driver: before step k, cancel cancels[k], queue arrivals schedule[k] = [(seq_id, prompt, params)]
-    and admit queued ones first come first served while slots are free (max_batch - running).
-
-    Returns ({seq_id: tokens}, {seq_id: finish_reason}, [events per step]).
-    """
-    cancels = cancels or {}
-    tokens, reasons, log, queue = {}, {}, [], []
-    last_arrival = max(list(schedule) + list(cancels), default=0)
-    for step in range(max_steps):
-        for seq_id in cancels.get(step, []):
-            engine.cancel(seq_id)
-        queue += schedule.get(step, [])
-        while queue and engine.running < engine.max_batch:
-            seq_id, prompt, params = queue.pop(0)
-            engine.add(seq_id, prompt, params)
-            tokens[seq_id] = []
-        if not engine.has_work() and not queue and step > last_arrival:
-            return tokens, reasons, log
-        events = engine.step()
-        log.append(events)
-        for ev in events:
-            assert ev.seq_id not in reasons, f"event {ev} after {ev.seq_id} finished ({reasons[ev.seq_id]})"
-            if ev.token_id is not None:
-                tokens.setdefault(ev.seq_id, []).append(ev.token_id)
-            if ev.finish_reason is not None:
-                reasons[ev.seq_id] = ev.finish_reason
-    raise AssertionError(f"engine still busy after {max_steps} steps")
 
 
 def test_greedy_equals_solo_loop_with_staggered_arrivals_and_departures(llama64):
@@ -250,30 +221,7 @@ def test_paused_sequences_resume_where_they_left_off(llama64):
     prompt's own greedy run, as if nothing had happened."""
     prompts = {"a": [3, 1, 4, 1, 5], "b": [2, 7, 1, 8], "c": [9, 9, 8, 2, 4, 4], "d": [6, 6]}
     engine = Engine(llama64, eos_token_ids=[], max_batch=4, max_len=40)
-    for name in "abc":
-        engine.add(name, prompts[name], GREEDY)
-    got = {name: [] for name in prompts}
-
-    def step():
-        for ev in engine.step():
-            if ev.token_id is not None:
-                got[ev.seq_id].append(ev.token_id)
-
-    step(), step()
-    engine.pause("a")
-    engine.pause("c")
-    assert (engine.running, engine.paused) == (3, 2), "paused sequences keep their slots"
-    with pytest.raises(ValueError, match="pause: 'a' is not a running"):
-        engine.pause("a")
-    engine.add("d", prompts["d"], SamplingParams(max_new_tokens=3))
-    step(), step(), step()
-    assert len(got["a"]) == 2 and len(got["c"]) == 2, "paused sequences are not stepped"
-    engine.cancel("c")
-    engine.resume("a")
-    with pytest.raises(ValueError, match="resume: 'c' is not paused"):
-        engine.resume("c")
-    while engine.has_work():
-        step()
+    got = pause_resume(engine, prompts)
     for name in "abd":
         want = solo_greedy(llama64, prompts[name], len(got[name]))
         assert got[name] == want, f"{name}: {got[name]} != {want}"

@@ -17,6 +17,7 @@ pytest.importorskip("llama_cpp")
 
 from costopt.runtimes.engine import SamplingParams, StepEvent  # noqa: E402
 from costopt.runtimes.llamacpp import GGUFFileError, LlamaCppEngine, LlamaCppModel  # noqa: E402
+from engine_scenarios import drive, pause_resume  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parents[2]
 GREEDY = SamplingParams(max_new_tokens=10)
@@ -53,33 +54,6 @@ def prompt(seed: int, n: int) -> list[int]:
 
 def engine(gguf, max_batch=4, max_len=128, eos=()) -> LlamaCppEngine:
     return LlamaCppEngine(gguf, eos_token_ids=list(eos), max_batch=max_batch, max_len=max_len, n_threads=THREADS)
-
-
-def drive(eng, schedule, cancels=None, max_steps=400):
-    """Before step k: cancel cancels[k], queue schedule[k] = [(seq_id, prompt, params)], admit queued
-    ones first come first served while slots are free. Returns ({id: tokens}, {id: reason}, [events per step])."""
-    cancels = cancels or {}
-    tokens, reasons, log, queue = {}, {}, [], []
-    last_arrival = max(list(schedule) + list(cancels), default=0)
-    for step in range(max_steps):
-        for seq_id in cancels.get(step, []):
-            eng.cancel(seq_id)
-        queue += schedule.get(step, [])
-        while queue and eng.running < eng.max_batch:
-            seq_id, ids, params = queue.pop(0)
-            eng.add(seq_id, ids, params)
-            tokens[seq_id] = []
-        if not eng.has_work() and not queue and step > last_arrival:
-            return tokens, reasons, log
-        events = eng.step()
-        log.append(events)
-        for ev in events:
-            assert ev.seq_id not in reasons, f"event {ev} after {ev.seq_id} finished ({reasons[ev.seq_id]})"
-            if ev.token_id is not None:
-                tokens.setdefault(ev.seq_id, []).append(ev.token_id)
-            if ev.finish_reason is not None:
-                reasons[ev.seq_id] = ev.finish_reason
-    raise AssertionError(f"engine still busy after {max_steps} steps")
 
 
 def test_greedy_equals_solo_with_staggered_arrivals_and_departures(gguf, solo):
@@ -217,30 +191,7 @@ def test_paused_sequences_resume_where_they_left_off(gguf, solo):
     finish, cancel one paused sequence, resume the other: every token equals its solo run."""
     prompts = {"a": prompt(12, 5), "b": prompt(13, 4), "c": prompt(14, 6), "d": prompt(15, 2)}
     eng = engine(gguf, max_batch=4, max_len=40)
-    for name in "abc":
-        eng.add(name, prompts[name], SamplingParams(max_new_tokens=12))
-    got = {name: [] for name in prompts}
-
-    def step():
-        for ev in eng.step():
-            if ev.token_id is not None:
-                got[ev.seq_id].append(ev.token_id)
-
-    step(), step()
-    eng.pause("a")
-    eng.pause("c")
-    assert (eng.running, eng.paused) == (3, 2), "paused sequences keep their slots"
-    with pytest.raises(ValueError, match="pause: 'a' is not a running"):
-        eng.pause("a")
-    eng.add("d", prompts["d"], SamplingParams(max_new_tokens=3))
-    step(), step(), step()
-    assert len(got["a"]) == 2 and len(got["c"]) == 2, "paused sequences are not stepped"
-    eng.cancel("c")
-    eng.resume("a")
-    with pytest.raises(ValueError, match="resume: 'c' is not paused"):
-        eng.resume("c")
-    while eng.has_work():
-        step()
+    got = pause_resume(eng, prompts)
     for name in "abd":
         want = solo(prompts[name], len(got[name]))
         assert got[name] == want, f"{name}: {got[name]} != {want}"
