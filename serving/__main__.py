@@ -43,6 +43,8 @@ parser.add_argument("--max_tokens_limit", type=int, default=defaults.max_tokens_
 parser.add_argument("--max_prompt_tokens", type=int, default=defaults.max_prompt_tokens, help="longest prompt")
 parser.add_argument("--max_body_bytes", type=int, default=1 << 20, help="largest request body")
 parser.add_argument("--threads", type=int, default=defaults.threads, help="torch threads per engine")
+parser.add_argument("--prefix_cache", type=int, default=defaults.prefix_cache,
+                    help="prompts whose KV cache each llama.cpp engine keeps for reuse (0: off)")
 parser.add_argument("--request_log", type=Path, default=None, help="JSONL request log (none: no log)")
 parser.add_argument("--log_prompts", action="store_true", help="write prompt text into the request log")
 
@@ -56,13 +58,15 @@ def main(argv: list[str] | None = None) -> None:
                                     adaptive=not args.fixed_batching,
                                     deadline_admission=not args.no_deadline_admission,
                                     deadline_margin=args.deadline_margin, preempt=not args.no_preempt)
+        if args.prefix_cache < 0:
+            raise ValueError(f"prefix_cache: {args.prefix_cache}; must be >= 0 (0: off)")
         if args.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes: {args.max_body_bytes}; must be >= 1024")
     except ValueError as exc:
         parser.error(str(exc).replace("AdmissionConfig.", "--"))
     options = ServeOptions(workspace=args.workspace.resolve(), admission=admission, max_len=args.max_len,
                            max_tokens_limit=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
-                           threads=args.threads)
+                           threads=args.threads, prefix_cache=args.prefix_cache)
     from serving.api import register
     from serving.library import ModelLibrary
     from serving.protocol import ApiError

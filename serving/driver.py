@@ -96,9 +96,9 @@ class EngineLoop:
     """Runs one engine: admission between steps, steps in a worker thread, tokens to their requests."""
 
     def __init__(self, engine: Engine, admission: Admission, name: str,
-                 on_step: Callable[[int, float, int], None] | None = None) -> None:
+                 on_step: Callable[[int, float, int, int, int], None] | None = None) -> None:
         self.engine, self.admission, self.name = engine, admission, name
-        self._on_step = on_step  # (batch, seconds, tokens) -> metrics
+        self._on_step = on_step  # (batch, seconds, tokens, prompt tokens computed, reused) -> metrics
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"engine-{name}")
         self._ids = itertools.count()
         self._live: dict[int, Generation] = {}  # seq_id -> generation, for those in the engine
@@ -199,7 +199,7 @@ class EngineLoop:
         for seq_id, gen in adds:
             gen.started = now
             self._live[seq_id] = gen
-        t0 = time.perf_counter()
+        t0, reused = time.perf_counter(), self.engine.reused_tokens
         try:
             events = await asyncio.get_running_loop().run_in_executor(self._pool, self._work, adds, cancels,
                                                                       pauses, resumes)
@@ -212,9 +212,11 @@ class EngineLoop:
         batch = sum(not g.paused for g in self._live.values())  # the sequences this step ran
         self._deliver(events)
         tokens = sum(e.token_id is not None for e in events)
-        self.admission.observe_step(batch, seconds, tokens, sum(len(g.prompt_ids) for _, g in adds))
+        # the prompt tokens the step computed: a prefix-cache hit copies the rest (costopt.runtimes.slots)
+        self.admission.observe_step(batch, seconds, tokens, self.engine.last_prefill_tokens)
         if self._on_step is not None:
-            self._on_step(batch, seconds, tokens)
+            self._on_step(batch, seconds, tokens, self.engine.last_prefill_tokens,
+                          self.engine.reused_tokens - reused)
 
     def _work(self, adds: list[tuple[int, Generation]], cancels: list[int], pauses: Sequence[int] = (),
               resumes: Sequence[int] = ()) -> list[StepEvent]:

@@ -1,7 +1,8 @@
 """Prometheus metrics of the model server, on KServe's own `/metrics` (the default registry).
 
 Counts and latency histograms by variant and priority, queue depth, batch size per step, generated
-tokens (tokens/s is `rate(costopt_generated_tokens_total[1m])`) and rejections by reason. Labels are
+tokens (tokens/s is `rate(costopt_generated_tokens_total[1m])`), prompt tokens computed and reused from
+the prefix cache (hit rate: reused / `costopt_prompt_tokens_total`) and rejections by reason. Labels are
 bounded: variants are the served ones, priorities three, outcomes and reasons fixed lists.
 """
 from __future__ import annotations
@@ -25,14 +26,19 @@ STEP = Histogram("costopt_step_seconds", "Engine step time", ["variant"],
                  buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5))
 TOKENS = Counter("costopt_generated_tokens", "Tokens generated", ["variant"])
 PROMPT_TOKENS = Counter("costopt_prompt_tokens", "Prompt tokens prefilled", ["variant"])
+PREFILL_TOKENS = Counter("costopt_prefill_computed_tokens", "Prompt tokens the engine computed", ["variant"])
+PREFIX_REUSED = Counter("costopt_prefix_cache_reused_tokens", "Prompt tokens whose KV came from the prefix cache",
+                        ["variant"])
 REJECTIONS = Counter("costopt_rejections", "Requests refused, by reason", ["variant", "priority", "reason"])
 LOADED = Gauge("costopt_variant_loaded", "1 while a variant serves", ["variant"])
 
 
-def observe_step(variant: str, batch: int, seconds: float, tokens: int) -> None:
+def observe_step(variant: str, batch: int, seconds: float, tokens: int, prefill: int = 0, reused: int = 0) -> None:
     BATCH.labels(variant).observe(batch)
     STEP.labels(variant).observe(seconds)
     TOKENS.labels(variant).inc(tokens)
+    PREFILL_TOKENS.labels(variant).inc(prefill)
+    PREFIX_REUSED.labels(variant).inc(reused)
 
 
 def observe_request(variant: str, priority: str, outcome: str, latency_s: float | None = None,

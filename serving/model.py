@@ -42,6 +42,7 @@ class ServeOptions:
     max_prompt_tokens: int = 1536  # longest prompt accepted, tokens
     default_max_tokens: int = 128  # when a chat request sets none
     threads: int = 2  # torch threads per engine step
+    prefix_cache: int = 8  # prompts whose KV an engine keeps for reuse, on runtimes that can (llama.cpp); 0 = off
 
 
 def load_engine(options: ServeOptions, name: str) -> tuple[Any, Any, str]:
@@ -70,8 +71,9 @@ def load_engine(options: ServeOptions, name: str) -> tuple[Any, Any, str]:
     reason = runtime.available()
     if reason:
         raise RuntimeError(f"variant {name!r}: runtime {runtime.name!r} cannot run here: {reason}")
+    extra = {"prefix_cache": options.prefix_cache} if runtime.prefix_cache else {}  # torch: none (docs/serving.md)
     engine = runtime.engine(ws, spec, eos_token_ids=eos_ids, max_batch=options.admission.max_batch,
-                            max_len=options.max_len, threads=options.threads)
+                            max_len=options.max_len, threads=options.threads, **extra)
     return engine, tok, runtime.name
 
 
@@ -108,7 +110,7 @@ class VariantModel(kserve.Model):
         admission = Admission(self.options.admission)
         calibrate(engine, admission)
         self.loop = EngineLoop(engine, admission, self.name,
-                               on_step=lambda b, s, t: metrics.observe_step(self.name, b, s, t))
+                               on_step=lambda *step: metrics.observe_step(self.name, *step))
         self.info = {"name": self.name, "runtime": runtime, "load_seconds": round(time.perf_counter() - t0, 2),
                      "instance": uuid.uuid4().hex[:12]}
         metrics.LOADED.labels(self.name).set(1)

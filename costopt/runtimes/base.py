@@ -46,4 +46,5 @@ class Runtime:
     precision: Callable[[RuntimeConfig], str | None] = lambda cfg: None  # overrides the scheme's label
     weights_file: str = "model.safetensors"  # the file in the variant's folder that it runs from
     reads_torch_weights: bool = True  # False: export writes everything it runs from (no scheme needed)
+    prefix_cache: bool = False  # True: engine(...) also takes prefix_cache=N (costopt.runtimes.slots)
     presets: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)

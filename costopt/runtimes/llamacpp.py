@@ -549,20 +549,25 @@ class LlamaCppEngine(SlotEngine):
 
     Slot i is llama.cpp sequence id i with its own KV stream: rows in slots 0..n-1, newcomers next,
     paused sequences from max_batch - 1 down, slot max_batch a spare for swaps (the module docstring
-    says why). A move is llama.cpp's cross-stream copy, applied in order at the next decode. Memory,
-    allocated up front: (max_batch + 1) streams of max_len cells rounded up to 256, f16 K and V, 23 KB
-    a cell for the built-in model, so 16 x 2048 is 0.8 GB. Not thread-safe, like Engine.
+    says why), then one stream per prefix-cache entry (`slots.SlotEngine`). A move is llama.cpp's
+    cross-stream copy, applied in order at the next decode. Memory, allocated up front:
+    (max_batch + 1 + prefix_cache) streams of max_len cells rounded up to 256, f16 K and V, 23 KB a
+    cell for the built-in model, so 16 x 2048 is 0.8 GB. Not thread-safe, like Engine.
     """
 
+    PREFIX_CACHE = True
+
     def __init__(self, gguf: str | Path, *, eos_token_ids: Sequence[int], max_batch: int = 16,
-                 max_len: int = 2048, n_threads: int = 2) -> None:
+                 max_len: int = 2048, n_threads: int = 2, prefix_cache: int = 0, min_prefix: int = 16) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch: {max_batch}; must be >= 1")
-        streams = max_batch + 1  # + the spare
+        if not isinstance(prefix_cache, int) or prefix_cache < 0:
+            raise ValueError(f"prefix_cache: {prefix_cache!r}; must be an integer >= 0 (0 = off)")
+        streams = max_batch + 1 + prefix_cache  # + the spare + the prefix entries
         self._c = _Context(Path(gguf), n_threads=n_threads, n_ctx=streams * max_len, n_batch=max_batch * max_len,
                            n_seq=streams, n_outputs=streams, unified=False, seq_len=max_len)
         super().__init__(eos_token_ids=eos_token_ids, max_batch=max_batch, max_len=max_len,
-                         vocab_size=self._c.vocab_size)
+                         vocab_size=self._c.vocab_size, prefix_cache=prefix_cache, min_prefix=min_prefix)
 
     def close(self) -> None:
         """Free llama.cpp's model, context and KV cache now (otherwise when the engine is collected)."""
@@ -593,6 +598,19 @@ class LlamaCppEngine(SlotEngine):
 
     def _reset(self) -> None:
         self._c.llama.llama_memory_clear(self._c.mem, False)
+
+    def _prefix_save(self, slot: int, entry: int, length: int) -> None:
+        self._copy_prefix(slot, self.max_batch + 1 + entry, length)
+
+    def _prefix_load(self, entry: int, slot: int, length: int) -> None:
+        self._copy_prefix(self.max_batch + 1 + entry, slot, length)
+
+    def _copy_prefix(self, src: int, dst: int, length: int) -> None:
+        """Stream src's positions [0, length) into stream dst: a cross-stream copy replaces dst's cells
+        with src's (queued, applied in order at the next decode), then dst drops positions >= length."""
+        llama, mem = self._c.llama, self._c.mem
+        llama.llama_memory_seq_cp(mem, src, dst, -1, -1)
+        llama.llama_memory_seq_rm(mem, dst, length, -1)
 
 
 # -- command line: export, and the timing behind the docstring's table -------------------------------

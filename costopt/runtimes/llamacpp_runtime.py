@@ -131,13 +131,14 @@ def scorer(ws: Any, spec: Any) -> Scorer:
     return Scorer(gguf_file(ws, spec))
 
 
-def engine(ws: Any, spec: Any, *, eos_token_ids: list[int], max_batch: int, max_len: int, threads: int) -> Any:
+def engine(ws: Any, spec: Any, *, eos_token_ids: list[int], max_batch: int, max_len: int, threads: int,
+           prefix_cache: int = 0) -> Any:
     from costopt.runtimes.llamacpp import LlamaCppEngine
 
     return LlamaCppEngine(gguf_file(ws, spec), eos_token_ids=eos_token_ids, max_batch=max_batch,
-                          max_len=max_len, n_threads=threads)
+                          max_len=max_len, n_threads=threads, prefix_cache=prefix_cache)
 
 
 RUNTIME = Runtime("llamacpp", LlamaCppConfig, available=available, export=export, scorer=scorer,
                   engine=engine, precision=lambda cfg: cfg.qtype.lower(), weights_file=GGUF, reads_torch_weights=False,
-                  presets=PRESETS)
+                  presets=PRESETS, prefix_cache=True)

@@ -10,6 +10,16 @@ Slot layout (both runtimes): running sequences ("rows") hold slots 0..n-1, so on
 contiguous batch; the prompts a step prefills take the slots right after them; paused sequences
 stack down from slot max_batch - 1. A finished row's slot takes the last row, so rows stay 0..n-1.
 
+Prefix cache (runtimes that can copy a slot's cache, `PREFIX_CACHE = True`: llama.cpp). The engine keeps
+the KV of the last `prefix_cache` prompts it prefilled, each in a cache entry of the runtime's, most
+recently used first. A newcomer whose prompt starts with at least `min_prefix` tokens of a kept prompt
+gets that entry's KV copied into its slot and prefills only the rest (its last token is always
+computed, for its logits): the shared system prompt and chat template of most requests, and the whole
+prompt of a repeat, cost no compute. Serving is compute-bound on prefill here (`BENCHMARKS.md`, section
+4: the prompts of the `serving-v1` trace are most of the tokens a step computes), which is why this is the
+engine's business, as it is vLLM's automatic prefix caching and llama.cpp server's `cache_prompt`. A hit
+is exact where the runtime's arithmetic does not depend on the batch (llama.cpp Q8_0/Q4_0/Q4_1, tested).
+
 The interface the server drives: add, cancel, pause, resume, clear, step (one decode over the newest
 token of every row plus the newcomers' prompts) -> StepEvents. Greedy at temperature 0; otherwise a
 per-request seeded generator, so a sequence's tokens never depend on its batch mates. Not thread-safe:
@@ -66,6 +76,21 @@ class Seq:
     last: int = -1  # the newest token, fed in at the next decode step
 
 
+@dataclass(eq=False, slots=True)
+class Prefix:
+    tokens: tuple[int, ...]  # the prompt whose KV the entry holds
+    entry: int  # the runtime's cache entry, 0..prefix_cache-1
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
 @dataclass(frozen=True)
 class StepBatch:
     """One step's tokens, rows first: ids/pos/slots per token; spans (start, length) of each newcomer's
@@ -81,10 +106,24 @@ class StepBatch:
 class SlotEngine:
     """The slot bookkeeping of a continuous-batching engine; subclasses add the model (see hooks)."""
 
-    def __init__(self, *, eos_token_ids: Sequence[int], max_batch: int, max_len: int, vocab_size: int) -> None:
+    PREFIX_CACHE = False  # True where the runtime implements _prefix_save/_prefix_load
+
+    def __init__(self, *, eos_token_ids: Sequence[int], max_batch: int, max_len: int, vocab_size: int,
+                 prefix_cache: int = 0, min_prefix: int = 16) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch: {max_batch}; must be >= 1")
+        if not isinstance(prefix_cache, int) or prefix_cache < 0:
+            raise ValueError(f"prefix_cache: {prefix_cache!r}; must be an integer >= 0 (0 = off)")
+        if prefix_cache and not self.PREFIX_CACHE:
+            raise ValueError(f"prefix_cache: {prefix_cache}; {type(self).__name__} keeps no prefix cache, use 0")
+        if not isinstance(min_prefix, int) or min_prefix < 1:
+            raise ValueError(f"min_prefix: {min_prefix!r}; must be an integer >= 1")
         self.max_batch, self.max_len = max_batch, max_len
+        self.prefix_cache, self.min_prefix = prefix_cache, min_prefix  # entries kept; shortest hit, tokens
+        self._prefixes: list[Prefix] = []  # most recently used first
+        self.prompt_tokens = 0  # prompt tokens added so far
+        self.reused_tokens = 0  # of which came from the prefix cache, not computed
+        self.last_prefill_tokens = 0  # prompt tokens the last step computed
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
         self.vocab_size = vocab_size
         self._rows: list[Seq] = []  # prefilled; row i lives in slot i
@@ -114,6 +153,14 @@ class SlotEngine:
 
     def _reset(self) -> None:
         """`clear`: empty the runtime's cache."""
+
+    def _prefix_save(self, slot: int, entry: int, length: int) -> None:
+        """Slot's first `length` cache positions into prefix-cache entry `entry` (the slot keeps its own)."""
+        raise NotImplementedError
+
+    def _prefix_load(self, entry: int, slot: int, length: int) -> None:
+        """Entry's first `length` cache positions into the (empty) slot."""
+        raise NotImplementedError
 
     # -- the driver's side ------------------------------------------------------------------------
     @property
@@ -204,6 +251,7 @@ class SlotEngine:
         step failed midway, the driver fails their requests and starts over from an empty, consistent
         engine."""
         self._rows, self._paused, self._pending, self._cancelled = [], [], [], []
+        self._prefixes = []  # _reset empties the entries too
         self._reset()
 
     def step(self) -> list[StepEvent]:
@@ -218,15 +266,18 @@ class SlotEngine:
         slots = list(range(n_dec))
         spans, out_rows = [], list(range(n_dec))
         for j, s in enumerate(new):
-            spans.append((len(ids), len(s.prompt)))
-            ids += s.prompt
-            pos += range(len(s.prompt))
-            slots += [n_dec + j] * len(s.prompt)
+            start = self._prefix_hit(s.prompt, n_dec + j)  # cache positions [0, start) copied, not computed
+            spans.append((len(ids), len(s.prompt) - start))
+            ids += s.prompt[start:]
+            pos += range(start, len(s.prompt))
+            slots += [n_dec + j] * (len(s.prompt) - start)
             out_rows.append(len(ids) - 1)
+        self.last_prefill_tokens = len(ids) - n_dec
         logits = self._logits(StepBatch(ids, pos, slots, n_dec, spans, out_rows), new)  # [n_dec + len(new), vocab]
         self._rows.extend(new)
-        for s in new:
+        for j, s in enumerate(new):
             s.length = len(s.prompt) - 1  # the +1 below counts the prompt's last token
+            self._prefix_keep(s.prompt, n_dec + j)  # before any row moves: the slot holds exactly the prompt
         finished = []
         for i, (s, tok) in enumerate(zip(self._rows, self._choose(logits))):
             s.length += 1
@@ -259,6 +310,41 @@ class SlotEngine:
             self._move_slot(top - last, top - j, self._paused[last].length)
             self._paused[j] = self._paused[last]
         self._paused.pop()
+
+    def _prefix_hit(self, prompt: list[int], slot: int) -> int:
+        """Copy the longest kept prefix of `prompt` into `slot`; the number of positions copied (0: none)."""
+        self.prompt_tokens += len(prompt)
+        best, length = None, 0
+        for p in self._prefixes:
+            n = common_prefix(p.tokens, prompt)
+            if n > length:
+                best, length = p, n
+        length = min(length, len(prompt) - 1)  # the prompt's last token is computed: its logits are needed
+        if best is None or length < self.min_prefix:
+            return 0
+        self._prefixes.remove(best)
+        self._prefixes.insert(0, best)
+        self._prefix_load(best.entry, slot, length)
+        self.reused_tokens += length
+        return length
+
+    def _prefix_keep(self, prompt: list[int], slot: int) -> None:
+        """Keep the just-prefilled prompt in `slot` as a prefix entry, unless a kept one already covers it."""
+        if not self.prefix_cache or len(prompt) < self.min_prefix:
+            return
+        tokens = tuple(prompt)
+        if any(p.tokens[:len(tokens)] == tokens for p in self._prefixes):
+            return
+        extended = next((p for p in self._prefixes if tokens[:len(p.tokens)] == p.tokens), None)
+        if extended is not None:  # it covers all that entry did (a chat's next turn): take its place
+            self._prefixes.remove(extended)
+            entry = extended.entry
+        elif len(self._prefixes) < self.prefix_cache:
+            entry = min(set(range(self.prefix_cache)) - {p.entry for p in self._prefixes})
+        else:
+            entry = self._prefixes.pop().entry  # the least recently used
+        self._prefix_save(slot, entry, len(tokens))
+        self._prefixes.insert(0, Prefix(tokens, entry))
 
     def _choose(self, logits: Any) -> list[int]:
         """Next token per row: argmax, or a sample from the row's own generator."""

@@ -52,8 +52,9 @@ def prompt(seed: int, n: int) -> list[int]:
     return np.random.default_rng(seed).integers(100, VOCAB, n).tolist()
 
 
-def engine(gguf, max_batch=4, max_len=128, eos=()) -> LlamaCppEngine:
-    return LlamaCppEngine(gguf, eos_token_ids=list(eos), max_batch=max_batch, max_len=max_len, n_threads=THREADS)
+def engine(gguf, max_batch=4, max_len=128, eos=(), prefix_cache=0, min_prefix=16) -> LlamaCppEngine:
+    return LlamaCppEngine(gguf, eos_token_ids=list(eos), max_batch=max_batch, max_len=max_len, n_threads=THREADS,
+                          prefix_cache=prefix_cache, min_prefix=min_prefix)
 
 
 def test_greedy_equals_solo_with_staggered_arrivals_and_departures(gguf, solo):
@@ -237,6 +238,67 @@ def test_clear_empties_the_cache(gguf, solo):
     assert (eng.running, eng.paused, eng.has_work()) == (0, 0, False), "clear() left sequences behind"
     tokens, _, _ = drive(eng, {0: [("c", prompt(32, 7), GREEDY)]})
     assert tokens["c"] == solo(prompt(32, 7), 10), "a sequence after clear() saw the old cache"
+
+
+def test_prefix_cache_hits_are_exact_and_skip_the_shared_prompt_tokens(gguf, solo):
+    """A shared 40-token head (a system prompt), an exact repeat, a prompt that is a prefix of a kept one,
+    one sharing too little and a prompt longer than a kept one: every answer equals its solo run, and
+    exactly the shared tokens (all but the last of a repeat) are copied instead of computed."""
+    head = prompt(50, 40)
+    prompts = {"a": head + prompt(51, 12), "b": head + prompt(52, 7), "rep": head + prompt(51, 12),
+               "pre": head + prompt(51, 5), "short": head[:10] + prompt(53, 30), "long": head + prompt(51, 12) + [7, 8]}
+    arrive = {0: ["a"], 2: ["b", "rep"], 5: ["pre", "short"], 7: ["long"]}
+    schedule = {k: [(n, prompts[n], GREEDY) for n in names] for k, names in arrive.items()}
+    eng = engine(gguf, max_batch=3, prefix_cache=4)
+    tokens, _, _ = drive(eng, schedule)
+    for name, ids in prompts.items():
+        assert tokens[name] == solo(ids, 10), f"{name} with the prefix cache differs from its solo run"
+    # a: nothing kept yet; b: 40 (head); rep: 51 of 52 (its last token is computed); pre: 45 of 45 shared,
+    # 44 copied; short: 10 < min_prefix, none; long: 52 (a's whole prompt)
+    want = 0 + 40 + 51 + 44 + 0 + 52
+    assert eng.reused_tokens == want, f"reused {eng.reused_tokens} prompt tokens, expected {want}"
+    assert eng.prompt_tokens == sum(map(len, prompts.values())), f"prompt tokens counted {eng.prompt_tokens}"
+
+
+def test_prefix_cache_evicts_the_least_recently_used_and_clear_forgets_it(gguf, solo):
+    """Two entries: a prompt that extends a kept one takes its entry, a hit refreshes an entry, a third
+    family evicts the least recently used, the evicted family misses afterwards; clear() forgets all."""
+    fam = {k: prompt(60 + i, 20) for i, k in enumerate("xyz")}
+    eng = engine(gguf, max_batch=2, prefix_cache=2)
+
+    def run(name, ids):
+        before = eng.reused_tokens
+        got = drive(eng, {0: [(name, ids, GREEDY)]})[0][name]
+        assert got == solo(ids, 10), f"{name} differs from its solo run"
+        return eng.reused_tokens - before
+
+    x1 = fam["x"] + prompt(1, 3)
+    assert run("x1", x1) == 0 and run("y1", fam["y"] + prompt(2, 3)) == 0, "first of each family: nothing kept"
+    assert run("x2", x1 + prompt(3, 4)) == 23, "x2 extends x1: all of x1 is reused, and x2 takes x1's entry"
+    assert run("z1", fam["z"] + prompt(4, 3)) == 0, "a third family misses and evicts y (least recently used)"
+    assert run("x3", fam["x"] + prompt(5, 3)) == 20, "x2's entry survived z1 (it was used more recently than y)"
+    assert run("y2", fam["y"] + prompt(6, 3)) == 0, "y was evicted: no hit"
+    eng.clear()
+    assert run("x4", fam["x"] + prompt(7, 3)) == 0, "clear() must forget the kept prompts (their cache is gone)"
+
+
+def test_prefix_cache_with_pause_resume_and_a_full_engine(gguf, solo):
+    """The pause/resume scenario with every prompt sharing a head: copies into slots interleave with
+    the slot moves of pauses, resumes, cancels and finishes; every token stays exact."""
+    head = prompt(70, 24)
+    prompts = {"a": head + prompt(12, 5), "b": head + prompt(13, 4), "c": head + prompt(14, 6), "d": head + prompt(15, 2)}
+    eng = engine(gguf, max_batch=4, max_len=64, prefix_cache=2)
+    got = pause_resume(eng, prompts)
+    for name in "abd":
+        assert got[name] == solo(prompts[name], len(got[name])), f"{name} differs from its solo run"
+    assert eng.reused_tokens >= 24, f"d should have reused the shared head; reused {eng.reused_tokens}"
+
+
+def test_prefix_cache_settings_are_checked(gguf):
+    with pytest.raises(ValueError, match="prefix_cache: -1; must be an integer >= 0"):
+        engine(gguf, prefix_cache=-1)
+    with pytest.raises(ValueError, match="min_prefix: 0; must be an integer >= 1"):
+        engine(gguf, prefix_cache=2, min_prefix=0)
 
 
 def test_the_serving_driver_runs_the_llamacpp_engine(gguf, solo):

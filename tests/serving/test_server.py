@@ -111,6 +111,29 @@ def test_metrics_parse_and_count_requests(server, client, variant):
     assert ok_high and ok_high[0].value >= 1, "the high-priority request is counted by variant and priority"
 
 
+def test_a_repeated_prompt_reuses_its_cached_prefix_on_llamacpp(server, client, variant):
+    """The llama.cpp engine keeps recent prompts' KV (--prefix_cache, default 8): asking the same chat
+    twice computes only the second one's last prompt token; the torch engine keeps none. Same answer."""
+    def reused():
+        text = httpx.get(f"{server.url}/metrics", timeout=30).text
+        fams = {f.name: f for f in text_string_to_metric_families(text)}
+        return sum(x.value for x in fams["costopt_prefix_cache_reused_tokens"].samples
+                   if x.labels.get("variant") == variant and x.name.endswith("_total"))
+
+    messages = [{"role": "system", "content": "You answer in one short sentence, about gardens only."},
+                {"role": "user", "content": "Which flower likes shade and moist soil?"}]
+    ask = lambda: client.chat.completions.create(model=variant, messages=messages, max_tokens=8, temperature=0)  # noqa: E731
+    first, before = ask(), reused()
+    second = ask()
+    gained = reused() - before
+    assert second.choices[0].message.content == first.choices[0].message.content, "a cache hit changed the answer"
+    if variant == GGUF_VARIANT:
+        assert gained == second.usage.prompt_tokens - 1, \
+            f"reused {gained} tokens; expected all but the last of {second.usage.prompt_tokens}"
+    else:
+        assert gained == 0, f"the torch engine keeps no prefix cache, yet {gained} tokens were reused"
+
+
 def test_request_log_lines(server, client, variant):
     client.chat.completions.create(model=variant, messages=MESSAGES, max_tokens=4, temperature=0,
                                    extra_headers={"x-costopt-tenant": "team-a"})
