@@ -71,10 +71,12 @@ class BenchmarkParams:
     decode_tokens: int = 64  # new tokens per decode measurement
     decode_repeats: int = 3  # median over repeats
     decode_batch: int = 8  # the second decode figure: tokens/s summed over this many sequences
-    throughput_batch: int = 16  # batch size for the throughput figure
     trace_requests: int = 24  # requests in the fixed latency trace
     trace_seed: int = 7  # the trace is a pure function of this seed
     slo_p95_ms: float = 10_000.0  # p95 latency bound for the cost figure, ms
+    served_requests: int = 32  # serving-trace requests replayed on the engine for the served cost
+    served_concurrency: int = 16  # requests in flight during that replay (closed loop)
+    served_trace_seed: int = 11  # the serving trace's seed (serve.trace_seed: the same trace deploy replays)
 
     def check(self, where: str) -> None:
         if self.device not in ("cpu", "cuda"):
@@ -83,10 +85,12 @@ class BenchmarkParams:
         _check_number(f"{where}.decode_tokens", self.decode_tokens, 2, 4096, integer=True)
         _check_number(f"{where}.decode_repeats", self.decode_repeats, 1, 100, integer=True)
         _check_number(f"{where}.decode_batch", self.decode_batch, 1, 1024, integer=True)
-        _check_number(f"{where}.throughput_batch", self.throughput_batch, 1, 1024, integer=True)
         _check_number(f"{where}.trace_requests", self.trace_requests, 1, 100_000, integer=True)
         _check_number(f"{where}.trace_seed", self.trace_seed, 0, integer=True)
         _check_number(f"{where}.slo_p95_ms", self.slo_p95_ms, 1)
+        _check_number(f"{where}.served_requests", self.served_requests, 1, 100_000, integer=True)
+        _check_number(f"{where}.served_concurrency", self.served_concurrency, 1, 256, integer=True)
+        _check_number(f"{where}.served_trace_seed", self.served_trace_seed, 0, integer=True)
 
 
 @dataclass(frozen=True)
@@ -174,6 +178,8 @@ class SearchParams:
     max_evaluations: int = 2  # mixed candidates quantized and validated at most
     target_margin: float = 0.6  # the first mixed candidate aims at this share of the KL gate
     skip_dominated: bool = True  # build no mixed candidate when none can cost less than the cheapest passing one
+    cost_tolerance: float = 0.10  # passing candidates within this share of the cheapest cost tie; the lower KL
+    #                               wins (benchmark rounds on the 2-core box vary by about 10%)
 
     def check(self, where: str) -> None:
         if not isinstance(self.enabled, bool):
@@ -191,6 +197,7 @@ class SearchParams:
             raise ParamsError(f"{where}.group_size: expected an even number, got {self.group_size!r}")
         _check_number(f"{where}.max_evaluations", self.max_evaluations, 1, 50, integer=True)
         _check_number(f"{where}.target_margin", self.target_margin, 0.05, 1.0)
+        _check_number(f"{where}.cost_tolerance", self.cost_tolerance, 0.0, 1.0)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from serving import metrics
 from serving.admission import Admission, AdmissionConfig, Priority
 from serving.driver import EngineLoop, Generation, calibrate
 from costopt.runtimes.engine import Engine, SamplingParams
+from costopt.runtimes.slots import DEFAULT_PREFIX_CACHE
 from serving.protocol import ApiError, lone_surrogate, printable
 
 BASELINE = "fp32"  # the ingested model, served as is
@@ -42,7 +43,7 @@ class ServeOptions:
     max_prompt_tokens: int = 1536  # longest prompt accepted, tokens
     default_max_tokens: int = 128  # when a chat request sets none
     threads: int = 2  # torch threads per engine step
-    prefix_cache: int = 8  # prompts whose KV an engine keeps for reuse, on runtimes that can (llama.cpp); 0 = off
+    prefix_cache: int = DEFAULT_PREFIX_CACHE  # prompts whose KV an engine keeps, on runtimes that can (llama.cpp)
 
 
 def load_engine(options: ServeOptions, name: str) -> tuple[Any, Any, str]:

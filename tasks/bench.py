@@ -114,7 +114,7 @@ def run(ws: Workspace, params: Any, rounds: int, tokens: int, batch: int, compil
     timed: dict[str, tuple[Any, int]] = {"fp32": (base, _fp32_size(ws))}
     runtimes = {"fp32": "torch"}
     for n in names:
-        obj, _, label = load_timed(params, ws, n)
+        obj, _, label, _ = load_timed(params, ws, n, served=False)
         timed[n], runtimes[n] = (obj, read_spec(ws, n).size_bytes), label
     for extra, label in ((_compiled_rows(ws, params, names, batch) if compiled else {}, "torch+compile"),
                          (_llamacpp_own_rows(ws, params, names), "llama.cpp generate")):

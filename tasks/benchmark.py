@@ -2,9 +2,11 @@
 
 `python -m tasks.benchmark` measures the fp32 baseline (artifacts/bench/baseline.json);
 `python -m tasks.benchmark --variants` measures each quantized variant (artifacts/bench/variants/).
-All use the same fixed request trace (costopt.evaluation.speed); torch variants run the lean greedy
-loop, variants on another runtime (llama.cpp, the compiled torch step) run through that runtime's own
-engine. Each record names the runtime it measured.
+Decode speeds: torch variants run the lean greedy loop, variants on another runtime (llama.cpp, the
+compiled torch step) run through that runtime's own engine. Cost: every record's is its served cost,
+the `serving-v1` trace replayed on the continuous-batching engine deploy would serve it with
+(costopt.evaluation.served); fp32 also times the naive path (batch 1, one request at a time), the
+baseline every cost is compared to. Each record names the runtime it measured.
 """
 from __future__ import annotations
 
@@ -29,37 +31,57 @@ def held_out_prompts(ws: Workspace) -> list[str]:
         return [json.loads(line)["messages"][-1]["content"] for line in fh if line.strip()]
 
 
-def _measure(model: Any, tok: Any, name: str, params: Params, prompts: list[str]) -> dict[str, Any]:
+SERVED_MAX_LEN = 1024  # KV positions per sequence in the benchmark's engines (trace prompt + answer < 400)
+
+
+def _measure(timed: Any, tok: Any, name: str, params: Params, prompts: list[str], engine: Any,
+             naive: bool = False) -> dict[str, Any]:
     cfg = params.benchmark
-    with tqdm(total=cfg.trace_requests, desc=f"benchmark {name}", unit="req") as bar:
-        return measure(model, tok, prompts, cfg, params.cost.price_per_hour_usd, name, bar)
+    total = cfg.served_requests + (cfg.trace_requests if naive else 0)
+    with tqdm(total=total, desc=f"benchmark {name}", unit="req") as bar:
+        return measure(timed, tok, prompts, cfg, params.cost.price_per_hour_usd, name, engine, bar, naive=naive)
+
+
+def _torch_engine(model: Any, params: Params) -> Any:
+    from costopt.runtimes.engine import Engine
+
+    return Engine(model, eos_token_ids=[], max_batch=params.benchmark.served_concurrency, max_len=SERVED_MAX_LEN)
 
 
 def benchmark_baseline(params: Params, ws: Workspace) -> dict[str, Any]:
-    """Measure fp32 and write artifacts/bench/baseline.json."""
+    """Measure fp32 (served on the torch engine, and the naive batch-1 path): artifacts/bench/baseline.json."""
     model, tok = load_model_dir(ws.model_dir)
-    record = {**_measure(model, tok, "fp32", params, held_out_prompts(ws)), "runtime": "torch"}
+    record = {**_measure(model, tok, "fp32", params, held_out_prompts(ws), _torch_engine(model, params), naive=True),
+              "runtime": "torch"}
     write_json(ws.bench_dir / "baseline.json", record)
     return record
 
 
-def load_timed(params: Params, ws: Workspace, name: str) -> tuple[Any, Any, str]:
-    """(what `measure` times, tokenizer, runtime label) of a variant: its torch model, or its runtime's engine."""
+def load_timed(params: Params, ws: Workspace, name: str, served: bool = True) -> tuple[Any, Any, str, Any]:
+    """(what `measure` times, tokenizer, runtime label, the engine it is served with) of a variant: its
+    torch model and the torch engine, or its runtime's engine (llama.cpp's twice: timed without, served
+    with the prefix cache the server keeps); `served=False`: no served engine (None)."""
     from transformers import AutoTokenizer
+
+    from costopt.runtimes.slots import DEFAULT_PREFIX_CACHE
 
     spec = read_spec(ws, name)
     runtime, cfg = spec_runtime(spec)
     label = runtime.name + ("+compile" if getattr(cfg, "compile", False) else "")
     if label == "torch":
         model, tok = load_torch_variant(ws, spec)
-        return model, tok, label
+        return model, tok, label, _torch_engine(model, params) if served else None
     cfg_b = params.benchmark
-    engine = runtime.engine(ws, spec, eos_token_ids=[], threads=cfg_b.threads, max_len=1024,
-                            max_batch=max(cfg_b.decode_batch, cfg_b.throughput_batch, 1))
+    build = lambda **extra: runtime.engine(ws, spec, eos_token_ids=[], threads=cfg_b.threads,  # noqa: E731
+                                           max_len=SERVED_MAX_LEN, **extra,
+                                           max_batch=max(cfg_b.decode_batch,
+                                                         cfg_b.served_concurrency, 1))
+    engine = build()
+    serving = build(prefix_cache=DEFAULT_PREFIX_CACHE) if served and runtime.prefix_cache else engine if served else None
     if getattr(engine, "compile_error", None):  # asked for compile, runs eager: the speed is eager's, say so
         label = f"torch (compile failed, eager: {engine.compile_error})"
     tok = AutoTokenizer.from_pretrained(str(ws.model_dir), local_files_only=True)
-    return EngineDecoder(engine), tok, label
+    return EngineDecoder(engine), tok, label, serving
 
 
 def benchmark_variant(params: Params, ws: Workspace, name: str) -> dict[str, Any]:
@@ -68,8 +90,8 @@ def benchmark_variant(params: Params, ws: Workspace, name: str) -> dict[str, Any
     if failed:
         return {"variant": name, "skipped": f"ruled out by {failed['phase']}: {failed['reason']}"}
     try:
-        model, tok, runtime = load_timed(params, ws, name)
-        record = {**_measure(model, tok, name, params, held_out_prompts(ws)), "runtime": runtime}
+        timed, tok, runtime, engine = load_timed(params, ws, name)
+        record = {**_measure(timed, tok, name, params, held_out_prompts(ws), engine), "runtime": runtime}
     except RuntimeFailure as exc:
         return record_failure(ws, name, "benchmark", exc)
     write_json(ws.bench_file(name), record)

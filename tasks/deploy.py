@@ -195,7 +195,8 @@ def deploy(params: Any, ws: Any) -> dict[str, Any]:
                 config = {"batching": True, "cache": False, "routing": False, "variants": [name]}
                 runs.append({**summarize(res, price, config), "variant": name})
     base = read_json(ws.bench_dir / "baseline.json")
-    naive = round(cost_per_1m_requests(price, float(base["machine_seconds_per_request"])), 4)
+    naive_s = base.get("naive", base)["machine_seconds_per_request"]  # records before the served cost: top level
+    naive = round(cost_per_1m_requests(price, float(naive_s)), 4)
     costs = [r["cost_per_1m_requests_usd"] for r in runs if r["errors"] == 0 and r["cost_per_1m_requests_usd"]]
     revision = _git_revision(ws.root)
     result = {

@@ -26,12 +26,13 @@ from costopt.storage.layout import (MissingArtifactError, ReportInputError, Work
                                     staging_dir, write_json)
 from costopt.params import Params
 from costopt.runid import run_id as make_run_id
+from costopt.search.frontier import cheapest_passing
 from tasks.plots import curve_png, pareto_png, sensitivity_png
 
 BASELINE = "fp32"
 QUALITY_KEYS = ("kl_mean", "kl_p99", "top1_agreement", "ppl_ratio", "task_accuracy", "task_retention")
 SPEED_KEYS = ("decode_tok_s_bs1", "throughput_tok_s", "p50_ms", "p95_ms", "p99_ms")
-SPEED_EXTRAS = ("throughput_batch", "decode_tok_s_batch", "decode_batch", "machine_seconds_per_request",
+SPEED_EXTRAS = ("decode_tok_s_batch", "decode_batch", "machine_seconds_per_request",
                 "slo_p95_ms", "slo_met")
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "summary.schema.json"
 WRITERS = {  # dvc.yaml stage -> the command that writes its outputs
@@ -275,11 +276,11 @@ def pareto_front(rows: list[dict[str, Any]]) -> list[str]:
     return [name for _, _, name in sorted(front)]
 
 
-def pick_cheapest(variants: list[dict[str, Any]]) -> str | None:
-    """The cheapest variant whose gate passed (ties by name), or None when none passed."""
-    ok = [(v["cost_per_1m_requests_usd"], v["name"]) for v in variants
-          if v["gate"]["passed"] is True and v["cost_per_1m_requests_usd"] is not None]
-    return min(ok)[1] if ok else None
+def pick_cheapest(variants: list[dict[str, Any]], tolerance: float = 0.0) -> str | None:
+    """The cheapest variant whose gate passed (costs within `tolerance` tie, won by the lower KL mean:
+    costopt.search.frontier.cheapest_passing), or None when none passed."""
+    return cheapest_passing([{"name": v["name"], "cost": v["cost_per_1m_requests_usd"], "kl": v["quality"]["kl_mean"],
+                              "passed": v["gate"]["passed"] is True} for v in variants], tolerance)
 
 
 def build_summary(params: Params, inp: Inputs) -> dict[str, Any]:
@@ -297,7 +298,9 @@ def build_summary(params: Params, inp: Inputs) -> dict[str, Any]:
         "model_fingerprint": inp.fingerprint["fingerprint"],
         "model_parameters": inp.fingerprint.get("parameters"),
         "price_per_hour_usd": price,  # USD per machine-hour behind every cost below
-        "trace": inp.baseline_speed.get("trace"),
+        # the costs' trace: the served replay's (records before it: the batch-1 chat trace)
+        "trace": {**inp.baseline_speed["served"]["trace"], "concurrency": inp.baseline_speed["served"]["concurrency"]}
+        if "served" in inp.baseline_speed else inp.baseline_speed.get("trace"),
         "chance_accuracy": base_q.get("chance_accuracy"),
         "baseline_ppl": _point(base_q.get("ppl"), "quality.json: baseline.ppl"),
         "data_docs": "data_docs/index.html" if docs else None,  # relative to the summary's folder
@@ -320,7 +323,8 @@ def build_summary(params: Params, inp: Inputs) -> dict[str, Any]:
 
 def _search_section(inp: Inputs, variants: list[dict[str, Any]], base: dict[str, Any]) -> dict[str, Any]:
     """Picked and front recomputed from the rows at this price; they must agree with the search phase."""
-    picked, front = pick_cheapest(variants), pareto_front([base, *variants])
+    picked = pick_cheapest(variants, float(inp.search.get("cost_tolerance", 0.0)))
+    front = pareto_front([base, *variants])
     if picked != inp.search.get("picked"):
         raise ReportInputError(f"artifacts/search/search.json picked {inp.search.get('picked')!r} but the "
                                f"measured rows give {picked!r}; re-run the search phase")
@@ -532,7 +536,8 @@ def render_html(summary: dict[str, Any], png: bytes, figures: dict[str, bytes] |
 <tr><th class="l">picked</th><td><b>{esc(search["picked"] or "none: no variant passed its gates")}</b>
  (cheapest variant that passed; {search["evaluations"]} evaluated)</td></tr>
 <tr><th class="l">cost basis</th><td>{summary["price_per_hour_usd"]} USD per machine-hour on {device};
- trace {esc(str(trace.get("name", "–")))} ({esc(str(trace.get("requests", "–")))} requests)</td></tr>
+ trace {esc(str(trace.get("name", "–")))} ({esc(str(trace.get("requests", "–")))} requests{
+ f", served with continuous batching, {trace['concurrency']} in flight" if trace.get("concurrency") else ""})</td></tr>
 <tr><th class="l">chance accuracy</th><td>{_fmt(summary.get("chance_accuracy"), ".3f")} (task set)</td></tr>
 </table>
 <h2>Cost and quality per variant</h2>

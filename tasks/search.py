@@ -131,12 +131,13 @@ def search(params: Params, ws: Workspace) -> dict[str, Any]:
         if verdicts["variants"][n]["passed"] != r["gate"]["passed"]:
             raise RuntimeError(f"variant {n!r}: gate verdict differs between its own run and the combined one")
     verdicts["data_docs"] = str((ws.search_dir / "data_docs" / "index.html").relative_to(ws.root))
-    rows = [{"name": n, "cost": benches[n]["cost_per_1m_requests_usd"], "passed": records[n]["gate"]["passed"]}
-            for n in names]
+    rows = [{"name": n, "cost": benches[n]["cost_per_1m_requests_usd"], "passed": records[n]["gate"]["passed"],
+             "kl": records[n]["metrics"]["kl_mean"]["value"]} for n in names]
     base_cost = _need(ws.bench_dir / "baseline.json", "benchmark")["cost_per_1m_requests_usd"]
     result = {
         "candidates": names,
-        "picked": cheapest_passing(rows),
+        "picked": cheapest_passing(rows, params.search.cost_tolerance),
+        "cost_tolerance": params.search.cost_tolerance,  # the report re-derives the pick with it
         "front": pareto_front([("fp32", base_cost, 0.0)] +
                               [(n, benches[n]["cost_per_1m_requests_usd"], records[n]["metrics"]["kl_mean"]["value"])
                                for n in names]),

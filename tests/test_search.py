@@ -21,6 +21,19 @@ def test_cheapest_passing_on_a_known_table():
     assert cheapest_passing([r for r in rows if not r["passed"]]) is None, "nothing passes -> None"
 
 
+def test_costs_within_the_tolerance_tie_and_the_lower_kl_wins():
+    rows = [{"name": "q6", "cost": 10.0, "kl": 0.011, "passed": True},
+            {"name": "q8", "cost": 10.8, "kl": 0.004, "passed": True},
+            {"name": "int8", "cost": 12.0, "kl": 0.003, "passed": True},
+            {"name": "q4", "cost": 8.0, "kl": 0.05, "passed": False}]
+    assert cheapest_passing(rows) == "q6", "no tolerance: the strictly cheapest passing row"
+    assert cheapest_passing(rows, 0.10) == "q8", "q8 is within 10% of q6: a tie, and q8's KL is lower"
+    assert cheapest_passing(rows, 0.25) == "int8", "within 25% all three tie: the lowest KL wins"
+    assert cheapest_passing(rows, 0.05) == "q6", "q8 is 8% dearer: outside a 5% tolerance"
+    rows[0]["kl"] = rows[1]["kl"] = None
+    assert cheapest_passing(rows[:2], 0.10) == "q6", "without KL the tie goes to the lower cost"
+
+
 def test_pareto_front_on_a_known_table():
     pts = [("fp32", 10.0, 0.0), ("int8", 5.0, 0.004), ("bf16", 7.0, 0.01), ("int4", 3.0, 0.2),
            ("naive", 4.0, 1.6), ("tie", 5.0, 0.004)]

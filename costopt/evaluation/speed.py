@@ -1,4 +1,8 @@
-"""Speed measurements: batch-1 decode, batched throughput, and latency over a fixed request trace.
+"""Speed measurements: batch-1 decode, batched throughput, the served cost and the naive batch-1 trace.
+
+The cost of a record is its served cost (`costopt.evaluation.served`: the serving trace replayed on
+the continuous-batching engine deploy serves it with); the fp32 baseline also times the naive path
+(one request at a time, batch 1, no cache) on a fixed chat trace, the cost every figure is compared to.
 
 Every torch variant is timed with the same lean greedy loop (`greedy_decode`): one prefill, then one
 forward per new token with a KV cache, no sampling and no stopping criteria. It is HF `generate` with
@@ -140,14 +144,6 @@ def decode_tok_s(model: Any, tok: Any, prompts: Sequence[str], new_tokens: int, 
     return statistics.median(rates)
 
 
-def throughput_tok_s(model: Any, tok: Any, prompts: Sequence[str], batch: int, new_tokens: int) -> float:
-    """New tokens per second for one batch of `batch` prompts, prefill included."""
-    texts = [prompts[i % len(prompts)] for i in range(batch)]
-    enc = encode(tok, texts)
-    _, pre, dec = greedy_decode(model, enc["input_ids"], enc["attention_mask"], new_tokens)
-    return batch * new_tokens / (pre + dec)
-
-
 def trace_latencies(model: Any, tok: Any, trace: Sequence[TraceRequest], progress: Any = None) -> list[float]:
     """Serve the trace one request at a time (batch 1, no cache): end-to-end latency per request, ms."""
     latencies = []
@@ -160,35 +156,48 @@ def trace_latencies(model: Any, tok: Any, trace: Sequence[TraceRequest], progres
     return latencies
 
 
+def naive_trace(model: Any, tok: Any, prompts: Sequence[str], cfg: Any, progress: Any = None) -> dict[str, Any]:
+    """The naive serving path on the fixed chat trace: one request at a time, batch 1, no cache."""
+    trace = build_trace(prompts, cfg.trace_requests, cfg.trace_seed, cfg.decode_tokens)
+    lat = trace_latencies(model, tok, trace, progress)
+    p50, p95, p99 = (float(np.percentile(lat, q)) for q in (50, 95, 99))
+    return {"p50_ms": round(p50, 2), "p95_ms": round(p95, 2), "p99_ms": round(p99, 2),
+            "trace": {"name": TRACE_NAME, "requests": len(trace), "fingerprint": trace_fingerprint(trace),
+                      "new_tokens": sum(r.max_new_tokens for r in trace)},
+            "machine_seconds_per_request": round(float(np.mean(lat)) / 1000.0, 4)}  # sequential
+
+
 def measure(model: Any, tok: Any, prompts: Sequence[str], cfg: Any, price_per_hour: float,
-            name: str, progress: Any = None) -> dict[str, Any]:
-    """All speed figures of one model as the speed record of docs/artifacts.md."""
+            name: str, engine: Any, progress: Any = None, naive: bool = False) -> dict[str, Any]:
+    """All speed figures of one model as the speed record of docs/artifacts.md: decode speeds from
+    `model` (the lean loop or an EngineDecoder), the served cost from `engine` (the continuous-batching
+    engine deploy would serve it with; costopt.evaluation.served), and with `naive` the batch-1 trace."""
+    from costopt.evaluation.served import replay, serving_requests
+
     torch.set_num_threads(cfg.threads)
     warm = encode(tok, [prompts[0]])
     greedy_decode(model, warm["input_ids"], warm["attention_mask"], 4)  # first-call costs (kernel build)
-    trace = build_trace(prompts, cfg.trace_requests, cfg.trace_seed, cfg.decode_tokens)
     bs1 = decode_tok_s(model, tok, prompts[:1], cfg.decode_tokens, cfg.decode_repeats)
     bsn = decode_tok_s(model, tok, prompts, cfg.decode_tokens, cfg.decode_repeats, batch=cfg.decode_batch)
-    tput = throughput_tok_s(model, tok, prompts, cfg.throughput_batch, cfg.decode_tokens)
-    lat = trace_latencies(model, tok, trace, progress)
-    p50, p95, p99 = (float(np.percentile(lat, q)) for q in (50, 95, 99))
-    seconds_per_request = float(np.mean(lat)) / 1000.0  # sequential: machine-seconds per request
-    return {
+    requests, meta = serving_requests(tok, cfg.served_requests, cfg.served_trace_seed)
+    served = replay(engine, requests, cfg.served_concurrency, [tok.eos_token_id], progress)
+    record = {
         "variant": name,
         "device": device_label(cfg.threads),
         "decode_tok_s_bs1": round(bs1, 3),
         "decode_tok_s_batch": round(bsn, 3),
         "decode_batch": cfg.decode_batch,
-        "throughput_tok_s": round(tput, 3),
-        "throughput_batch": cfg.throughput_batch,
-        "p50_ms": round(p50, 2), "p95_ms": round(p95, 2), "p99_ms": round(p99, 2),
-        "trace": {"name": TRACE_NAME, "requests": len(trace), "fingerprint": trace_fingerprint(trace),
-                  "new_tokens": sum(r.max_new_tokens for r in trace)},
-        "machine_seconds_per_request": round(seconds_per_request, 4),
-        "cost_per_1m_requests_usd": round(cost_per_1m_requests(price_per_hour, seconds_per_request), 4),
+        "throughput_tok_s": served["throughput_tok_s"],  # sustained, as served (below)
+        "p50_ms": served["p50_ms"], "p95_ms": served["p95_ms"], "p99_ms": served["p99_ms"],
+        "served": {**served, "trace": meta},
+        "machine_seconds_per_request": served["machine_seconds_per_request"],
+        "cost_per_1m_requests_usd": round(cost_per_1m_requests(price_per_hour, served["machine_seconds_per_request"]), 4),
         "slo_p95_ms": cfg.slo_p95_ms,
-        "slo_met": p95 <= cfg.slo_p95_ms,
+        "slo_met": served["p95_ms"] <= cfg.slo_p95_ms,
     }
+    if naive:
+        record["naive"] = naive_trace(model, tok, prompts, cfg, progress)
+    return record
 
 
 def read_bandwidth_gb_s(size_mb: int = 1024, repeats: int = 5, threads: int | None = None) -> float:

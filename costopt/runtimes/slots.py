@@ -33,6 +33,7 @@ from typing import Any, Hashable, NamedTuple, Sequence
 import torch
 
 FINISH_REASONS = ("stop", "length", "cancelled")
+DEFAULT_PREFIX_CACHE = 8  # prompts kept for reuse by engines that can (the server's --prefix_cache default)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ phase `tasks.search` feeds it measured numbers.
 
 Two levels:
 1. **Named candidates** (the presets the user picked, each quantized, benchmarked and validated):
-   `cheapest_passing` returns the cheapest one whose gates pass; `pareto_front` the variants no other
+   `cheapest_passing` returns the cheapest one whose gates pass (costs within `search.cost_tolerance`
+   of the cheapest are a tie, won by the lower KL); `pareto_front` the variants no other
    variant beats on both cost and KL.
 2. **Mixed precision**: one precision per block part out of int4 < int8 < fp32. There are 3^60
    assignments for SmolLM2, far too many to evaluate, so we predict instead: a part's KL cost comes
@@ -52,10 +53,20 @@ def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
     return [n for _, _, n in sorted(front)]
 
 
-def cheapest_passing(rows: list[dict[str, Any]]) -> str | None:
-    """The name of the cheapest row with `passed` true (cost in `cost`); None when none passes."""
+def cheapest_passing(rows: list[dict[str, Any]], tolerance: float = 0.0) -> str | None:
+    """The name of the cheapest row with `passed` true (cost in `cost`); None when none passes.
+
+    Passing rows whose cost is within `tolerance` (a share) of the cheapest count as tied: a difference
+    smaller than the benchmark's round-to-round noise is not a measured difference, and two runs of the
+    same code picked different variants on it. A tie goes to the better quality (lowest `kl`, when the
+    rows carry it), then the lower cost, then the name."""
     ok = [r for r in rows if r.get("passed") and r.get("cost") is not None]
-    return min(ok, key=lambda r: (r["cost"], r["name"]))["name"] if ok else None
+    if not ok:
+        return None
+    floor = min(r["cost"] for r in ok)
+    tied = [r for r in ok if r["cost"] <= floor * (1.0 + tolerance)]
+    worst = float("inf")
+    return min(tied, key=lambda r: (worst if r.get("kl") is None else r["kl"], r["cost"], r["name"]))["name"]
 
 
 def mixed_cost_floor(path: list[Point], int8_cost: float, cost: dict[str, dict[str, float]]) -> float:
