@@ -8,7 +8,8 @@ the load generator (`tasks.loadtest`), measuring side by side in one run:
    without deadlines to servers with deadline admission off (neither refuses any: throughput and p99
    over all of them);
 2. throughput and p50/p95/p99 at concurrency 1, 4, 16 and 64 for fp32 and the search's pick on its
-   own runtime (INT8 weight-only when there is no pick), with the trace's deadlines;
+   own runtime (INT8 weight-only when there is no pick; `--variant` names another), with the trace's
+   deadlines;
 3. cost per 1M requests of the serving setup vs the naive path (fp32, batch 1, plain HF `generate`,
    one request after another, timed in this process on the same trace items);
 4. overload, per variant: the sustainable rate is its best throughput in the sweep (2.); an open loop at
@@ -110,9 +111,9 @@ def served_pick(ws: Workspace) -> str:
     return picked if picked and (ws.variant_dir(picked) / "spec.json").is_file() else INT8
 
 
-def run(ws: Workspace, price: float, threads: int, scale: float, logs: Path) -> dict[str, Any]:
+def run(ws: Workspace, price: float, threads: int, scale: float, logs: Path, variant: str | None = None) -> dict[str, Any]:
     n = lambda k: max(4, int(round(k * scale)))  # noqa: E731
-    pick = served_pick(ws)
+    pick = variant or served_pick(ws)
     items = build_trace(max(n(max(SWEEP.values())), 200), TRACE_SEED)
     runs: list[dict[str, Any]] = _Runs(logs / "partial.json")
     overloads: dict[str, dict[str, Any]] = {}
@@ -171,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--scale", type=float, default=1.0, help="multiplies every request count")
     p.add_argument("--json", type=Path, default=Path("artifacts/serve-bench.json"))
+    p.add_argument("--variant", help="serve this variant next to fp32 (default: the search's pick, else INT8)")
     args = p.parse_args(argv)
     if not 0 < args.scale <= 10:
         p.error(f"--scale: expected a number in (0, 10], got {args.scale}")
@@ -179,8 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.bench import ensure_artifacts
 
     ensure_artifacts(params, ws)
+    if args.variant and not (ws.variant_dir(args.variant) / "spec.json").is_file():
+        p.error(f"--variant: {args.variant!r} is not a variant of {ws.root} (no spec.json); quantize it first")
     section = run(ws, params.cost.price_per_hour_usd, params.benchmark.threads, args.scale,
-                  ws.root / "artifacts" / "serve-bench-logs")
+                  ws.root / "artifacts" / "serve-bench-logs", args.variant)
     write_json(ws.root / args.json if not args.json.is_absolute() else args.json, section)
     print(markdown_table(section["runs"]))
     print(json.dumps(section["comparison"], indent=2))

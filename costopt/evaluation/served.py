@@ -18,6 +18,8 @@ be the cheaper one served.
 
     reqs, meta = serving_requests(tok, n=32, seed=11)
     record = replay(engine, reqs, concurrency=16, stop_ids=[tok.eos_token_id])
+
+    python -m costopt.evaluation.served --variant gguf_q8_0 --prefix-cache 0 8 32 --rounds 2
 """
 from __future__ import annotations
 
@@ -88,3 +90,57 @@ def replay(engine: Any, requests: Sequence[tuple[list[int], int]], concurrency: 
         "machine_seconds_per_request": float(f"{wall / len(requests):.6g}"),
         "prefix_reused_tokens": getattr(engine, "reused_tokens", 0),
     }
+
+
+# -- command line: the served replay of one variant at several prefix-cache sizes, interleaved --------
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m costopt.evaluation.served --variant gguf_q8_0 --prefix-cache 0 8 --rounds 2`: replays the
+    serving trace on the variant's serving engine once per (round, prefix-cache size), interleaved, and
+    prints tokens/s, requests/s and the prompt tokens reused. The workspace must hold the variant."""
+    import argparse
+    import statistics
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from costopt.models.variants import read_spec
+    from costopt.runtimes.registry import spec_runtime
+    from costopt.storage.layout import Workspace
+
+    p = argparse.ArgumentParser(description=main.__doc__.split(":")[0])
+    p.add_argument("--workspace", type=Path, default=Path("."))
+    p.add_argument("--variant", required=True, help="a variant folder of the workspace on a prefix-cache runtime")
+    p.add_argument("--prefix-cache", type=int, nargs="+", default=[0, 8], help="entries kept (0 = off)")
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--seed", type=int, default=11, help="the serving trace's seed")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    ws = Workspace(args.workspace.resolve())
+    spec = read_spec(ws, args.variant)
+    runtime, _ = spec_runtime(spec)
+    if not runtime.prefix_cache:
+        p.error(f"--variant: {args.variant} runs on {runtime.name}, which keeps no prefix cache")
+    tok = AutoTokenizer.from_pretrained(str(ws.model_dir), local_files_only=True)
+    requests, meta = serving_requests(tok, args.requests, args.seed)
+    prompt_tokens = sum(len(ids) for ids, _ in requests)
+    runs: dict[int, list[dict[str, Any]]] = {k: [] for k in args.prefix_cache}
+    for r in range(args.rounds):
+        for k in args.prefix_cache:
+            engine = runtime.engine(ws, spec, eos_token_ids=[], max_batch=args.concurrency, max_len=1024,
+                                    threads=args.threads, prefix_cache=k)
+            runs[k].append(replay(engine, requests, args.concurrency, [tok.eos_token_id]))
+            engine.close()
+            print(f"round {r + 1} prefix_cache={k}: {runs[k][-1]['throughput_tok_s']:.1f} tok/s", flush=True)
+    print(f"{args.variant}, {meta['name']} ({args.requests} requests, {prompt_tokens} prompt tokens), "
+          f"concurrency {args.concurrency}, {args.threads} threads, median of {args.rounds} rounds:")
+    for k, rs in runs.items():
+        med = lambda key: statistics.median(x[key] for x in rs)  # noqa: E731
+        print(f"  prefix_cache={k:3d}: {med('throughput_tok_s'):7.1f} tok/s {med('throughput_req_s'):6.2f} req/s "
+              f"p95 {med('p95_ms'):8.0f} ms, prompt tokens reused {rs[0]['prefix_reused_tokens'] / prompt_tokens:.1%}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
