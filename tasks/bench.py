@@ -91,14 +91,15 @@ def _fp32_size(ws: Workspace) -> int:
 
 def _llamacpp_own_rows(ws: Workspace, params: Any, names: list[str]) -> dict[str, tuple[Any, int]]:
     """llama.cpp's own decode loop (llama-cpp-python's `Llama.generate`) on each GGUF variant's file."""
-    from costopt.runtimes.llamacpp_runtime import LlamaGenerate, gguf_file
+    from costopt.runtimes.llamacpp_runtime import LlamaGenerate, config_of, gguf_file
     from costopt.runtimes.registry import spec_runtime
 
     out = {}
     for name in names:
         spec = read_spec(ws, name)
         if spec_runtime(spec)[0].name == "llamacpp":
-            out[f"{name} (llama.cpp generate)"] = (LlamaGenerate(gguf_file(ws, spec), params.benchmark.threads),
+            gen = LlamaGenerate(gguf_file(ws, spec), params.benchmark.threads, flash_attn=config_of(spec).flash_attn)
+            out[f"{name} (llama.cpp generate)"] = (gen,
                                                    spec.size_bytes)
     return out
 

@@ -202,6 +202,45 @@ def test_engine_on_the_q8_0_export_equals_solo_greedy(q8_gguf):
     solo.close()
 
 
+def test_flash_attention_scoring_is_the_decode_arithmetic_and_is_gated_on_its_own(q8_gguf, torch_runs):
+    """flash_attn: scoring in FA_BLOCK-position blocks picks, token for token, what one-token decode steps
+    pick (the path that serves answer tokens), the engine equals the FA greedy loop, and FA's
+    logits are lossier than the plain path's against fp32 (why it is an option the gates judge)."""
+    from costopt.runtimes.llamacpp import FA_BLOCK
+
+    fa = LlamaCppModel(q8_gguf, n_threads=THREADS, n_ctx=256, flash_attn=True)
+    plain = LlamaCppModel(q8_gguf, n_threads=THREADS, n_ctx=256)
+    rng = np.random.default_rng(3)
+    prompt = rng.integers(100, 49152, 20).tolist()
+    gen = fa.greedy(prompt, 3 * FA_BLOCK)  # one token per llama_decode after the prompt
+    logits = fa.logits(prompt + gen)  # teacher forced, in blocks
+    steps = logits[len(prompt) - 1:len(prompt) - 1 + len(gen)].argmax(-1).tolist()
+    assert steps == gen, "FA teacher-forced argmax differs from FA's own one-token decode steps"
+    kl_fa, kl_plain = [], []
+    for ids, cont, logp in torch_runs:
+        kl_fa.append(float((np.exp(logp) * (logp - _log_softmax(fa.logits(ids + cont)))).sum(-1).mean()))
+        kl_plain.append(float((np.exp(logp) * (logp - _log_softmax(plain.logits(ids + cont)))).sum(-1).mean()))
+    assert np.mean(kl_fa) > np.mean(kl_plain), \
+        f"FA's KL to fp32 ({np.mean(kl_fa):.4f}) should exceed the plain path's ({np.mean(kl_plain):.4f})"
+    prompts = {f"s{i}": rng.integers(100, 49152, n).tolist() for i, n in enumerate((3, 17, 40, 70))}
+    engine = LlamaCppEngine(q8_gguf, eos_token_ids=[], max_batch=3, max_len=128, n_threads=THREADS, flash_attn=True)
+    got = {s: [] for s in prompts}
+    for s, ids in list(prompts.items())[:3]:
+        engine.add(s, ids, SamplingParams(max_new_tokens=8))
+    late = True
+    while engine.has_work():
+        for ev in engine.step():
+            got[ev.seq_id].append(ev.token_id)
+            if ev.finish_reason and late:
+                engine.add("s3", prompts["s3"], SamplingParams(max_new_tokens=8))
+                late = False
+    for s, ids in prompts.items():
+        assert got[s] == fa.greedy(ids, 8), f"{s}: the FA engine differs from the FA greedy loop"
+    engine.close()
+    fa.close()
+    plain.close()
+
+
 def test_damaged_gguf_files_are_named(q8_gguf, tmp_path):
     data = q8_gguf.read_bytes()
     cases = {"missing.gguf": None, "empty.gguf": b"", "garbage.gguf": b"not a gguf file at all" * 100,

@@ -5,7 +5,8 @@ teacher-forced logits and the continuous-batching engine over llama.cpp's batche
 module only adapts it to the registry's shape:
 - `LlamaCppConfig(qtype)`: one of llama.cpp's own weight types, quantized from the fp32 weights by
   llama.cpp itself (`llama_model_quantize`), so a Q4_K_M competes at equal quality, not equal bits;
-- presets `gguf_<qtype>` for the types users ask for;
+- presets `gguf_<qtype>` for the types users ask for, and `gguf_q8_0_fa` / `gguf_q6_k_fa` with llama.cpp's
+  CPU flash attention on (`flash_attn`: faster decode, lossier logits; the gates decide);
 - `Scorer`: llama.cpp's logits behind the Hugging Face call the validate phase already makes.
 """
 from __future__ import annotations
@@ -19,15 +20,24 @@ from costopt.runtimes.llamacpp import QTYPES
 
 GGUF = "model.gguf"  # the exported file inside the variant's folder
 PRESETS = {f"gguf_{q.lower()}": {"runtime": "llamacpp", "qtype": q} for q in ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")}
+PRESETS.update({f"gguf_{q.lower()}_fa": {"runtime": "llamacpp", "qtype": q, "flash_attn": True} for q in ("Q8_0", "Q6_K")})
 
 
 @dataclass(frozen=True)
 class LlamaCppConfig(RuntimeConfig):
     qtype: str = "Q8_0"  # llama.cpp weight type, quantized by llama.cpp from the fp32 weights
+    flash_attn: bool = False  # llama.cpp's CPU flash attention: faster decode, lossier logits (gated on its own)
 
     def check(self) -> None:
         if self.qtype not in QTYPES:
             raise RuntimeConfigError(f"llamacpp.qtype: expected one of {list(QTYPES)}, got {self.qtype!r}")
+        if not isinstance(self.flash_attn, bool):
+            raise RuntimeConfigError(f"llamacpp.flash_attn: expected true or false, got {self.flash_attn!r}")
+
+
+def config_of(spec: Any) -> LlamaCppConfig:
+    record = getattr(spec, "runtime", None) or {}
+    return LlamaCppConfig(**{k: v for k, v in (record.get("config") or {}).items() if k != "version"})
 
 
 def available() -> str | None:
@@ -62,12 +72,12 @@ def export(source_dir: Path, out_dir: Path, config: LlamaCppConfig, base_model: 
 class Scorer:
     """llama.cpp's teacher-forced logits, called like a Hugging Face causal LM on a padded batch."""
 
-    def __init__(self, path: Path, threads: int = 2) -> None:
+    def __init__(self, path: Path, threads: int = 2, flash_attn: bool = False) -> None:
         import torch
 
         from costopt.runtimes.llamacpp import LlamaCppModel
 
-        self.model = LlamaCppModel(path, n_threads=threads)
+        self.model = LlamaCppModel(path, n_threads=threads, flash_attn=flash_attn)
         self.device = torch.device("cpu")
 
     def eval(self) -> "Scorer":
@@ -101,11 +111,11 @@ class LlamaGenerate:
     what a user who ran llama.cpp directly would get, timed next to costopt's paths."""
     batched = False
 
-    def __init__(self, path: Path, threads: int = 2, n_ctx: int = 512) -> None:
+    def __init__(self, path: Path, threads: int = 2, n_ctx: int = 512, flash_attn: bool = False) -> None:
         from llama_cpp import Llama
 
         self.llm = Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
-                         verbose=False)
+                         flash_attn=flash_attn, verbose=False)
 
     def decode(self, input_ids: Any, attention_mask: Any, new_tokens: int) -> tuple[Any, float, float]:
         import time
@@ -128,7 +138,7 @@ class LlamaGenerate:
 
 
 def scorer(ws: Any, spec: Any) -> Scorer:
-    return Scorer(gguf_file(ws, spec))
+    return Scorer(gguf_file(ws, spec), flash_attn=config_of(spec).flash_attn)
 
 
 def engine(ws: Any, spec: Any, *, eos_token_ids: list[int], max_batch: int, max_len: int, threads: int,
@@ -136,7 +146,8 @@ def engine(ws: Any, spec: Any, *, eos_token_ids: list[int], max_batch: int, max_
     from costopt.runtimes.llamacpp import LlamaCppEngine
 
     return LlamaCppEngine(gguf_file(ws, spec), eos_token_ids=eos_token_ids, max_batch=max_batch,
-                          max_len=max_len, n_threads=threads, prefix_cache=prefix_cache)
+                          max_len=max_len, n_threads=threads, prefix_cache=prefix_cache,
+                          flash_attn=config_of(spec).flash_attn)
 
 
 RUNTIME = Runtime("llamacpp", LlamaCppConfig, available=available, export=export, scorer=scorer,
