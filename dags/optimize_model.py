@@ -19,10 +19,10 @@ from airflow.sdk import Param, dag, get_current_context, task
 # costopt.params.QuantizeParams.presets() (the schemes' and the runtimes'), kept light (a test checks they match)
 VARIANTS = ["bf16", "int8_weight_only", "int8_dynamic", "int8_static", "int4_rtn_g64", "int4_gptq_g64",
             "int4_awq_g64", "int4_rtn_g32", "int4_gptq_g32", "dynamic_qint8_naive",
-            "gguf_q8_0", "gguf_q6_k", "gguf_q5_k_m", "gguf_q4_k_m", "gguf_q4_0"]
+            "gguf_q8_0", "gguf_q6_k", "gguf_q5_k_m", "gguf_q4_k_m", "gguf_q4_0", "gguf_q8_0_fa", "gguf_q6_k_fa"]
 DEFAULT_VARIANTS = ["int8_weight_only", "int8_dynamic", "int8_static", "int4_rtn_g64", "int4_gptq_g64",
                     "int4_awq_g64", "dynamic_qint8_naive", "gguf_q8_0", "gguf_q6_k",
-                    "gguf_q4_k_m"]  # params.yaml's quantize.variants
+                    "gguf_q4_k_m", "gguf_q8_0_fa"]  # params.yaml's quantize.variants
 
 
 def _run(phase_module: str, phase: str, *args):

@@ -32,9 +32,8 @@ a sequence's cells land in whatever holes finished sequences left, which changes
 sums attention in; with Q8_0's 8-bit activations that moved a sequence's logits by up to 1.0 once a
 batch mate finished, so its tokens depended on its batch mates. CPU flash attention likewise takes a
 tiled path from 64 query rows on, so a prompt's logits changed with how a batch split it (up to 0.5).
-So: one KV stream per slot (`kv_unified=False`) and flash attention off (a variant may turn it on,
-`flash_attn`, and is then exact only token for token against FA's own one-token decode; docs/runtimes.md). Then every sequence's logits
-equal a solo run's bit for bit for Q8_0, Q4_0 and Q4_1 (randomised tests: many prompt lengths,
+So: one KV stream per slot (`kv_unified=False`) and flash attention off by default (a variant may turn
+it on, `flash_attn`: docs/runtimes.md). Then every sequence's logits equal a solo run's bit for bit for Q8_0, Q4_0 and Q4_1 (randomised tests: many prompt lengths,
 arrivals, pause/resume); K-quant files are not bit-stable (llama.cpp's Q4_K kernels handle 4-row groups
 and leftovers differently), their tokens may differ at near-ties. llama.cpp splits a multi-stream batch
 into ubatches of consecutive sequence ids, so running sequences keep slots 0..n-1 (a finished one's
@@ -460,10 +459,10 @@ class _Context:
         cparams.n_seq_max, cparams.n_outputs_max, cparams.n_outputs_max_per_seq = n_seq, n_outputs, 0
         cparams.n_threads = cparams.n_threads_batch = n_threads
         cparams.kv_unified = unified  # False: a KV stream per sequence (see LlamaCppEngine)
-        # Off by default: the CPU flash-attention kernel is lossy here (KL 0.0056 nats/token against the
-        # plain path on chat text, Q8_0) and takes a tiled path for long query blocks, so a prompt's
-        # logits change with how a batch splits it. On (the runtime's `flash_attn`), decode steps run
-        # 1.4-1.7x faster; the variant is then gated on FA's own logits (LlamaCppModel.logits).
+        # Off by default: the CPU flash-attention kernel rounds differently (KL 0.0056 nats/token against
+        # the plain path on chat text, Q8_0; the same distance to fp32) and takes a tiled path for long
+        # query blocks, so a prompt's logits change with how a batch splits it. On (the runtime's
+        # `flash_attn`), decode steps run 1.4-1.7x faster; the variant is gated on FA's own logits.
         cparams.flash_attn_type = (llama.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
                                    else llama.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         cparams.no_perf = True

@@ -6,7 +6,7 @@ module only adapts it to the registry's shape:
 - `LlamaCppConfig(qtype)`: one of llama.cpp's own weight types, quantized from the fp32 weights by
   llama.cpp itself (`llama_model_quantize`), so a Q4_K_M competes at equal quality, not equal bits;
 - presets `gguf_<qtype>` for the types users ask for, and `gguf_q8_0_fa` / `gguf_q6_k_fa` with llama.cpp's
-  CPU flash attention on (`flash_attn`: faster decode, lossier logits; the gates decide);
+  CPU flash attention on (`flash_attn`: faster decode, other roundings, not bit-stable; the gates decide);
 - `Scorer`: llama.cpp's logits behind the Hugging Face call the validate phase already makes.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ PRESETS.update({f"gguf_{q.lower()}_fa": {"runtime": "llamacpp", "qtype": q, "fla
 @dataclass(frozen=True)
 class LlamaCppConfig(RuntimeConfig):
     qtype: str = "Q8_0"  # llama.cpp weight type, quantized by llama.cpp from the fp32 weights
-    flash_attn: bool = False  # llama.cpp's CPU flash attention: faster decode, lossier logits (gated on its own)
+    flash_attn: bool = False  # llama.cpp's CPU flash attention: faster decode, other roundings (gated on its own)
 
     def check(self) -> None:
         if self.qtype not in QTYPES:
