@@ -258,6 +258,7 @@ class SlotEngine:
     def step(self) -> list[StepEvent]:
         """One iteration: prefill the newcomers and decode one token for every other running sequence."""
         events, self._cancelled = self._cancelled, []
+        self.last_prefill_tokens = 0
         if not self._rows and not self._pending:
             return events
         n_dec, new = len(self._rows), self._pending

@@ -258,6 +258,12 @@ def test_prefix_cache_hits_are_exact_and_skip_the_shared_prompt_tokens(gguf, sol
     want = 0 + 40 + 51 + 44 + 0 + 52
     assert eng.reused_tokens == want, f"reused {eng.reused_tokens} prompt tokens, expected {want}"
     assert eng.prompt_tokens == sum(map(len, prompts.values())), f"prompt tokens counted {eng.prompt_tokens}"
+    eng.add("x", prompt(54, 20), GREEDY)
+    eng.step()
+    assert eng.last_prefill_tokens == 20, f"a 20-token miss computes 20 prompt tokens, not {eng.last_prefill_tokens}"
+    eng.cancel("x")
+    eng.step()  # only the cancellation event: nothing computed
+    assert eng.last_prefill_tokens == 0, f"a step that prefilled nothing reports {eng.last_prefill_tokens} tokens"
 
 
 def test_prefix_cache_evicts_the_least_recently_used_and_clear_forgets_it(gguf, solo):
