@@ -18,7 +18,9 @@ from tqdm import tqdm
 from costopt.storage.layout import Workspace, write_json
 from costopt.models.source import load_model_dir
 from costopt.params import Params
+from costopt.evaluation.served import SERVED_MAX_LEN
 from costopt.evaluation.speed import EngineDecoder, measure
+from costopt.runtimes.slots import DEFAULT_PREFIX_CACHE
 from costopt.models.variants import load_torch_variant, read_failure, read_spec, record_failure
 from costopt.runtimes.registry import RuntimeFailure, spec_runtime
 
@@ -29,9 +31,6 @@ def held_out_prompts(ws: Workspace) -> list[str]:
         raise FileNotFoundError(f"{path}: missing; run the evaldata phase first")
     with open(path) as fh:
         return [json.loads(line)["messages"][-1]["content"] for line in fh if line.strip()]
-
-
-SERVED_MAX_LEN = 1024  # KV positions per sequence in the benchmark's engines (trace prompt + answer < 400)
 
 
 def _measure(timed: Any, tok: Any, name: str, params: Params, prompts: list[str], engine: Any,
@@ -63,7 +62,6 @@ def load_timed(params: Params, ws: Workspace, name: str, served: bool = True) ->
     with the prefix cache the server keeps); `served=False`: no served engine (None)."""
     from transformers import AutoTokenizer
 
-    from costopt.runtimes.slots import DEFAULT_PREFIX_CACHE
 
     spec = read_spec(ws, name)
     runtime, cfg = spec_runtime(spec)
@@ -74,10 +72,11 @@ def load_timed(params: Params, ws: Workspace, name: str, served: bool = True) ->
     cfg_b = params.benchmark
     build = lambda **extra: runtime.engine(ws, spec, eos_token_ids=[], threads=cfg_b.threads,  # noqa: E731
                                            max_len=SERVED_MAX_LEN, **extra,
-                                           max_batch=max(cfg_b.decode_batch,
-                                                         cfg_b.served_concurrency, 1))
+                                           max_batch=max(cfg_b.decode_batch, cfg_b.served_concurrency, 1))
     engine = build()
-    serving = build(prefix_cache=DEFAULT_PREFIX_CACHE) if served and runtime.prefix_cache else engine if served else None
+    serving = None
+    if served:  # runtimes with a prefix cache serve with it on; the others with the timed engine itself
+        serving = build(prefix_cache=DEFAULT_PREFIX_CACHE) if runtime.prefix_cache else engine
     if getattr(engine, "compile_error", None):  # asked for compile, runs eager: the speed is eager's, say so
         label = f"torch (compile failed, eager: {engine.compile_error})"
     tok = AutoTokenizer.from_pretrained(str(ws.model_dir), local_files_only=True)

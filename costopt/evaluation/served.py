@@ -31,6 +31,8 @@ import numpy as np
 
 from costopt.runtimes.slots import SamplingParams
 
+SERVED_MAX_LEN = 1024  # KV positions per sequence in a replay's engine (trace prompt + answer < 400)
+
 
 def chat_ids(tok: Any, messages: Sequence[dict[str, str]]) -> list[int]:
     """Token ids of a chat with the generation prompt, as the server encodes a chat request."""
@@ -128,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs: dict[int, list[dict[str, Any]]] = {k: [] for k in args.prefix_cache}
     for r in range(args.rounds):
         for k in args.prefix_cache:
-            engine = runtime.engine(ws, spec, eos_token_ids=[], max_batch=args.concurrency, max_len=1024,
+            engine = runtime.engine(ws, spec, eos_token_ids=[], max_batch=args.concurrency, max_len=SERVED_MAX_LEN,
                                     threads=args.threads, prefix_cache=k)
             runs[k].append(replay(engine, requests, args.concurrency, [tok.eos_token_id]))
             engine.close()

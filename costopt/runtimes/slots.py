@@ -268,6 +268,7 @@ class SlotEngine:
         slots = list(range(n_dec))
         spans, out_rows = [], list(range(n_dec))
         for j, s in enumerate(new):
+            self.prompt_tokens += len(s.prompt)
             start = self._prefix_hit(s.prompt, n_dec + j)  # cache positions [0, start) copied, not computed
             spans.append((len(ids), len(s.prompt) - start))
             ids += s.prompt[start:]
@@ -315,7 +316,6 @@ class SlotEngine:
 
     def _prefix_hit(self, prompt: list[int], slot: int) -> int:
         """Copy the longest kept prefix of `prompt` into `slot`; the number of positions copied (0: none)."""
-        self.prompt_tokens += len(prompt)
         best, length = None, 0
         for p in self._prefixes:
             n = common_prefix(p.tokens, prompt)
