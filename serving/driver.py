@@ -5,7 +5,7 @@ One `EngineLoop` per served variant. Request handlers call `submit()` (a full qu
 alternates two things: between steps it asks the `Admission` controller (`schedule`) which queued
 requests join the batch (expired ones fail with `DeadlineExceeded` before they use compute), which
 running ones pause to make room for an urgent HIGH request and which resume, and applies
-cancellations; then it runs one `Engine.step()` in the variant's own worker thread, so the event loop
+cancellations; then it runs one `Engine.step()` on the process's compute thread, so the event loop
 keeps serving HTTP while the model computes, and hands each new token to its request.
 
 `retire()` is the hot-switch half of this module: the loop stops taking requests, lets every queued
@@ -15,12 +15,24 @@ and running one finish on its own weights, then ends. Handlers that race with a 
     loop = EngineLoop(engine, Admission(AdmissionConfig()), name="int8")
     gen = loop.submit(prompt_ids, SamplingParams(max_new_tokens=32), priority="high", deadline_s=5)
     async for token_id in gen: ...
+
+One compute thread per process (`compute_executor`). Every engine step of every loop, and the
+calibration steps of a variant being loaded, run on that one thread. Both runtimes compute through
+OpenMP (llama.cpp's ggml and torch, built against libgomp), and libgomp keeps a team of worker threads
+for each thread that opens a parallel region; once the process holds more OpenMP threads than cores,
+every barrier sleeps on a futex instead of spinning, and a step has hundreds of barriers. Measured
+(BENCHMARKS.md, section 6): the same llama.cpp engine replaying the serving trace ran at 190-202 tok/s
+from one thread and at 158 tok/s once a single step had run on a second thread (decode at batch 16:
+43-45 against 55-58 ms a step), which is what the server did when it calibrated on the loading thread
+and served on its own engine thread. Steps of two served variants take turns on the thread; on this
+CPU, running them side by side would only split the same cores.
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import itertools
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Sequence
@@ -63,43 +75,70 @@ class Generation:
 
 
 CALIBRATION_PROMPT_TOKENS = 8
+_COMPUTE_PREFIX = "costopt-compute"
+_compute: concurrent.futures.ThreadPoolExecutor | None = None
+_compute_lock = threading.Lock()
 
 
-def calibrate(engine: Engine, admission: Admission, sizes: Sequence[int] | None = None, steps: int = 2) -> None:
+def compute_executor() -> concurrent.futures.ThreadPoolExecutor:
+    """The process's one thread for model compute (the module docstring says why), made on first use."""
+    global _compute
+    with _compute_lock:
+        if _compute is None:
+            _compute = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=_COMPUTE_PREFIX)
+        return _compute
+
+
+def on_compute(fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)` on the compute thread, waiting for it (called on that thread, it just runs)."""
+    if threading.current_thread().name.startswith(_COMPUTE_PREFIX):
+        return fn(*args)
+    return compute_executor().submit(fn, *args).result()
+
+
+def calibrate(engine: Engine, admission: Admission, sizes: Sequence[int] | None = None, steps: int = 2,
+              call: Callable[..., Any] = on_compute) -> None:
     """Time a few steps at several batch sizes on a dummy prompt and feed them to `admission`, so deadline
     predictions hold from the first request (live steps refine them). Call before the loop starts; about
-    `steps + 1` steps per size (a few seconds for the built-in model at batch 32 on CPU)."""
+    `steps + 1` steps per size (a few seconds for the built-in model at batch 32 on CPU). Each step runs
+    through `call` (default: on the compute thread, one at a time, so a variant loading during a hot switch
+    takes turns with the one serving instead of blocking it); the step's time is measured there."""
     if engine.has_work():
         raise RuntimeError("calibrate: the engine is running sequences; calibrate before serving")
     top = min(engine.max_batch, 64)
     sizes = sorted({b for b in (sizes or (1, 2, 4, 8, 16, 32, top)) if 1 <= b <= top})
     prompt = [1 + i % (engine.vocab_size - 1) for i in range(CALIBRATION_PROMPT_TOKENS)]
     params = SamplingParams(max_new_tokens=steps + 1)
+
+    def timed_step() -> tuple[float, int]:
+        t0 = time.perf_counter()
+        events = engine.step()
+        return time.perf_counter() - t0, len(events)
+
     engine.add("warm-up", prompt, SamplingParams(max_new_tokens=2))  # first calls pay one-off setup costs
     while engine.has_work():
-        engine.step()
+        call(timed_step)
     timed: list[tuple[int, float, int, int]] = []  # (batch, seconds, tokens, prefill tokens)
     for size in sizes:
         for i in range(size):
             engine.add(("calibrate", i), prompt, params)
         prefill = size * len(prompt)
         while engine.has_work():
-            t0 = time.perf_counter()
-            events = engine.step()
-            timed.append((size, time.perf_counter() - t0, len(events), prefill))
+            seconds, n_events = call(timed_step)
+            timed.append((size, seconds, n_events, prefill))
             prefill = 0
     for step in sorted(timed, key=lambda x: x[3] > 0):  # decode steps first: a prefill's cost is its excess
         admission.observe_step(*step, calibration=True)
 
 
 class EngineLoop:
-    """Runs one engine: admission between steps, steps in a worker thread, tokens to their requests."""
+    """Runs one engine: admission between steps, steps on the compute thread, tokens to their requests."""
 
     def __init__(self, engine: Engine, admission: Admission, name: str,
                  on_step: Callable[[int, float, int, int, int], None] | None = None) -> None:
         self.engine, self.admission, self.name = engine, admission, name
         self._on_step = on_step  # (batch, seconds, tokens, prompt tokens computed, reused) -> metrics
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"engine-{name}")
+        self._pool = compute_executor()  # shared by every loop of the process (the module docstring)
         self._ids = itertools.count()
         self._live: dict[int, Generation] = {}  # seq_id -> generation, for those in the engine
         self._to_cancel: list[int] = []
@@ -158,7 +197,6 @@ class EngineLoop:
 
     async def _stop(self) -> None:
         self.done.set()
-        self._pool.shutdown(wait=False)
 
     async def _run(self) -> None:
         while not self.done.is_set():
@@ -220,7 +258,7 @@ class EngineLoop:
 
     def _work(self, adds: list[tuple[int, Generation]], cancels: list[int], pauses: Sequence[int] = (),
               resumes: Sequence[int] = ()) -> list[StepEvent]:
-        """In the worker thread: the only place that touches the engine."""
+        """On the compute thread: the only place that touches the engine while the loop runs."""
         for seq_id in cancels:
             self.engine.cancel(seq_id)
         for seq_id in resumes:

@@ -279,3 +279,42 @@ def test_a_failed_step_fails_its_batch_once_and_the_loop_serves_on(llama64, monk
     tokens = asyncio.run(run())
     assert tokens == solo_greedy(llama64, [3, 1, 4], 6), "the request after the failure is served in full"
     assert engine.running == 0 and not engine.has_work(), "nothing of the failed batch is left in the engine"
+
+
+def test_every_engine_step_of_the_process_runs_on_one_compute_thread(llama64):
+    """Calibration on the loading thread and two variants' loops all step on the one compute thread: libgomp
+    keeps a worker team per calling thread, and a second team made llama.cpp's steps 1.3x slower."""
+    import asyncio
+    import threading
+
+    from serving.admission import Admission, AdmissionConfig
+    from serving.driver import EngineLoop, calibrate
+
+    seen: list[str] = []
+
+    def engine():
+        eng = Engine(llama64, eos_token_ids=[], max_batch=4, max_len=48)
+        real = eng.step
+        eng.step = lambda: (seen.append(threading.current_thread().name), real())[1]
+        return eng
+
+    cfg = AdmissionConfig(max_batch=4, reserved_high=0)
+    engines = [engine(), engine()]
+    admissions = [Admission(cfg), Admission(cfg)]
+    for eng, adm in zip(engines, admissions):
+        calibrate(eng, adm, sizes=(1, 2), steps=1)  # from this (the loading) thread
+    calibrated = len(seen)
+
+    async def run():
+        loops = [EngineLoop(e, a, name=f"v{i}") for i, (e, a) in enumerate(zip(engines, admissions))]
+        gens = [loop.submit([3, 1, 4], SamplingParams(max_new_tokens=5)) for loop in loops]
+        out = [[t async for t in g] for g in gens]
+        for loop in loops:
+            await loop.retire()
+        return out
+
+    out = asyncio.run(run())
+    assert out == [solo_greedy(llama64, [3, 1, 4], 5)] * 2
+    assert calibrated > 0 and len(seen) > calibrated, "both calibration and serving stepped"
+    assert len(set(seen)) == 1, f"steps ran on several threads: {sorted(set(seen))}"
+    assert seen[0] != threading.current_thread().name, "not on the loading thread"
