@@ -603,7 +603,11 @@ class Admission:
             held = False
             for x in [x for x in self._live if x.paused and x.priority == p]:
                 if now is None or batch == 0 or on_time(members, batch + 1, stall):
-                    sched.resume.append(x.ticket)
+                    if x.ticket in sched.pause:  # paused for a HIGH earlier in this pass, yet the batch fits it
+                        sched.pause.remove(x.ticket)  # (the victims are a greedy prefix): it never stops
+                        self.counters["paused"][x.priority.name.lower()] -= 1
+                    else:
+                        sched.resume.append(x.ticket)
                     x.paused = False
                     batch += 1
                     if now is not None and on_time([x], batch, stall):  # protected, not pausable again now
