@@ -65,6 +65,30 @@ class ServerProcess:
         self.stop()
 
 
+def first_traceback(log: str) -> str | None:
+    """The first Python traceback in a server log, up to and including its exception line; None if none."""
+    lines = log.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")), None)
+    if start is None:
+        return None
+    end = next((i for i in range(start + 1, len(lines)) if lines[i] and not lines[i][0].isspace()), len(lines) - 1)
+    return "\n".join(lines[start:end + 1])
+
+
+def check_load_test(runs: Sequence[dict[str, Any]], log: str) -> None:
+    """A load test with server errors or lost requests fails the run (DeployError), naming the runs and quoting
+    the server log's first traceback. 429s are not errors: deadline admission refuses what it forecasts late."""
+    bad = [r for r in runs if r["errors"] or r["lost"]]
+    if not bad:
+        return
+    what = "; ".join(f"{r['variant']} at concurrency {r['concurrency']}: {r['errors']} errors, {r['lost']} lost "
+                     f"of {r['requests']}" + (f" (e.g. {r['error_examples'][0]})" if r.get("error_examples") else "")
+                     for r in bad)
+    trace = first_traceback(log)
+    raise DeployError(f"the load test on the deployed server failed: {what}; "
+                      + (f"the server log's first traceback:\n{trace}" if trace else "the server log has no traceback"))
+
+
 def serving_python() -> Path:
     py = Path(os.environ.get("COSTOPT_SERVING_PYTHON") or SERVING_PYTHON)
     if not py.is_file():
@@ -194,6 +218,7 @@ def deploy(params: Any, ws: Any) -> dict[str, Any]:
                 res = run_load(srv.url, name, items, concurrency=c, requests=cfg.loadtest_requests)
                 config = {"batching": True, "cache": False, "routing": False, "variants": [name]}
                 runs.append({**summarize(res, price, config), "variant": name})
+    check_load_test(runs, srv.log.read_text(errors="replace") if srv.log.is_file() else "")
     base = read_json(ws.bench_dir / "baseline.json")
     naive_s = base.get("naive", base)["machine_seconds_per_request"]  # records before the served cost: top level
     naive = round(cost_per_1m_requests(price, float(naive_s)), 4)
