@@ -14,8 +14,10 @@ anything the client can fix; a full queue is 429 with `Retry-After`.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
+import uuid
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, FastAPI, Request
@@ -23,12 +25,15 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from serving import metrics
 from serving.admission import DeadlineExceeded, Priority, QueueFull, WouldMissDeadline
+from serving.driver import EngineFault
 from costopt.runtimes.engine import SamplingParams
 from serving.library import ModelLibrary
 from serving.model import VariantModel
 from serving.protocol import (ApiError, ChatRequest, ChunkMaker, CompletionRequest, chat_response,
                               completion_response, lone_surrogate, parse)
 from serving.reqlog import RequestLog
+
+_log = logging.getLogger(__name__)
 
 MAX_TENANT = 64
 _MS = re.compile(r"\s*[0-9]{1,9}\s*")  # a deadline in ms: 1 to 9 ASCII digits
@@ -179,7 +184,10 @@ class OpenAIRoutes:
             if req.stream:
                 return StreamingResponse(self._sse(model, req, chat, gen, first, pieces, log, t0),
                                          media_type="text/event-stream", headers=_served_by(model))
-            text = first[0] + "".join([d async for d, _ in pieces])
+            try:
+                text = first[0] + "".join([d async for d, _ in pieces])
+            except EngineFault as exc:
+                raise ApiError(500, str(exc), type_="server_error") from None
             build = chat_response if chat else completion_response
             body = build(req.model, text, gen.finish_reason or "stop", len(ids), len(gen.tokens))
             self._done(log, t0, gen, "ok", 200)
@@ -200,6 +208,8 @@ class OpenAIRoutes:
             raise ApiError(429, f"deadline exceeded before the request could start: {exc}",
                            param="x-costopt-deadline-ms", type_="deadline_exceeded",
                            headers={"Retry-After": "1"}) from None
+        except EngineFault as exc:  # before ValueError: a fault of ours is never the client's
+            raise ApiError(500, str(exc), type_="server_error") from None
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None
 
@@ -216,6 +226,11 @@ class OpenAIRoutes:
             outcome = "ok"
         except Exception as exc:  # mid-stream failure: say so in the stream, then end it cleanly
             outcome = "error"
+            if not isinstance(exc, EngineFault):  # its message is safe; anything else stays in the log
+                incident = uuid.uuid4().hex[:12]
+                _log.error("stream of %s failed (incident %s)", req.model, incident, exc_info=exc)
+                exc = RuntimeError(f"internal error while streaming; the server log holds the details under "
+                                   f"incident {incident}")
             yield _event({"error": {"message": str(exc), "type": "server_error", "param": None, "code": 500}})
             yield b"data: [DONE]\n\n"
         finally:

@@ -32,8 +32,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
+import logging
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Sequence
 
@@ -41,8 +43,21 @@ from serving.admission import Admission, Priority, Ticket
 from costopt.runtimes.engine import Engine, SamplingParams, StepEvent
 
 
+_log = logging.getLogger(__name__)
+
+
 class Retired(RuntimeError):
     """The loop is draining for a hot switch; resubmit to the variant's new loop."""
+
+
+class EngineFault(RuntimeError):
+    """An engine step failed: every request of its batch ends with this. The server log holds the traceback
+    under `incident`; clients see the id only, never the internals (HTTP 500)."""
+
+    def __init__(self, incident: str) -> None:
+        self.incident = incident
+        super().__init__(f"internal error in the model engine; the server log holds the details under "
+                         f"incident {incident}")
 
 
 @dataclass(eq=False)
@@ -242,8 +257,11 @@ class EngineLoop:
             events = await asyncio.get_running_loop().run_in_executor(self._pool, self._work, adds, cancels,
                                                                       pauses, resumes)
         except Exception as exc:  # a failed step fails every request in the batch, never the server
+            fault = EngineFault(uuid.uuid4().hex[:12])
+            _log.error("engine %s: a step failed (incident %s); its %d requests fail", self.name, fault.incident,
+                       len(self._live), exc_info=exc)
             for seq_id in list(self._live):
-                self._finish(self._live.pop(seq_id), error=exc)
+                self._finish(self._live.pop(seq_id), error=fault)
             self.engine.clear()  # the worker is idle now; a row left behind would fail every later step
             return
         seconds = time.perf_counter() - t0

@@ -243,13 +243,13 @@ def test_calibrate_measures_every_batch_size_the_engine_allows(llama64, max_batc
     assert adm._steps.prefill_s is not None, "the prefill cost per prompt token is measured"
 
 
-def test_a_failed_step_fails_its_batch_once_and_the_loop_serves_on(llama64, monkeypatch):
+def test_a_failed_step_fails_its_batch_once_and_the_loop_serves_on(llama64, monkeypatch, caplog):
     """A step that raises fails the requests in it; the engine is cleared, so the next requests are
     served (a row left behind once failed every later step while the server still reported ready)."""
     import asyncio
 
     from serving.admission import Admission, AdmissionConfig
-    from serving.driver import EngineLoop
+    from serving.driver import EngineFault, EngineLoop
 
     engine = Engine(llama64, eos_token_ids=[], max_batch=4, max_len=32)
     poison = SamplingParams(max_new_tokens=6, temperature=1.7, seed=1)  # marks the row that breaks steps
@@ -266,8 +266,12 @@ def test_a_failed_step_fails_its_batch_once_and_the_loop_serves_on(llama64, monk
         loop = EngineLoop(engine, Admission(AdmissionConfig(max_batch=4, reserved_high=0,
                                                             deadline_admission=False)), name="t")
         first = loop.submit([3, 1, 4], poison)
-        with pytest.raises(RuntimeError, match="multinomial"):
+        with pytest.raises(EngineFault) as err:
             _ = [t async for t in first]
+        assert "multinomial" not in str(err.value) and err.value.incident in str(err.value), \
+            f"the client sees an incident id, not the internals: {err.value}"
+        logged = [r for r in caplog.records if err.value.incident in r.getMessage()]
+        assert logged and "multinomial" in str(logged[0].exc_info[1]), "the server log holds the cause"
         second = loop.submit([3, 1, 4], SamplingParams(max_new_tokens=6))
         tokens = await asyncio.wait_for(_collect(second), timeout=30)
         await loop.retire()
