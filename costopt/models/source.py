@@ -32,6 +32,38 @@ class ModelFileError(ValueError):
     """A model file exists but is corrupt, truncated or not what it claims to be."""
 
 
+class UnsupportedArchitecture(ModelSourceError):
+    """The model is not one the costopt engine implements: loading it would give wrong tokens, not an error."""
+
+
+# model_type -> the transformers class the engine's forward re-implements. The engine (costopt.runtimes.engine)
+# runs its own Llama forward over the model's modules: RMSNorm, rotary positions from the model's own
+# rotary_emb (so rope scaling follows the config), grouped-query attention, SiLU-gated MLP, full causal
+# attention. Architectures with the same module names but other arithmetic (Qwen3's q/k norms, Gemma's
+# scaled embeddings and soft-capping, Mistral's sliding window, Phi-3's fused projections) are refused here
+# rather than served wrongly.
+SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM"}
+
+
+def check_architecture(config: Any, where: str) -> None:
+    """Raise UnsupportedArchitecture, naming `where`, the model_type and what is supported, unless `config` (a
+    transformers config, or its config.json as a dict) is an architecture the engine implements."""
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    model_type, archs = get("model_type"), get("architectures") or []
+    supported = ", ".join(f"{t} ({c})" for t, c in SUPPORTED_ARCHITECTURES.items())
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedArchitecture(
+            f"{where}: model_type {model_type!r} ({', '.join(archs) or 'no architectures listed'}) is not one the "
+            f"costopt engine implements; supported: {supported}")
+    wanted = SUPPORTED_ARCHITECTURES[model_type]
+    if archs and any(a != wanted for a in archs):
+        raise UnsupportedArchitecture(f"{where}: architectures {archs} for model_type {model_type!r}; the costopt "
+                                      f"engine implements {wanted} only")
+    if get("sliding_window") not in (None, 0):
+        raise UnsupportedArchitecture(f"{where}: sliding_window {get('sliding_window')!r}; the costopt engine "
+                                      f"attends over the whole context only")
+
+
 @dataclass(frozen=True)
 class ModelSource:
     kind: str  # "gguf" | "dir" | "hf"
@@ -147,12 +179,18 @@ def load_source(src: ModelSource) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     import torch
 
-    kwargs: dict[str, Any] = {"local_files_only": True}
+    from transformers import AutoConfig
+
+    kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
     if src.gguf_file:
         kwargs["gguf_file"] = src.gguf_file
     try:
+        check_architecture(AutoConfig.from_pretrained(src.path, **kwargs), f"ingest.model {src.ref!r}")
         tok = AutoTokenizer.from_pretrained(src.path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(src.path, dtype=torch.float32, **kwargs)
+        weights = {} if src.gguf_file else {"use_safetensors": True}  # never a pickle (.bin) checkpoint
+        model = AutoModelForCausalLM.from_pretrained(src.path, dtype=torch.float32, **kwargs, **weights)
+    except UnsupportedArchitecture:
+        raise
     except (OSError, ValueError) as exc:
         raise ModelFileError(f"ingest.model: cannot load {src.ref!r} from {src.path}: {exc}") from exc
     return model.eval(), tok
@@ -165,10 +203,11 @@ def load_model_dir(folder: Path, dtype: Any = None) -> tuple[Any, Any]:
 
     if not (folder / "config.json").is_file():
         raise ModelSourceError(f"{folder}: no config.json; run the ingest phase first")
+    check_architecture(json.loads((folder / "config.json").read_text()), str(folder))
     check_safetensors_dir(folder)
     tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype or torch.float32,
-                                                 local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype or torch.float32, local_files_only=True,
+                                                 use_safetensors=True, trust_remote_code=False)
     return model.eval(), tok
 
 

@@ -459,7 +459,8 @@ def load_variant(folder: Path, base_dir: Path, config: SchemeConfig) -> nn.Modul
 
     if config.scheme == "dynamic_qint8_naive":
         # torch.ao's packed params have no safetensors form; the transform is deterministic, so rebuild.
-        model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, local_files_only=True,
+                                                     use_safetensors=True)
         return quantize(model, config)
     hf_config = AutoConfig.from_pretrained(str(base_dir), local_files_only=True)
     with torch.device("meta"):

@@ -74,6 +74,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from costopt.models.source import check_architecture
 from costopt.runtimes.rope import rope as _rope
 from costopt.runtimes.slots import (FINISH_REASONS, SamplingParams, Seq, SlotEngine, StepBatch, StepEvent,
                                     bench_prompts, time_engine)
@@ -94,6 +95,7 @@ class Engine(SlotEngine):
         if cfg is None or body is None or not hasattr(model, "lm_head") or not all(hasattr(body, n) for n in needed):
             raise TypeError("model: expected a Llama-like causal LM with .config, .lm_head and .model."
                             f"{{{', '.join(needed)}}} (e.g. transformers' LlamaForCausalLM)")
+        check_architecture(cfg, "model")  # same module names, other arithmetic: wrong tokens, not an error
         limit = getattr(cfg, "max_position_embeddings", max_len)
         if not 2 <= max_len <= limit:
             raise ValueError(f"max_len: {max_len}; must be in [2, {limit}] (the model's max_position_embeddings)")
