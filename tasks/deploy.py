@@ -212,9 +212,11 @@ def deploy(params: Any, ws: Any) -> dict[str, Any]:
              "--max_queue", str(cfg.max_queue), "--reserved_high", str(cfg.reserved_high),
              "--request_log", str(ws.root / params.calibrate.logs), *(["--log_prompts"] if cfg.log_prompts else [])]
     price, runs = params.cost.price_per_hour_usd, []
+    picked = read_json(ws.search_dir / "search.json").get("picked")
+    tested = picked if picked in variants else variants[-1]  # the search's pick when it serves, else the last
     with start_server(ws.root, variants, out_dir / "server.log", flags) as srv:
         for c in cfg.loadtest_concurrency:
-            for name in dict.fromkeys([variants[-1], "fp32"]):  # the cheapest deployed one, then fp32
+            for name in dict.fromkeys([tested, "fp32"]):  # the pick (or the last winner), then fp32
                 res = run_load(srv.url, name, items, concurrency=c, requests=cfg.loadtest_requests)
                 config = {"batching": True, "cache": False, "routing": False, "variants": [name]}
                 runs.append({**summarize(res, price, config), "variant": name})

@@ -120,9 +120,12 @@ def test_deploy_serves_the_winners_and_load_tests_them(run):
     summary = json.loads((run["ws"] / "reports" / "latest" / "summary.json").read_text())
     deployed = [d["name"] for d in summary["deployed"]]
     assert deployed[0] == "fp32" and "dynamic_qint8_naive" not in deployed, f"fp32 and winners only: {deployed}"
+    runs = summary["serving"]["runs"]
     if summary["search"]["picked"]:
         assert summary["search"]["picked"] in deployed, f"the pick is deployed: {deployed}"
-    runs = summary["serving"]["runs"]
+        assert summary["search"]["picked"] in {r["variant"] for r in runs}, "the load test serves the pick"
+    else:
+        assert {r["variant"] for r in runs} == {deployed[-1], "fp32"}, [r["variant"] for r in runs]
     # every request is answered or refused with a 429 (deadline admission may refuse what it forecasts
     # late); none errors or goes missing, and most are answered at this light load
     assert runs and all(r["errors"] == 0 and r["lost"] == 0 and r["ok"] + r["rejected"] == r["requests"]
