@@ -69,7 +69,7 @@ class ModelLibrary(ModelRepository):
             old = self.models.get(name)
             self.update(new, name)
             if old is not None and old is not new:
-                self._retire(old)
+                self._retire(old, replaced=True)
         return True
 
     def unload(self, name: str) -> None:
@@ -78,11 +78,14 @@ class ModelLibrary(ModelRepository):
             raise KeyError(f"model with name {name} does not exist")
         self._retire(model)
 
-    def _retire(self, model: Any) -> None:
+    def _retire(self, model: Any, replaced: bool = False) -> None:
         async def retire() -> None:
             if isinstance(model, VariantModel) and model.loop is not None:
                 await model.loop.retire()
-            model.stop()
+            if isinstance(model, VariantModel):
+                model.stop(replaced=replaced)
+            else:
+                model.stop()
 
         task = asyncio.get_running_loop().create_task(retire())
         self._retiring.add(task)

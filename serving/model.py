@@ -110,8 +110,7 @@ class VariantModel(kserve.Model):
         engine, self.tokenizer, runtime = load_engine(self.options, self.name)
         admission = Admission(self.options.admission)
         calibrate(engine, admission)
-        self.loop = EngineLoop(engine, admission, self.name,
-                               on_step=lambda *step: metrics.observe_step(self.name, *step))
+        self.loop = EngineLoop(engine, admission, self.name, on_step=self._observe_step)
         self.info = {"name": self.name, "runtime": runtime, "load_seconds": round(time.perf_counter() - t0, 2),
                      "instance": uuid.uuid4().hex[:12]}
         metrics.LOADED.labels(self.name).set(1)
@@ -151,7 +150,20 @@ class VariantModel(kserve.Model):
                deadline_s: float | None) -> Generation:
         if self.loop is None or not self.ready:
             raise ApiError(503, f"model {self.name!r} is not ready", type_="model_not_ready")
-        return self.loop.submit(prompt_ids, params, priority, deadline_s)
+        gen = self.loop.submit(prompt_ids, params, priority, deadline_s)
+        self._observe_queue()
+        return gen
+
+    def _observe_step(self, *step: Any) -> None:
+        metrics.observe_step(self.name, *step)
+        self._observe_queue()
+
+    def _observe_queue(self) -> None:
+        current = self.library.models.get(self.name) if self.library is not None else None
+        if current is not None and current is not self:  # replaced by a hot switch: the gauges are the new copy's
+            return
+        if self.loop is not None:
+            metrics.observe_queue(self.name, self.loop.admission.queued(), self.loop.running_by_priority()[0])
 
     async def stream(self, gen: Generation, stops: Sequence[str] = ()) -> AsyncIterator[tuple[str, str | None]]:
         """(text delta, None)... then ("", finish_reason). Stop strings end the answer before them."""
@@ -241,8 +253,12 @@ class VariantModel(kserve.Model):
         raise InvalidInput(f"{self.name}:explain: costopt variants have no explainer; generate with "
                            f"/openai/v1/chat/completions or /v2/models/{self.name}/infer")
 
-    def stop(self) -> None:
-        metrics.LOADED.labels(self.name).set(0)
+    def stop(self, replaced: bool = False) -> None:
+        """No longer serving. `replaced`: a fresh copy serves under the same name (hot switch), whose
+        gauges these are now, so they are left alone."""
+        if not replaced:
+            metrics.LOADED.labels(self.name).set(0)
+            metrics.observe_queue(self.name, 0, 0)
         self.ready = False
 
 

@@ -111,6 +111,31 @@ def test_metrics_parse_and_count_requests(server, client, variant):
     assert ok_high and ok_high[0].value >= 1, "the high-priority request is counted by variant and priority"
 
 
+def test_queue_and_running_gauges_move_under_load_and_settle(server, variant):
+    """costopt_running_sequences and costopt_queue_depth follow the engine: above zero while eight requests
+    are in flight, back to zero once they are answered."""
+    import concurrent.futures
+
+    def gauges():
+        fams = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{server.url}/metrics", timeout=30).text)}
+        value = lambda name: sum(x.value for x in fams[name].samples if x.labels.get("variant") == variant)  # noqa: E731
+        return value("costopt_running_sequences"), value("costopt_queue_depth")
+
+    def ask(i):
+        body = {"model": variant, "max_tokens": 48, "temperature": 0,
+                "messages": [{"role": "user", "content": f"Write a long story about a lighthouse keeper, part {i}."}]}
+        return httpx.post(f"{server.url}/openai/v1/chat/completions", json=body, timeout=120).status_code
+
+    seen = []
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(ask, i) for i in range(8)]
+        while not all(f.done() for f in futures):
+            seen.append(gauges())
+    assert [f.result() for f in futures] == [200] * 8
+    assert max(r for r, _ in seen) >= 2, f"running never rose above 1 with eight requests in flight: {seen[:20]}"
+    assert gauges() == (0, 0), "both gauges settle at zero once every request is answered"
+
+
 def test_a_repeated_prompt_reuses_its_cached_prefix_on_llamacpp(server, client, variant):
     """The llama.cpp engine keeps recent prompts' KV (--prefix_cache, default 8): asking the same chat
     twice computes only the second one's last prompt token; the torch engine keeps none. Same answer."""
