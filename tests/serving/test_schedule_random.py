@@ -14,6 +14,28 @@ from test_admission import measured
 H, N, L = Priority.HIGH, Priority.NORMAL, Priority.LOW
 
 
+def plan_and_apply(adm, seed: int, queued: set, running: dict, paused: set, done: dict) -> set:
+    """One schedule() call on the simulated engine: check the plan's invariants, apply its expiries and
+    admissions to `queued` / `running` / `done`, and return the paused set it leaves."""
+    high = sum(t.priority == H for t in running)
+    plan = adm.schedule(len(running), high, [(t, left, t in paused) for t, left in running.items()])
+    pause, resume = set(plan.pause), set(plan.resume)
+    assert not pause & resume, f"seed {seed}: paused and resumed at once: {[t.payload for t in pause & resume]}"
+    assert resume <= paused, f"seed {seed}: resumes a sequence that is not paused"
+    assert pause <= set(running) - paused, f"seed {seed}: pauses a sequence that is not running"
+    assert set(plan.admitted) <= queued and set(plan.expired) <= queued, f"seed {seed}: not from the queue"
+    assert not set(plan.admitted) & set(plan.expired), f"seed {seed}: admitted and expired at once"
+    assert len(plan.pause) == len(pause) and len(plan.resume) == len(resume), f"seed {seed}: listed twice"
+    for t in plan.expired:
+        queued.discard(t)
+        done[t.payload] = "expired"
+    for t in plan.admitted:
+        queued.discard(t)
+        running[t] = t.steps
+    assert len(running) <= adm.cfg.max_batch, f"seed {seed}: more sequences than slots"
+    return (paused - resume) | pause
+
+
 def run_random(seed: int, steps: int = 400, preempt: bool = True) -> dict:
     rng = random.Random(seed)
     step_s = lambda b: 0.03 + 0.006 * b  # noqa: E731  (the model the admission has measured)
@@ -42,24 +64,7 @@ def run_random(seed: int, steps: int = 400, preempt: bool = True) -> dict:
             del running[t]
             paused.discard(t)
             done[t.payload] = "cancelled"
-        high = sum(t.priority == H for t in running)
-        plan = adm.schedule(len(running), high, [(t, left, t in paused) for t, left in running.items()])
-
-        pause, resume = set(plan.pause), set(plan.resume)
-        assert not pause & resume, f"seed {seed}: paused and resumed at once: {[t.payload for t in pause & resume]}"
-        assert resume <= paused, f"seed {seed}: resumes a sequence that is not paused"
-        assert pause <= set(running) - paused, f"seed {seed}: pauses a sequence that is not running"
-        assert set(plan.admitted) <= queued and set(plan.expired) <= queued, f"seed {seed}: not from the queue"
-        assert not set(plan.admitted) & set(plan.expired), f"seed {seed}: admitted and expired at once"
-        assert len(plan.pause) == len(pause) and len(plan.resume) == len(resume), f"seed {seed}: listed twice"
-        for t in plan.expired:
-            queued.discard(t)
-            done[t.payload] = "expired"
-        for t in plan.admitted:
-            queued.discard(t)
-            running[t] = t.steps
-        paused = (paused - resume) | pause
-        assert len(running) <= adm.cfg.max_batch, f"seed {seed}: more sequences than slots"
+        paused = plan_and_apply(adm, seed, queued, running, paused, done)
 
         active = [t for t in running if t not in paused]
         if active:  # one engine step, slower or faster than the model says
@@ -79,16 +84,7 @@ def run_random(seed: int, steps: int = 400, preempt: bool = True) -> dict:
     for _ in range(20_000):
         if not (queued or running):
             break
-        high = sum(t.priority == H for t in running)
-        plan = adm.schedule(len(running), high, [(t, left, t in paused) for t, left in running.items()])
-        assert not set(plan.pause) & set(plan.resume) and set(plan.resume) <= paused
-        for t in plan.expired:
-            queued.discard(t)
-            done[t.payload] = "expired"
-        for t in plan.admitted:
-            queued.discard(t)
-            running[t] = t.steps
-        paused = (paused - set(plan.resume)) | set(plan.pause)
+        paused = plan_and_apply(adm, seed, queued, running, paused, done)
         active = [t for t in running if t not in paused]
         clock.advance(step_s(max(1, len(active))))
         for t in active:
