@@ -45,6 +45,9 @@ parser.add_argument("--max_body_bytes", type=int, default=1 << 20, help="largest
 parser.add_argument("--threads", type=int, default=defaults.threads, help="torch threads per engine")
 parser.add_argument("--prefix_cache", type=int, default=defaults.prefix_cache,
                     help="prompts whose KV cache each llama.cpp engine keeps for reuse (0: off)")
+parser.add_argument("--host", default="127.0.0.1",
+                    help="address the HTTP server binds to; KServe's own default is 0.0.0.0 (every interface): "
+                         "pass 0.0.0.0 inside a container or a pod, where the network around it decides who connects")
 parser.add_argument("--request_log", type=Path, default=None, help="JSONL request log (none: no log)")
 parser.add_argument("--log_prompts", action="store_true", help="write prompt text into the request log")
 
@@ -78,8 +81,23 @@ def main(argv: list[str] | None = None) -> None:
     except ApiError as exc:
         parser.error(f"--variants: {exc.message}")
     register(model_server.app, library, RequestLog(args.request_log, args.log_prompts), args.max_body_bytes)
+    _bind_to(args.host)
     ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, registered_models=library,
                 enable_grpc=args.enable_grpc).start(models)
+
+
+def _bind_to(host: str) -> None:
+    """Make KServe's REST server listen on `host`. KServe 0.21's `RESTServer` hard-codes 0.0.0.0 in its
+    uvicorn config and `ModelServer` has no setting for it, so the server class `ModelServer.start` builds
+    is swapped for a subclass that sets the host before uvicorn binds."""
+    from kserve.protocol.rest.server import RESTServer
+
+    class BoundRESTServer(RESTServer):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.config.host = host  # read when uvicorn binds its socket, after this
+
+    model_server.RESTServer = BoundRESTServer
 
 
 if __name__ == "__main__":

@@ -111,6 +111,19 @@ def test_metrics_parse_and_count_requests(server, client, variant):
     assert ok_high and ok_high[0].value >= 1, "the high-priority request is counted by variant and priority"
 
 
+def test_the_server_listens_on_loopback_only_by_default(server):
+    """KServe binds 0.0.0.0; costopt's server binds 127.0.0.1 unless --host says otherwise."""
+    listening = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as fh:
+            for line in fh.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                addr, port = local.rsplit(":", 1)
+                if state == "0A" and int(port, 16) == server.port:  # 0A: LISTEN
+                    listening.append(addr)
+    assert listening == ["0100007F"], f"listening on {listening} (hex, little-endian): expected 127.0.0.1 only"
+
+
 def test_queue_and_running_gauges_move_under_load_and_settle(server, variant):
     """costopt_running_sequences and costopt_queue_depth follow the engine: above zero while eight requests
     are in flight, back to zero once they are answered."""
