@@ -21,7 +21,7 @@ calibration steps of a variant being loaded, run on that one thread. Both runtim
 OpenMP (llama.cpp's ggml and torch, built against libgomp), and libgomp keeps a team of worker threads
 for each thread that opens a parallel region; once the process holds more OpenMP threads than cores,
 every barrier sleeps on a futex instead of spinning, and a step has hundreds of barriers. Measured
-(BENCHMARKS.md, section 6): the same llama.cpp engine replaying the serving trace ran at 190-202 tok/s
+(BENCHMARKS.md, section 6): the same llama.cpp engine replaying the serving trace ran at 190-207 tok/s
 from one thread and at 158 tok/s once a single step had run on a second thread (decode at batch 16:
 43-45 against 55-58 ms a step), which is what the server did when it calibrated on the loading thread
 and served on its own engine thread. Steps of two served variants take turns on the thread; on this
