@@ -69,7 +69,7 @@ class ModelLibrary(ModelRepository):
             old = self.models.get(name)
             self.update(new, name)
             if old is not None and old is not new:
-                self._retire(old, replaced=True)
+                self._retire(old)
         return True
 
     def unload(self, name: str) -> None:
@@ -78,14 +78,11 @@ class ModelLibrary(ModelRepository):
             raise KeyError(f"model with name {name} does not exist")
         self._retire(model)
 
-    def _retire(self, model: Any, replaced: bool = False) -> None:
+    def _retire(self, model: Any) -> None:
         async def retire() -> None:
             if isinstance(model, VariantModel) and model.loop is not None:
                 await model.loop.retire()
-            if isinstance(model, VariantModel):
-                model.stop(replaced=replaced)
-            else:
-                model.stop()
+            model.stop()
 
         task = asyncio.get_running_loop().create_task(retire())
         self._retiring.add(task)

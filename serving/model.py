@@ -158,11 +158,13 @@ class VariantModel(kserve.Model):
         metrics.observe_step(self.name, *step)
         self._observe_queue()
 
-    def _observe_queue(self) -> None:
+    def _replaced(self) -> bool:
+        """A hot switch put a fresh copy in this one's place: the name's gauges are that copy's now."""
         current = self.library.models.get(self.name) if self.library is not None else None
-        if current is not None and current is not self:  # replaced by a hot switch: the gauges are the new copy's
-            return
-        if self.loop is not None:
+        return current is not None and current is not self
+
+    def _observe_queue(self) -> None:
+        if self.loop is not None and not self._replaced():
             metrics.observe_queue(self.name, self.loop.admission.queued(), self.loop.running_by_priority()[0])
 
     async def stream(self, gen: Generation, stops: Sequence[str] = ()) -> AsyncIterator[tuple[str, str | None]]:
@@ -253,10 +255,9 @@ class VariantModel(kserve.Model):
         raise InvalidInput(f"{self.name}:explain: costopt variants have no explainer; generate with "
                            f"/openai/v1/chat/completions or /v2/models/{self.name}/infer")
 
-    def stop(self, replaced: bool = False) -> None:
-        """No longer serving. `replaced`: a fresh copy serves under the same name (hot switch), whose
-        gauges these are now, so they are left alone."""
-        if not replaced:
+    def stop(self) -> None:
+        """No longer serving; the gauges go to zero unless a fresh copy serves under the name (hot switch)."""
+        if not self._replaced():
             metrics.LOADED.labels(self.name).set(0)
             metrics.observe_queue(self.name, 0, 0)
         self.ready = False
