@@ -53,6 +53,7 @@ test-full: $(STAMP) $(SSTAMP)
 bench: $(STAMP) $(SSTAMP)
 	$(VPY) -m tasks.bench
 	$(VPY) -m tasks.servebench
+	$(VPY) -m tasks.tenantbench
 
 airflow-ui: $(STAMP)
 	$(VENV)/bin/airflow standalone

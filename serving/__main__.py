@@ -8,11 +8,14 @@ own flags (`--http_port`, `--grpc_port`, `--enable_grpc`, ...) come from `kserve
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+from typing import Any
 
 from kserve import model_server
 from kserve.model_server import ModelServer
 
+from costopt.storage.layout import Workspace
 from serving.admission import AdmissionConfig
 from serving.model import ServeOptions
 
@@ -48,6 +51,14 @@ parser.add_argument("--prefix_cache", type=int, default=defaults.prefix_cache,
 parser.add_argument("--host", default="127.0.0.1",
                     help="address the HTTP server binds to; KServe's own default is 0.0.0.0 (every interface): "
                          "pass 0.0.0.0 inside a container or a pod, where the network around it decides who connects")
+parser.add_argument("--keys", type=Path, default=None,
+                    help="tenant keys file (YAML; see serving/tenants.py); else COSTOPT_TENANT_KEYS; neither: the "
+                         "inference routes are open (loopback only unless --allow_open)")
+parser.add_argument("--admin_key_file", type=Path, default=None,
+                    help="the admin key for /v2/repository/... (generated at first start, mode 0600); default "
+                         "WORKSPACE/.costopt/admin.key; COSTOPT_ADMIN_KEY overrides it")
+parser.add_argument("--allow_open", action="store_true",
+                    help="serve open inference routes (no tenant keys) on a --host beyond loopback")
 parser.add_argument("--request_log", type=Path, default=None, help="JSONL request log (none: no log)")
 parser.add_argument("--log_prompts", action="store_true", help="write prompt text into the request log")
 
@@ -67,6 +78,17 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"max_body_bytes: {args.max_body_bytes}; must be >= 1024")
     except ValueError as exc:
         parser.error(str(exc).replace("AdmissionConfig.", "--"))
+    from serving.tenants import ConfigError, admin_key, is_loopback, load_keys
+
+    try:
+        keys = load_keys(args.keys)
+        admin, admin_from = admin_key(args.admin_key_file or Workspace(args.workspace.resolve()).admin_key_file)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    if keys is None and not is_loopback(args.host) and not args.allow_open:
+        parser.error(f"--host {args.host}: without tenant keys (--keys or COSTOPT_TENANT_KEYS) the inference routes "
+                     f"are open to anyone who can connect; give keys, bind to 127.0.0.1, or pass --allow_open")
+    _announce(keys, admin_from, args.host, args.http_port)
     options = ServeOptions(workspace=args.workspace.resolve(), admission=admission, max_len=args.max_len,
                            max_tokens_limit=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
                            threads=args.threads, prefix_cache=args.prefix_cache)
@@ -80,10 +102,28 @@ def main(argv: list[str] | None = None) -> None:
         models = [library.load_now(name) for name in args.variants]
     except ApiError as exc:
         parser.error(f"--variants: {exc.message}")
-    register(model_server.app, library, RequestLog(args.request_log, args.log_prompts), args.max_body_bytes)
+    register(model_server.app, library, RequestLog(args.request_log, args.log_prompts), args.max_body_bytes,
+             keys=keys, admin=admin)
     _bind_to(args.host)
     ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, registered_models=library,
                 enable_grpc=args.enable_grpc).start(models)
+
+
+def _announce(keys: Any, admin_from: str, host: str, port: int) -> None:
+    """Say at start who may do what: open mode is loud, keyed mode lists tenants and their grants."""
+    if keys is None:
+        _say(f"WARNING: no tenant keys configured (--keys, COSTOPT_TENANT_KEYS): the inference routes are OPEN to "
+             f"anyone who can connect to {host}:{port}, at any priority, without quotas")
+    else:
+        for t in keys.tenants:
+            _say(f"tenant {t.name}: {t.quota.describe()}")
+        _say(f"{len(keys.tenants)} tenant(s) from {keys.source}; requests without a valid key get 401")
+    _say(f"admin routes (/v2/repository/...) need the admin key from {admin_from}")
+
+
+def _say(line: str) -> None:
+    """Start-up notices go to stderr before KServe configures logging (and so before any log handler)."""
+    print(f"costopt serving: {line}", file=sys.stderr, flush=True)
 
 
 def _bind_to(host: str) -> None:

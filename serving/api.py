@@ -1,8 +1,10 @@
 """HTTP routes costopt adds to KServe's FastAPI app: OpenAI-compatible completions, the model library.
 
 - `POST /openai/v1/chat/completions`, `POST /openai/v1/completions` (SSE when `"stream": true`),
-  `GET /openai/v1/models`. Request headers `x-costopt-priority` (high|normal|low),
-  `x-costopt-deadline-ms` and `x-costopt-tenant` feed admission control and the request log.
+  `GET /openai/v1/models`. Request headers `x-costopt-priority` (high|normal|low, capped at the
+  tenant's ceiling) and `x-costopt-deadline-ms` feed admission control; `x-costopt-tenant` is the tenant
+  the API key named (`serving.tenants` rewrites both before any route reads them; in open mode the
+  client's `x-costopt-tenant` is a label for the request log only).
 - `POST /v2/repository/models/{name}/load` (load or hot-replace) and `.../unload`: KServe's model
   repository extension, registered ahead of KServe's own handlers so that an unknown variant is a 404
   naming the loadable ones rather than KServe's 503.
@@ -32,6 +34,7 @@ from serving.model import VariantModel
 from serving.protocol import (ApiError, ChatRequest, ChunkMaker, CompletionRequest, chat_response,
                               completion_response, lone_surrogate, parse)
 from serving.reqlog import RequestLog
+from serving.tenants import Guard, TenantKeys
 
 _log = logging.getLogger(__name__)
 
@@ -317,8 +320,10 @@ async def _overloaded(_: Any, exc: Exception) -> JSONResponse:
                                    headers=_retry_after(getattr(exc, "retry_after_s", 1.0))))
 
 
-def register(app: FastAPI, library: ModelLibrary, reqlog: RequestLog, max_body_bytes: int) -> None:
-    """Add costopt's routes ahead of KServe's (first match wins) and the body-size guard."""
+def register(app: FastAPI, library: ModelLibrary, reqlog: RequestLog, max_body_bytes: int,
+             keys: TenantKeys | None, admin: str) -> None:
+    """Add costopt's routes ahead of KServe's (first match wins), the body-size guard and, outermost, the
+    tenant guard (keys, priority ceilings, quotas, the admin key: `serving.tenants`)."""
     openai, repo = OpenAIRoutes(library, reqlog), RepositoryRoutes(library)
     router = APIRouter()
     router.add_api_route("/openai/v1/chat/completions", openai.chat, methods=["POST"], tags=["OpenAI"],
@@ -333,3 +338,4 @@ def register(app: FastAPI, library: ModelLibrary, reqlog: RequestLog, max_body_b
         app.add_exception_handler(exc_type, _overloaded)
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     app.add_middleware(NoVersions)
+    app.add_middleware(Guard, keys=keys, admin=admin)  # added last: runs first

@@ -41,10 +41,15 @@ class ServerProcess:
     port: int
     log: Path
     variants: tuple[str, ...]
+    admin_key: str = ""  # what the admin routes (/v2/repository/...) need; read once the server is ready
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.admin_key}"}
 
     def logs(self, chars: int = 6000) -> str:
         return self.log.read_text(errors="replace")[-chars:] if self.log.is_file() else ""
@@ -96,6 +101,19 @@ def serving_python() -> Path:
     return py
 
 
+def read_admin_key(workspace: Path) -> str:
+    """The server's admin key: COSTOPT_ADMIN_KEY, else the file the server wrote at its first start."""
+    from costopt.storage.layout import Workspace
+
+    if os.environ.get("COSTOPT_ADMIN_KEY", "").strip():
+        return os.environ["COSTOPT_ADMIN_KEY"].strip()
+    path = Workspace(Path(workspace).resolve()).admin_key_file
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise DeployError(f"{path}: cannot read the server's admin key ({exc.strerror})") from None
+
+
 def start_server(workspace: Path, variants: Sequence[str], log: Path, flags: Sequence[str] = (),
                  port: int | None = None, python: Path | None = None, timeout_s: float = 300) -> ServerProcess:
     """Start `python -m serving` for `variants` of `workspace` and wait until KServe reports ready."""
@@ -114,6 +132,7 @@ def start_server(workspace: Path, variants: Sequence[str], log: Path, flags: Seq
                 raise DeployError(f"the model server exited with code {proc.returncode}:\n{server.logs()}")
             try:
                 if http.get(f"{server.url}/v2/health/ready").status_code == 200:
+                    server.admin_key = read_admin_key(workspace)
                     return server
             except httpx.HTTPError:
                 pass

@@ -1,7 +1,8 @@
 """Load generator: replay the serving trace against the OpenAI-compatible chat API and summarize it.
 
 Each trace item becomes `POST {url}/openai/v1/chat/completions` with `temperature: 0`, its
-`max_tokens`, and the headers `x-costopt-priority`, `x-costopt-tenant` and `x-costopt-deadline-ms`.
+`max_tokens`, and the headers `x-costopt-priority`, `x-costopt-tenant` and `x-costopt-deadline-ms`
+(plus `Authorization: Bearer` for a server with tenant keys: `--api-key`, or `api_keys` per tenant).
 Two modes:
 - closed loop (`concurrency=N`): N workers walk the trace in order (cycling it if the run is longer),
   each sending its next request when its previous answer completes; this measures capacity;
@@ -22,11 +23,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import httpx
 import numpy as np
@@ -88,11 +90,17 @@ def _body(item: TraceItem, model: str, stream: bool) -> dict[str, Any]:
     return body
 
 
-def _headers(item: TraceItem, deadline: bool = True) -> dict[str, str]:
-    """Priority and tenant; the deadline too unless `deadline` is False (the server's default applies)."""
+def _headers(item: TraceItem, deadline: bool = True, api_keys: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Priority and tenant; the deadline too unless `deadline` is False (the server's default applies).
+    With `api_keys` (tenant -> key) the item's tenant sends its key: a keyed server takes the tenant from
+    it; an open server keeps the tenant header as a log label."""
     headers = {"x-costopt-priority": item.priority, "x-costopt-tenant": item.tenant}
     if deadline:
         headers["x-costopt-deadline-ms"] = str(item.deadline_ms)
+    if api_keys is not None:
+        if item.tenant not in api_keys:
+            raise ValueError(f"loadtest: api_keys has no key for tenant {item.tenant!r} (trace item {item.id})")
+        headers["Authorization"] = f"Bearer {api_keys[item.tenant]}"
     return headers
 
 
@@ -165,9 +173,10 @@ class _Replay:
     """Shared state of one run: client, clock, records and in-flight count (one event loop, no locks)."""
 
     def __init__(self, client: httpx.AsyncClient, url: str, model: str, items: Sequence[TraceItem],
-                 stream: bool, timeout_s: float, bar: tqdm, deadlines: bool = True) -> None:
+                 stream: bool, timeout_s: float, bar: tqdm, deadlines: bool = True,
+                 api_keys: Mapping[str, str] | None = None) -> None:
         self.client, self.url, self.model, self.items = client, url + CHAT_PATH, model, items
-        self.deadlines = deadlines
+        self.deadlines, self.api_keys = deadlines, api_keys
         self.stream, self.timeout_s, self.bar = stream, timeout_s, bar
         self.t0 = time.perf_counter()
         self.records: list[RequestRecord] = []
@@ -184,7 +193,7 @@ class _Replay:
         try:
             async with asyncio.timeout(self.timeout_s):
                 await _exchange(self.client, self.url, _body(item, self.model, self.stream),
-                                _headers(item, self.deadlines), rec, start)
+                                _headers(item, self.deadlines, self.api_keys), rec, start)
         except TimeoutError:
             rec.outcome, rec.error = "error", f"timeout: no complete answer within {self.timeout_s:g} s"
         except httpx.HTTPError as exc:
@@ -246,16 +255,20 @@ def _check_args(url: str, items: Sequence[TraceItem], concurrency: int | None, r
 async def run_load_async(url: str, model: str, items: Sequence[TraceItem], concurrency: int | None = None,
                          rate: float | None = None, stream: bool = False, timeout_s: float = 300.0,
                          requests: int | None = None, max_duration_s: float | None = None,
-                         progress: bool = False, deadlines: bool = True) -> LoadResult:
+                         progress: bool = False, deadlines: bool = True,
+                         api_keys: Mapping[str, str] | None = None) -> LoadResult:
     """`run_load` for callers already inside an event loop."""
     _check_args(url, items, concurrency, rate, timeout_s, requests, max_duration_s)
+    if api_keys is not None:
+        for item in items:
+            _headers(item, api_keys=api_keys)  # a tenant without a key fails before anything is sent
     total = requests or len(items)
     # closed loop: exactly N connections; open loop: no pool cap, so the client never queues requests
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency or 64)
     # trust_env=False: no proxy from the environment between the generator and a loopback server
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits, trust_env=False) as client:
         with tqdm(total=total, desc="loadtest", unit="req", disable=not progress, file=sys.stderr) as bar:
-            replay = _Replay(client, url.rstrip("/"), model, items, stream, timeout_s, bar, deadlines)
+            replay = _Replay(client, url.rstrip("/"), model, items, stream, timeout_s, bar, deadlines, api_keys)
             cut_off = False
             try:
                 async with asyncio.timeout(max_duration_s):
@@ -271,7 +284,8 @@ async def run_load_async(url: str, model: str, items: Sequence[TraceItem], concu
 def run_load(url: str, model: str, items: Sequence[TraceItem], concurrency: int | None = None,
              rate: float | None = None, stream: bool = False, timeout_s: float = 300.0,
              requests: int | None = None, max_duration_s: float | None = None,
-             progress: bool = False, deadlines: bool = True) -> LoadResult:
+             progress: bool = False, deadlines: bool = True,
+             api_keys: Mapping[str, str] | None = None) -> LoadResult:
     """Replay `items` against `url` (the server root) in closed loop at `concurrency` or open loop at `rate`.
 
     `requests` (default: the trace length) requests are sent, cycling the trace; `timeout_s` bounds each
@@ -280,7 +294,7 @@ def run_load(url: str, model: str, items: Sequence[TraceItem], concurrency: int 
     deadline applies), to compare serving setups on the same requests without any refused.
     """
     return asyncio.run(run_load_async(url, model, items, concurrency, rate, stream, timeout_s, requests,
-                                      max_duration_s, progress, deadlines))
+                                      max_duration_s, progress, deadlines, api_keys))
 
 
 # ---------------------------------------------------------------- summary
@@ -416,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-duration-s", type=_positive(float), help="cut each run off after this long, s")
     p.add_argument("--no-deadlines", action="store_true", help="send no x-costopt-deadline-ms header (the "
                    "server's default deadline applies)")
+    p.add_argument("--api-key", default=os.environ.get("COSTOPT_API_KEY"),
+                   help="send `Authorization: Bearer KEY` with every request, for a server with tenant keys "
+                        "(default: $COSTOPT_API_KEY; none: no header)")
     p.add_argument("--price-per-hour", type=_positive(float), help="USD per machine-hour (default: "
                    "cost.price_per_hour_usd from --params)")
     p.add_argument("--params", default="params.yaml", help="settings file for the price (default: params.yaml)")
@@ -447,12 +464,14 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, TraceError) as exc:
         p.error(f"--trace: {exc}")
     config = {"batching": args.batching, "cache": args.cache, "routing": args.routing, "variants": args.variants}
+    api_keys = None if not args.api_key else {it.tenant: args.api_key for it in items}
     runs = []
     for level in args.concurrency or args.rate:
         key = {"concurrency": level} if args.concurrency else {"rate": level}
         result = run_load(args.url, args.model, items, stream=args.stream, timeout_s=args.timeout_s,
                           requests=args.requests, max_duration_s=args.max_duration_s,
-                          progress=not args.no_progress, deadlines=not args.no_deadlines, **key)
+                          progress=not args.no_progress, deadlines=not args.no_deadlines, api_keys=api_keys,
+                          **key)
         runs.append(summarize(result, price, config))
     print(markdown_table(runs))
     if args.json:

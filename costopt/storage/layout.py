@@ -48,6 +48,12 @@ class Workspace:
         return cls(Path(root or os.environ.get("COSTOPT_WORKSPACE") or Path.cwd()).resolve())
 
     @property
+    def admin_key_file(self) -> Path:
+        """The model server's admin key (mode 0600), written at its first start unless COSTOPT_ADMIN_KEY
+        is set; the deploy phase reads it to call the admin routes. Outside artifacts/: never versioned."""
+        return self.root / ".costopt" / "admin.key"
+
+    @property
     def model_dir(self) -> Path:
         return self.root / "artifacts" / "model"
 

@@ -42,13 +42,13 @@ async def _v2_traffic(url: str, variant: str, stop: asyncio.Event, results: list
             results.append((r.status_code, "v2", r.json()["outputs"][0]["data"][0] if r.status_code == 200 else r.text))
 
 
-async def _switch(url: str, variant: str) -> tuple[list[int], list]:
+async def _switch(url: str, variant: str, admin: dict[str, str]) -> tuple[list[int], list]:
     results: list = []
     stop = asyncio.Event()
     workers = [asyncio.create_task(_traffic(url, variant, stop, results)) for _ in range(5)]
     workers.append(asyncio.create_task(_v2_traffic(url, variant, stop, results)))
     codes = []
-    async with httpx.AsyncClient(base_url=url, timeout=300) as http:
+    async with httpx.AsyncClient(base_url=url, timeout=300, headers=admin) as http:
         while len(results) < 6:
             await asyncio.sleep(0.2)
         codes.append((await http.post(f"/v2/repository/models/{variant}/load")).status_code)  # replace
@@ -63,7 +63,7 @@ async def _switch(url: str, variant: str) -> tuple[list[int], list]:
 
 
 def test_replace_and_reload_under_traffic_fail_nothing(server):
-    codes, results = asyncio.run(_switch(server.url, server.variant))
+    codes, results = asyncio.run(_switch(server.url, server.variant, server.admin_headers))
     assert codes == [200, 200, 200], f"load, unload and load succeed: {codes}"
     failed = [r for r in results if r[0] != 200]
     assert not failed, f"zero failed requests during the switch: {failed[:3]}"
@@ -77,7 +77,8 @@ def test_replace_and_reload_under_traffic_fail_nothing(server):
 
 
 def test_unknown_variant_load_is_404_and_unload_of_missing_is_404(server):
-    r = httpx.post(f"{server.url}/v2/repository/models/int3_magic/load", timeout=30)
+    admin = server.admin_headers
+    r = httpx.post(f"{server.url}/v2/repository/models/int3_magic/load", timeout=30, headers=admin)
     assert r.status_code == 404 and "int3_magic" in r.text and server.variant in r.text, r.text
-    r = httpx.post(f"{server.url}/v2/repository/models/int3_magic/unload", timeout=30)
+    r = httpx.post(f"{server.url}/v2/repository/models/int3_magic/unload", timeout=30, headers=admin)
     assert r.status_code == 404, r.text

@@ -124,6 +124,15 @@ def test_the_server_listens_on_loopback_only_by_default(server):
     assert listening == ["0100007F"], f"listening on {listening} (hex, little-endian): expected 127.0.0.1 only"
 
 
+def test_open_mode_is_announced_and_admin_routes_still_need_the_key(server, variant):
+    """No tenant keys: inference is open (loopback only), the start-up log says so, and loading or
+    unloading a variant still needs the admin key the server wrote into the workspace."""
+    assert "the inference routes are OPEN" in server.logs(50000)
+    r = httpx.post(f"{server.url}/v2/repository/models/{variant}/unload", timeout=30)
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", r.text
+    assert variant in {m["id"] for m in httpx.get(f"{server.url}/openai/v1/models", timeout=30).json()["data"]}
+
+
 def test_queue_and_running_gauges_move_under_load_and_settle(server, variant):
     """costopt_running_sequences and costopt_queue_depth follow the engine: above zero while eight requests
     are in flight, back to zero once they are answered."""
