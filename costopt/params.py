@@ -278,8 +278,14 @@ class ServeParams:
 class VersionParams:
     remote: str = "s3://costopt-artifacts/dvc"  # DVC remote URL
     endpoint_url: str = "http://127.0.0.1:5555"  # S3-compatible endpoint; "" means AWS
+    timeout_s: float = 1800.0  # longest one dvc command (commit, push, pull) may run before it is stopped
+    request_timeout_s: float = 60.0  # each S3 request's connect and read timeout
 
     def check(self, where: str) -> None:
+        for name, lo, hi in (("timeout_s", 10, 86400), ("request_timeout_s", 1, 3600)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+                raise ParamsError(f"{where}.{name}: expected a number of seconds in [{lo}, {hi}], got {v!r}")
         if not isinstance(self.remote, str) or "://" not in self.remote:
             raise ParamsError(f"{where}.remote: expected a URL such as s3://bucket/prefix, got {self.remote!r}")
         if not isinstance(self.endpoint_url, str) or (self.endpoint_url and

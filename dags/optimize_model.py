@@ -25,12 +25,18 @@ DEFAULT_VARIANTS = ["int8_weight_only", "int8_dynamic", "int8_static", "int4_rtn
                     "gguf_q4_k_m", "gguf_q8_0_fa"]  # params.yaml's quantize.variants
 
 
+# Tasks that talk to the S3 remote retry transient faults with back-off: 20 s, 40 s, 80 s, 160 s.
+STORAGE_RETRIES = {"retries": 4, "retry_delay": timedelta(seconds=20), "retry_exponential_backoff": 2.0,
+                   "max_retry_delay": timedelta(minutes=5)}
+
+
 def _run(phase_module: str, phase: str, *args):
     """Call tasks.<module>.<phase>(params, ws, *args) for this run's form; returns its small JSON result."""
     import importlib
 
     from airflow.sdk.exceptions import AirflowFailException
 
+    from costopt.storage.s3 import TransientStorageError
     from tasks.cli import USER_ERRORS, phase_timer
     from tasks.dagparams import resolve
 
@@ -38,6 +44,8 @@ def _run(phase_module: str, phase: str, *args):
         params, ws = resolve(get_current_context()["params"])
         with phase_timer(ws, "-".join([phase, *map(str, args)])):
             return getattr(importlib.import_module(f"tasks.{phase_module}"), phase)(params, ws, *args)
+    except TransientStorageError:  # a timeout, 5xx or lost connection: Airflow retries (STORAGE_RETRIES)
+        raise
     except USER_ERRORS as exc:  # bad input: retrying cannot help, fail now with the message
         raise AirflowFailException(str(exc)) from exc
 
@@ -131,7 +139,7 @@ def optimize_model():
     def search():
         return _run("search", "search")
 
-    @task
+    @task(**STORAGE_RETRIES)  # pulls missing weights from the remote
     def deploy():
         return _run("deploy", "deploy")
 
@@ -139,7 +147,7 @@ def optimize_model():
     def report():
         return _run("report", "report")
 
-    @task
+    @task(**STORAGE_RETRIES)
     def version():
         return _run("version", "version")
 

@@ -21,12 +21,19 @@ from typing import Any, Sequence
 
 import httpx
 
+from costopt.storage.s3 import TransientStorageError
+
 PROJECT = Path(__file__).resolve().parents[1]
 SERVING_PYTHON = PROJECT / ".venv-serving" / "bin" / "python"
 
 
 class DeployError(RuntimeError):
     """The server did not start: the message carries the end of its log."""
+
+
+class DeployStorageFault(DeployError, TransientStorageError):
+    """Fetching missing weights from the remote hit a fault that may pass (timeout, 5xx, lost connection);
+    the DAG's deploy task retries it with back-off."""
 
 
 def free_port() -> int:
@@ -201,6 +208,10 @@ def ensure_local(params: Any, ws: Any, names: Sequence[str]) -> list[str]:
 
     try:
         pull(ws, params)
+    except TransientStorageError as exc:  # the DAG's deploy task retries it with back-off
+        raise DeployStorageFault(f"variants {', '.join(missing)}: no weights in {ws.root}, and fetching them from "
+                                 f"the DVC remote {params.version.remote} failed on a fault that may pass "
+                                 f"(the DAG retries): {exc}") from exc
     except (DvcError, StorageError, OSError, ValueError) as exc:
         raise DeployError(f"variants {', '.join(missing)}: no weights in {ws.root}, and fetching them from the "
                           f"DVC remote {params.version.remote} failed: {exc}") from exc

@@ -101,3 +101,49 @@ def test_form_overrides_flow_into_validated_params():
     assert params.profile == "quick", "profile applied"
     with pytest.raises(ParamsError, match="quantize.variants"):
         resolve({"variants": ["nope"]})
+
+
+def test_storage_tasks_retry_with_back_off(dagbag):
+    dag = dagbag.dags["optimize_model"]
+    for task_id in ("deploy", "version"):  # the tasks that talk to the S3 remote
+        t = dag.get_task(task_id)
+        assert t.retries >= 3 and t.retry_exponential_backoff and t.max_retry_delay, \
+            f"{task_id}: retries {t.retries}, back-off {t.retry_exponential_backoff}, cap {t.max_retry_delay}"
+
+
+@pytest.mark.parametrize("error, retried", [
+    ("transient", True), ("unreachable", True), ("denied", False), ("dvc", False)])
+def test_transient_storage_faults_are_retried_and_user_errors_fail_at_once(dagbag, monkeypatch, tmp_path,
+                                                                        error, retried):
+    """`_run` lets a TransientStorageError (timeouts, 5xx, resets; an unreachable endpoint) through for
+    Airflow to retry, and turns a user error (denied access, a failing dvc command) into a failure
+    without retries."""
+    import importlib
+    import types
+
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from costopt.params import Params
+    from costopt.storage.dvc import DvcError, DvcTransientError
+    from costopt.storage.layout import Workspace
+    from costopt.storage.s3 import EndpointUnreachableError, StorageError, TransientStorageError
+
+    monkeypatch.syspath_prepend(str(PROJECT / "dags"))
+    module = importlib.import_module("optimize_model")
+    exc = {"transient": DvcTransientError("push: Read timed out"),
+           "unreachable": EndpointUnreachableError("version.endpoint_url: cannot reach"),
+           "denied": StorageError("version.endpoint_url: refused HEAD (403 AccessDenied)"),
+           "dvc": DvcError("dvc push failed: NoSuchBucket")}[error]
+
+    def phase(params, ws):
+        raise exc
+
+    monkeypatch.setitem(sys.modules, "tasks.fakephase", types.SimpleNamespace(go=phase))
+    monkeypatch.setattr(module, "get_current_context", lambda: {"params": {}})
+    monkeypatch.setattr("tasks.dagparams.resolve", lambda form: (Params(), Workspace(tmp_path)))
+    with pytest.raises(Exception) as info:
+        module._run("fakephase", "go")
+    if retried:
+        assert info.value is exc and isinstance(exc, TransientStorageError), f"retried as is: {info.value!r}"
+    else:
+        assert isinstance(info.value, AirflowFailException) and str(exc) in str(info.value), repr(info.value)

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from costopt.params import VersionParams
-from costopt.storage.s3 import credentials_env
+from costopt.storage.s3 import TransientStorageError, credentials_env, is_transient
 
 REMOTE = "costopt"  # the DVC remote's name in .dvc/config.local
 _STDERR_TAIL = 2000  # characters of dvc's output quoted in an error
@@ -22,6 +23,11 @@ _STDERR_TAIL = 2000  # characters of dvc's output quoted in an error
 
 class DvcError(RuntimeError):
     """A dvc command failed, or the workspace is not a DVC project. The message quotes dvc's output."""
+
+
+class DvcTransientError(DvcError, TransientStorageError):
+    """A dvc command failed on a fault that may pass (its output reads as a timeout, a 5xx or a lost
+    connection), or ran past its time limit; Airflow retries the task."""
 
 
 def dvc_executable() -> str:
@@ -45,14 +51,27 @@ def dvc_env(endpoint_url: str) -> dict[str, str]:
     return {**os.environ, **credentials_env(endpoint_url), "DVC_NO_ANALYTICS": "1"}  # no phoning home
 
 
-def run_dvc(root: Path, args: list[str], env: dict[str, str]) -> str:
-    """Run `dvc <args>` in `root` without a terminal; return its stdout, or raise DvcError with its tail."""
+def run_dvc(root: Path, args: list[str], env: dict[str, str], timeout_s: float | None = None) -> str:
+    """Run `dvc <args>` in `root` without a terminal; return its stdout, or raise DvcError with its tail
+    (DvcTransientError when the failure reads as transient, or when it ran past `timeout_s`: then dvc and
+    its children are killed)."""
     cmd = [dvc_executable(), *args]
-    proc = subprocess.run(cmd, cwd=root, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        tail = (stderr.strip() or stdout.strip())[-_STDERR_TAIL:]
+        raise DvcTransientError(f"`dvc {' '.join(args)}` in {root} ran past its {timeout_s:g} s limit "
+                                f"(version.timeout_s) and was stopped; the S3 endpoint stopped answering?"
+                                f"{chr(10) + tail if tail else ''}") from None
     if proc.returncode != 0:
-        tail = (proc.stderr.strip() or proc.stdout.strip())[-_STDERR_TAIL:]
-        raise DvcError(f"`dvc {' '.join(args)}` failed in {root} (exit {proc.returncode}):\n{tail}")
-    return proc.stdout
+        tail = (stderr.strip() or stdout.strip())[-_STDERR_TAIL:]
+        kind = DvcTransientError if is_transient(tail) else DvcError
+        raise kind(f"`dvc {' '.join(args)}` failed in {root} (exit {proc.returncode}):\n{tail}")
+    return stdout
 
 
 def missing_paths(root: Path, env: dict[str, str]) -> dict[str, list[str]]:
@@ -75,3 +94,5 @@ def configure_remote(root: Path, cfg: VersionParams, env: dict[str, str]) -> Non
     run_dvc(root, ["remote", "add", "--local", "--default", "--force", REMOTE, cfg.remote], env)
     if cfg.endpoint_url:
         run_dvc(root, ["remote", "modify", "--local", REMOTE, "endpointurl", cfg.endpoint_url], env)
+    for option in ("connect_timeout", "read_timeout"):  # each S3 request; dvc's own default is 60 s
+        run_dvc(root, ["remote", "modify", "--local", REMOTE, option, str(int(cfg.request_timeout_s))], env)

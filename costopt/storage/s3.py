@@ -34,8 +34,36 @@ class StorageError(RuntimeError):
     """The S3 endpoint, bucket or remote URL is unusable. The message names the params field."""
 
 
-class EndpointUnreachableError(StorageError):
+class TransientStorageError(RuntimeError):
+    """A storage fault that may pass: a timeout, a 5xx, a connection reset or refused. The DAG's tasks
+    let it through so Airflow retries them with back-off; everything else about storage (a bad bucket
+    name, denied credentials) is a user error that fails at once."""
+
+
+class EndpointUnreachableError(StorageError, TransientStorageError):
     """Nothing answers S3 requests at the endpoint (refused, timed out, bad host or URL)."""
+
+
+class EndpointFaultError(StorageError, TransientStorageError):
+    """The endpoint answered with a server error (5xx, SlowDown): it may answer properly later."""
+
+
+# What a transient fault looks like in boto3's, s3fs's and dvc's messages, and what a user error looks
+# like (checked first: a denied request is not retried even if a 5xx was seen on the way).
+_PERMANENT = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket", "InvalidBucketName",
+              "403 Forbidden", "(403)", "Forbidden", "NoCredentials", "Unable to locate credentials")
+_TRANSIENT = ("timed out", "Timeout", "TimeoutError", "Connection reset", "ConnectionReset", "Connection refused",
+              "ConnectionRefused", "Connection aborted", "ConnectionClosedError", "EndpointConnectionError",
+              "Connection was closed", "Could not connect", "Cannot connect to host", "ServerDisconnected", "ClientOSError",
+              "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "Bad Gateway", "Gateway Timeout",
+              "500 Internal Server Error", "(500)", "(502)", "(503)", "(504)", "Broken pipe", "RemoteDisconnected")
+# (bare status digits would match object hashes in dvc's messages: only the bracketed codes count)
+
+
+def is_transient(message: str) -> bool:
+    """Whether a storage failure's text reads as a fault that may pass (see `TransientStorageError`)."""
+    text = message.lower()
+    return not any(m.lower() in text for m in _PERMANENT) and any(m.lower() in text for m in _TRANSIENT)
 
 
 class S3Url(NamedTuple):
@@ -135,6 +163,10 @@ def check_endpoint(endpoint_url: str, bucket: str, create: bool, timeout_s: floa
                            "expected AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or an AWS profile") from exc
     except ClientError as exc:
         code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        if status >= 500 or code.startswith("5") or code in ("InternalError", "ServiceUnavailable", "SlowDown"):
+            raise EndpointFaultError(f"version.endpoint_url: {endpoint_url or 'AWS S3'} answered HEAD on bucket "
+                                     f"{bucket!r} with a server error ({code}); retrying later may succeed") from exc
         if code not in ("404", "NoSuchBucket", "NotFound"):
             raise StorageError(f"version.endpoint_url: {endpoint_url or 'AWS S3'} refused HEAD on bucket "
                                f"{bucket!r} ({code}: {exc}); expected access with the configured "
