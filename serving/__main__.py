@@ -40,7 +40,12 @@ parser.add_argument("--no_deadline_admission", action="store_true",
 parser.add_argument("--no_preempt", action="store_true",
                     help="never pause lower-priority sequences to make room for an urgent high-priority one")
 parser.add_argument("--deadline_margin", type=float, default=admission_defaults.deadline_margin,
-                    help="share by which deadline forecasts are stretched")
+                    help="share by which deadline forecasts are stretched until enough steps are measured (always, "
+                         "with --fixed_margin)")
+parser.add_argument("--fixed_margin", action="store_true",
+                    help="keep --deadline_margin instead of following the forecast errors observed")
+parser.add_argument("--margin_quantile", type=float, default=admission_defaults.margin_quantile,
+                    help="quantile of the observed forecast errors the adaptive margin covers")
 parser.add_argument("--max_len", type=int, default=defaults.max_len, help="prompt + answer tokens per sequence")
 parser.add_argument("--max_tokens_limit", type=int, default=defaults.max_tokens_limit, help="largest max_tokens")
 parser.add_argument("--max_prompt_tokens", type=int, default=defaults.max_prompt_tokens, help="longest prompt")
@@ -71,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
                                     max_wait_ms=args.max_wait_ms, default_deadline_s=args.default_deadline_s,
                                     adaptive=not args.fixed_batching,
                                     deadline_admission=not args.no_deadline_admission,
-                                    deadline_margin=args.deadline_margin, preempt=not args.no_preempt)
+                                    deadline_margin=args.deadline_margin, preempt=not args.no_preempt,
+                                    adaptive_margin=not args.fixed_margin, margin_quantile=args.margin_quantile)
         if args.prefix_cache < 0:
             raise ValueError(f"prefix_cache: {args.prefix_cache}; must be >= 0 (0: off)")
         if args.max_body_bytes < 1024:

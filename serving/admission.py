@@ -29,11 +29,15 @@ token; `serving.driver.calibrate` measures them at load) and each request's `ste
   uses compute; and a newcomer joins only if, at the batch size it makes and with the prefill stall it
   adds, it and every running sequence still finish by their deadlines. A HIGH that needs a smaller batch
   holds back lower priorities until the batch has drained enough.
-Predictions are stretched by `deadline_margin`. A request that finishes early (EOS) only frees its slot
+Predictions are stretched by a safety margin that follows the forecast errors observed (`_Margins`: per
+batch-size band, a high quantile of measured / predicted step time averaged over runs of consecutive
+steps, as long as a request decodes; `deadline_margin` until enough steps are seen, or always with
+`adaptive_margin` off). A request that finishes early (EOS) only frees its slot
 sooner: forecasts assume max_tokens, so they err on the side of refusing.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import enum
 import heapq
@@ -43,8 +47,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import numpy as np
+
 RATE_WINDOW_S = 2.0  # arrival and service rates average over about the last 2 s
 WORK_WINDOW_S = 10.0  # the work each priority brings (decode steps per s) averages over about 10 s
+_MARGIN_KEEP, _MARGIN_RUN, _MARGIN_SEEN = 256, 16, 32  # steps kept per band, run length, steps before use
+_MARGIN_MIN, _MARGIN_MAX = 0.05, 3.0
 _BIAS_ALPHA = 0.1  # weight of one request's measured / forecast wait in the wait bias
 _MAX_BIAS = 10.0
 _MAX_SHARE = 0.9  # predictions count at most 90% of capacity as taken by prefills or higher priorities
@@ -93,7 +101,9 @@ class AdmissionConfig:
     adaptive: bool = True  # follow the live arrival rate and step times (see Admission)
     deadline_admission: bool = True  # refuse at once, or drop early, what measured step times say will be late
     preempt: bool = True  # pause lower priorities so an urgent HIGH runs at a smaller, faster batch (schedule())
-    deadline_margin: float = 0.25  # predicted times are stretched by this share before meeting a deadline
+    deadline_margin: float = 0.25  # predicted times are stretched by this share (the prior of the adaptive margin)
+    adaptive_margin: bool = True  # the margin follows the forecast errors observed (see _Margins)
+    margin_quantile: float = 0.95  # which quantile of the observed error ratios the margin covers
 
     def __post_init__(self) -> None:
         _check("max_queue", self.max_queue, 1, 1_000_000, integer=True)
@@ -102,10 +112,11 @@ class AdmissionConfig:
         _check("reserved_high", self.reserved_high, 0, self.max_batch - 1, integer=True)
         _check("max_wait_ms", self.max_wait_ms, 0, 10_000)
         _check("default_deadline_s", self.default_deadline_s, 0, 86_400, lo_open=True)
-        for name in ("adaptive", "deadline_admission", "preempt"):
+        for name in ("adaptive", "deadline_admission", "preempt", "adaptive_margin"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"AdmissionConfig.{name}: expected true or false, got {getattr(self, name)!r}")
         _check("deadline_margin", self.deadline_margin, 0, 10)
+        _check("margin_quantile", self.margin_quantile, 0.5, 0.999)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> AdmissionConfig:
@@ -311,6 +322,46 @@ class _StepModel:
         return (self.prefill_s or 0.0) * tokens
 
 
+class _Margins:
+    """The forecast's safety margin, learned from its own errors. Each decode step the model predicted
+    (before learning from it) is compared with its measured time; the ratios are kept per batch-size band
+    (1, 2, 3-4, 5-8, ...), the last `_MARGIN_KEEP` of each. A deadline is met or missed over a whole
+    request, not one step, so the ratios are averaged over runs of `_MARGIN_RUN` consecutive steps (about
+    as many as a short answer decodes) and the margin is the `quantile` of those run means, less one,
+    within [_MARGIN_MIN, _MARGIN_MAX]. A band with fewer than `_MARGIN_SEEN` steps borrows the nearest
+    band that has them, else the configured prior."""
+
+    def __init__(self, prior: float, quantile: float) -> None:
+        self.prior, self.quantile = prior, quantile
+        self._ratios: dict[int, collections.deque] = {}
+        self._seen: collections.Counter = collections.Counter()
+        self._cached: dict[int, float] = {}
+
+    @staticmethod
+    def band(batch: int) -> int:
+        return max(1, batch - 1).bit_length() if batch > 1 else 0
+
+    def observe(self, batch: int, predicted: float, measured: float) -> None:
+        if predicted <= 0 or measured <= 0:
+            return
+        b = self.band(batch)
+        ratios = self._ratios.setdefault(b, collections.deque(maxlen=_MARGIN_KEEP))
+        ratios.append(measured / predicted)
+        self._seen[b] += 1
+        if self._seen[b] >= _MARGIN_SEEN and self._seen[b] % 8 == 0:  # refreshed every 8 steps of the band
+            runs = np.convolve(np.fromiter(ratios, float), np.ones(_MARGIN_RUN) / _MARGIN_RUN, mode="valid")
+            self._cached[b] = float(np.clip(np.quantile(runs, self.quantile) - 1.0, _MARGIN_MIN, _MARGIN_MAX))
+
+    def margin(self, batch: int) -> float:
+        if not self._cached:
+            return self.prior
+        b = self.band(batch)
+        return self._cached[b] if b in self._cached else self._cached[min(self._cached, key=lambda k: abs(k - b))]
+
+    def snapshot(self) -> dict[str, float]:
+        return {f"<={1 << b}": round(m, 3) for b, m in sorted(self._cached.items())}
+
+
 class Admission:
     """Queues requests by priority and hands them to the engine loop between decode steps.
 
@@ -337,6 +388,7 @@ class Admission:
         self._arrivals, self._service = _Rate(), _Rate()  # req/s submitted; req/s finishing decode
         self._wait_rate = 0.0  # arrival rate at the latest submit, req/s: what the max wait follows
         self._steps = _StepModel()
+        self._margins = _Margins(cfg.deadline_margin, cfg.margin_quantile)
         self._seq_steps = self._finished = 0.0  # decayed counts: sequence-steps run, requests finished
         self._last_running: int | None = None
         self._last_admitted = 0
@@ -416,18 +468,22 @@ class Admission:
     def _predicting(self) -> bool:
         return self.cfg.deadline_admission and self._steps.decode(1) is not None
 
+    def _stretch(self, batch: int) -> float:
+        """1 + the safety margin for forecasts at `batch` sequences (module docstring, `_Margins`)."""
+        return 1.0 + (self._margins.margin(batch) if self.cfg.adaptive_margin else self.cfg.deadline_margin)
+
     def _run_s(self, t: Ticket, batch: int) -> float:
         """Predicted seconds from `t` joining a batch of `batch` sequences to its last token, margin included:
         its prefill plus `t.steps` steps (the first token comes out of the prefill step)."""
-        return (self._steps.prefill(t.prompt_tokens) + t.steps * self._steps.decode(batch)) * \
-            (1.0 + self.cfg.deadline_margin)
+        return (self._steps.prefill(t.prompt_tokens) + t.steps * self._steps.decode(batch)) * self._stretch(batch)
 
     def _drain_s(self) -> list[float]:
         """drain[k - 1]: seconds until the running batch has at most k - 1 sequences if nothing joins, for
         batch sizes k = 1 .. min(running + 1, max batch) (steps at today's batch size, margin included)."""
         left = sorted(x.left for x in self._live)
         n, step = len(left), self._steps.decode(max(1, len(left)))
-        return [0.0 if n <= k - 1 else left[n - k] * step * (1.0 + self.cfg.deadline_margin)
+        stretch = self._stretch(max(1, n))
+        return [0.0 if n <= k - 1 else left[n - k] * step * stretch
                 for k in range(1, min(n + 1, self.max_batch()) + 1)]
 
     def _soonest_finish(self, t: Ticket, now: float, drain: list[float]) -> float:
@@ -443,7 +499,7 @@ class Admission:
         those ahead stall every step, and higher priorities arriving meanwhile go first: its share of the
         engine is what they leave (their measured work rate). HIGH joins as soon as the batch lets it (lower
         priorities wait for it), so the first HIGH may also take the drain path."""
-        cap, stretch = self.max_batch(), 1.0 + self.cfg.deadline_margin
+        cap = self.max_batch()
         slots = cap if priority == Priority.HIGH else max(1, cap - self.cfg.reserved_high)
         left = sorted(x.left for x in self._live)
         free_at = left[-slots:] if len(left) >= slots else left + [0] * (slots - len(left))  # steps
@@ -466,7 +522,7 @@ class Admission:
         in_progress = self._steps.decode(active) * stall if active else 0.0
         for t in own:
             batch = min(cap, len(left) + ahead + 1)
-            step = self._steps.decode(batch)
+            step, stretch = self._steps.decode(batch), self._stretch(batch)
             wait = (free_at[0] * step * slowdown + prefills) * stretch * self._wait_bias[priority]
             if t is extra:
                 wait += in_progress * stretch
@@ -588,7 +644,6 @@ class Admission:
         cap = self.max_batch()
         free = max(0, cap - running)
         free_non_high = max(0, cap - self.cfg.reserved_high - (running - running_high))
-        stretch = 1.0 + self.cfg.deadline_margin
         active = [x for x in self._live if not x.paused]
         batch = len(active) if self._live else running  # sequences the next step runs
         # running sequences whose deadline is protected, and the newcomers
@@ -596,7 +651,7 @@ class Admission:
         stall = 0.0  # s the newcomers' prefills add to this step, so to every member's finish
 
         def on_time(group: list[_Live], size: int, extra_s: float) -> bool:
-            step = self._steps.decode(size)
+            step, stretch = self._steps.decode(size), self._stretch(size)
             return all((x.left * step + extra_s) * stretch <= x.deadline - now for x in group)
 
         for p in Priority:
@@ -665,16 +720,15 @@ class Admission:
         make them (later) late. One that could not make it even alone is not protected by holding others
         back."""
         step_one = self._steps.decode(1)
-        stretch = 1.0 + self.cfg.deadline_margin
-        return [x for x in active if x.deadline - now >= x.left * step_one * stretch]
+        return [x for x in active if x.deadline - now >= x.left * step_one * self._stretch(1)]
 
     def _victims(self, t: Ticket, now: float, members: list[_Live], batch: int, stall: float) -> list[_Live] | None:
         """Running lower-priority sequences to pause so that HIGH `t` fits, LOW first and most slack first,
         each able to wait for `t` to finish (at today's batch size: an upper bound) and still make its
         deadline; None if no such set makes `t` fit."""
-        stretch = 1.0 + self.cfg.deadline_margin
+        stretch = self._stretch(max(1, batch))
         step_now = self._steps.decode(max(1, batch))
-        wait = (t.steps * self._steps.decode(batch + 1) + stall) * stretch  # paused until t is done
+        wait = (t.steps * self._steps.decode(batch + 1) + stall) * self._stretch(batch + 1)  # paused until t is done
         pool = sorted((x for x in members if x.ticket is not None and x.priority != Priority.HIGH
                        and now + wait + x.left * step_now * stretch <= x.deadline),
                       key=lambda x: (-x.priority, -(x.deadline - now - x.left * step_now * stretch)))
@@ -683,7 +737,7 @@ class Admission:
             victims, size = pool[:n], batch - n + 1
             step = self._steps.decode(size)
             kept = [x for x in members if not any(x is v for v in victims)] + [newcomer]
-            if all((x.left * step + stall) * stretch <= x.deadline - now for x in kept):
+            if all((x.left * step + stall) * self._stretch(size) <= x.deadline - now for x in kept):
                 return victims
         return None
 
@@ -709,6 +763,9 @@ class Admission:
         if calibration and not prefill_tokens:
             self._steps.calibrate(batch, seconds)
             return
+        predicted = self._steps.decode(batch)
+        if predicted is not None and not calibration:  # how wrong the forecast was, before it learns
+            self._margins.observe(batch, predicted + self._steps.prefill(prefill_tokens), seconds)
         self._steps.add(batch, seconds, prefill_tokens)
         share = min(1.0, self._steps.prefill(prefill_tokens) / seconds) if prefill_tokens else 0.0
         self._prefill_share += _STEP_ALPHA * (share - self._prefill_share)
@@ -734,5 +791,6 @@ class Admission:
             "max_batch": self.max_batch(),
             "step_load_factor": round(self._steps.load, 3),  # live / calibrated decode step time
             "wait_bias": {p.name.lower(): round(self._wait_bias[p], 3) for p in Priority},
+            "deadline_margin": self._margins.snapshot() if self.cfg.adaptive_margin else self.cfg.deadline_margin,
             "counters": {c: dict(v) for c, v in self.counters.items()},
         }

@@ -328,7 +328,8 @@ def test_counters_account_for_every_submit():
 def measured(clock=None, step_s=lambda b: 0.02 + 0.01 * b, prefill_s=0.001, **overrides):
     """An Admission with deadline admission on, whose step model has seen decode steps at batch 1..16 of
     step_s(b) seconds and prefills costing prefill_s per prompt token."""
-    adm, clock = make(clock, **{"deadline_admission": True, "deadline_margin": 0.0, **overrides})
+    adm, clock = make(clock, **{"deadline_admission": True, "deadline_margin": 0.0, "adaptive_margin": False,
+                                **overrides})
     for b in range(1, 17):
         adm.observe_step(b, step_s(b), b)
         adm.observe_step(b, step_s(b) + 10 * prefill_s, b, prefill_tokens=10)
@@ -539,3 +540,50 @@ def test_contention_that_adds_a_fixed_cost_per_step_is_carried_to_small_batches(
         adm.observe_step(b, adm._steps._shape(b) + 0.06, b)
     assert adm._steps.decode(2) == pytest.approx(0.10, rel=0.05), \
         "a fixed 60 ms per step is predicted at batch 2 too, not scaled by the ratio seen at big batches"
+
+
+# -- the adaptive safety margin -----------------------------------------------------------------
+
+def test_margin_follows_the_forecast_errors_it_observes():
+    """Steps at batch 8 come in runs of 16 at 10 ms then 16 at 16 ms (contention that comes and goes):
+    the step model follows with a lag, so a run of slow steps comes in 10-25% over its forecast, and the
+    margin at batch 8 covers that; steps at batch 1 are steady, so its margin stays at the floor; with the
+    adaptive margin off the configured one applies everywhere."""
+    def feed(adm):
+        for i in range(320):
+            adm.observe_step(8, 0.010 if (i // 16) % 2 == 0 else 0.016, 8)
+            adm.observe_step(1, 0.005, 1)
+
+    adm, _ = make(deadline_admission=True, deadline_margin=0.25)
+    assert adm._stretch(8) == pytest.approx(1.25), "before any step: the configured margin is the prior"
+    feed(adm)
+    margins = adm.snapshot()["deadline_margin"]
+    assert 0.10 <= adm._stretch(8) - 1 <= 0.6, f"batch 8 margin covers its slow runs: {margins}"
+    assert adm._stretch(1) - 1 == pytest.approx(0.05), f"steady steps: the floor: {margins}"
+    assert adm._stretch(2) - 1 == pytest.approx(0.05), "a band not seen borrows the nearest one seen"
+    fixed, _ = make(deadline_admission=True, deadline_margin=0.25, adaptive_margin=False)
+    feed(fixed)
+    assert fixed._stretch(8) == fixed._stretch(1) == pytest.approx(1.25)
+
+
+def test_a_larger_observed_error_refuses_what_a_fixed_margin_would_admit():
+    """The same request and state: with errors of about 60% seen at its batch size the forecast is
+    stretched by them and the request, which fits with a 5% margin, is refused."""
+    def state(noisy: bool):
+        adm, _ = make(deadline_admission=True, deadline_margin=0.05)
+        for i in range(400):
+            slow = noisy and (i // 16) % 2 == 1
+            adm.observe_step(1, 0.020 if slow else 0.010, 1)
+        return adm
+
+    quiet, noisy = state(False), state(True)
+    assert quiet.submit("a", deadline_s=1.2, steps=100), "100 steps of ~10-15 ms fit 1.2 s with a small margin"
+    with pytest.raises(WouldMissDeadline):
+        noisy.submit("a", deadline_s=1.2, steps=100)
+
+
+@pytest.mark.parametrize("field, value", [("margin_quantile", 0.3), ("margin_quantile", 1.0),
+                                          ("adaptive_margin", "yes")])
+def test_bad_margin_settings_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        AdmissionConfig(**{field: value})
