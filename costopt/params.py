@@ -386,3 +386,44 @@ def load_params(path: str | Path = "params.yaml", profile: str | None = None,
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
     return params_from_dict(raw, profile=profile, overrides=overrides, source=str(path))
+
+
+# ------------------------------------------------------------------------------ one run's settings
+
+FROZEN = Path("artifacts") / "run" / "params.yaml"  # relative to the workspace; a DVC output (stage `settings`)
+
+
+def freeze(params: Params, path: Path, run_id: str | None) -> Path:
+    """Write the effective settings of one run (params.yaml, profile and form overrides resolved) where
+    every later phase of the run reads them, atomically. `run` names the DAG run that froze them (None
+    for `python -m tasks.preflight`); the sections are the ones dvc.yaml's stages record in dvc.lock."""
+    import yaml
+
+    doc = {"run": {"dag_run_id": run_id}, **params.to_dict()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("# written by preflight: the settings this run uses (do not edit; edit params.yaml)\n"
+                   + yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def load_frozen(path: Path, run_id: str | None = None) -> Params:
+    """The settings `freeze` wrote; with `run_id`, only if that run froze them."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise ParamsError(f"{path}: cannot read this run's frozen settings ({exc.strerror}); expected the "
+                          "preflight phase to have written them") from exc
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections")
+    run = raw.pop("run", None) or {}
+    if run_id is not None and run.get("dag_run_id") != run_id:
+        raise ParamsError(f"{path}: frozen by run {run.get('dag_run_id')!r}, not by this run {run_id!r}: another "
+                          f"run started in the same workspace; give each concurrent run its own workspace")
+    profile = raw.pop("profile", None)
+    return params_from_dict(raw, profile=profile, source=str(path))

@@ -13,16 +13,44 @@ with dynamic task mapping: one quantize -> benchmark -> validate chain per varia
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 
 from airflow.sdk import Param, dag, get_current_context, task
 
 # costopt.params.QuantizeParams.presets() (the schemes' and the runtimes'), kept light (a test checks they match)
-VARIANTS = ["bf16", "int8_weight_only", "int8_dynamic", "int8_static", "int4_rtn_g64", "int4_gptq_g64",
-            "int4_awq_g64", "int4_rtn_g32", "int4_gptq_g32", "dynamic_qint8_naive",
-            "gguf_q8_0", "gguf_q6_k", "gguf_q5_k_m", "gguf_q4_k_m", "gguf_q4_0", "gguf_q8_0_fa", "gguf_q6_k_fa"]
-DEFAULT_VARIANTS = ["int8_weight_only", "int8_dynamic", "int8_static", "int4_rtn_g64", "int4_gptq_g64",
-                    "int4_awq_g64", "dynamic_qint8_naive", "gguf_q8_0", "gguf_q6_k",
-                    "gguf_q4_k_m", "gguf_q8_0_fa"]  # params.yaml's quantize.variants
+PRESETS = ["bf16", "int8_weight_only", "int8_dynamic", "int8_static", "int4_rtn_g64", "int4_gptq_g64",
+           "int4_awq_g64", "int4_rtn_g32", "int4_gptq_g32", "dynamic_qint8_naive",
+           "gguf_q8_0", "gguf_q6_k", "gguf_q5_k_m", "gguf_q4_k_m", "gguf_q4_0", "gguf_q8_0_fa", "gguf_q6_k_fa"]
+FORM_GATES = {"kl_mean_max": {"type": "number", "minimum": 0, "maximum": 20},
+              "kl_p99_max": {"type": "number", "minimum": 0, "maximum": 50},
+              "top1_agreement_min": {"type": "number", "minimum": 0, "maximum": 1},
+              "ppl_ratio_max": {"type": "number", "minimum": 1, "maximum": 100},
+              "task_retention_min": {"type": "number", "minimum": 0, "maximum": 1.5},
+              "statistic": {"type": "string", "enum": ["ci_bound", "point"]}}
+
+
+def form_defaults(path: Path = Path(__file__).resolve().parents[1] / "params.yaml") -> dict:
+    """The form's defaults, read from params.yaml at parse time (PyYAML only, no costopt import), so the
+    file is the one source of truth: editing it changes what the next run's form shows and sends. Any
+    variant defined under quantize.definitions is offered next to the presets."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+        quantize, gates = raw.get("quantize") or {}, (raw.get("validate") or {}).get("gates") or {}
+        return {"model": (raw.get("ingest") or {})["model"], "variants": list(quantize["variants"]),
+                "definitions": sorted(quantize.get("definitions") or {}),
+                "gates": {k: v for k, v in gates.items() if k in FORM_GATES},
+                "search": bool((raw.get("search") or {})["enabled"]),
+                "price": (raw.get("cost") or {})["price_per_hour_usd"]}
+    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{path}: cannot read the form's defaults ({type(exc).__name__}: {exc}); expected "
+                         f"ingest.model, quantize.variants, validate.gates, search.enabled and "
+                         f"cost.price_per_hour_usd") from exc
+
+
+DEFAULTS = form_defaults()
+VARIANTS = PRESETS + [n for n in DEFAULTS["definitions"] if n not in PRESETS]
 
 
 # Tasks that talk to the S3 remote retry transient faults with back-off: 20 s, 40 s, 80 s, 160 s.
@@ -38,12 +66,15 @@ def _run(phase_module: str, phase: str, *args):
 
     from costopt.storage.s3 import TransientStorageError
     from tasks.cli import USER_ERRORS, phase_timer
-    from tasks.dagparams import resolve
+    from tasks.dagparams import resolve_run
 
     try:
-        params, ws = resolve(get_current_context()["params"])
+        context = get_current_context()
+        first = phase == "preflight"  # it freezes the run's settings; the others read the frozen copy
+        params, ws = resolve_run(context["params"], context["run_id"], first)
+        extra = {"run_id": context["run_id"]} if first else {}
         with phase_timer(ws, "-".join([phase, *map(str, args)])):
-            return getattr(importlib.import_module(f"tasks.{phase_module}"), phase)(params, ws, *args)
+            return getattr(importlib.import_module(f"tasks.{phase_module}"), phase)(params, ws, *args, **extra)
     except TransientStorageError:  # a timeout, 5xx or lost connection: Airflow retries (STORAGE_RETRIES)
         raise
     except USER_ERRORS as exc:  # bad input: retrying cannot help, fail now with the message
@@ -58,25 +89,17 @@ def _run(phase_module: str, phase: str, *args):
     default_args={"retries": 1, "retry_delay": timedelta(seconds=30)},
     doc_md=__doc__,
     params={
-        "model": Param("builtin:smollm2-135m-instruct", type="string", minLength=1,
+        "model": Param(DEFAULTS["model"], type="string", minLength=1,
                        description="builtin:<name>, a local model folder, or a Hugging Face id in the local cache"),
-        "variants": Param(DEFAULT_VARIANTS, type="array", minItems=1, uniqueItems=True,
+        "variants": Param(DEFAULTS["variants"], type="array", minItems=1, uniqueItems=True,
                           items={"type": "string", "enum": VARIANTS},
-                          description="named variants to build, benchmark and validate"),
-        "gates": Param({"kl_mean_max": 0.02, "kl_p99_max": 0.5, "top1_agreement_min": 0.93,
-                        "ppl_ratio_max": 1.05, "task_retention_min": 0.97, "statistic": "ci_bound"},
-                       type="object",
-                       properties={"kl_mean_max": {"type": "number", "minimum": 0, "maximum": 20},
-                                   "kl_p99_max": {"type": "number", "minimum": 0, "maximum": 50},
-                                   "top1_agreement_min": {"type": "number", "minimum": 0, "maximum": 1},
-                                   "ppl_ratio_max": {"type": "number", "minimum": 1, "maximum": 100},
-                                   "task_retention_min": {"type": "number", "minimum": 0, "maximum": 1.5},
-                                   "statistic": {"type": "string", "enum": ["ci_bound", "point"]}},
-                       additionalProperties=False,
+                          description="named variants to build, benchmark and validate: the presets and every "
+                                      "name under params.yaml's quantize.definitions"),
+        "gates": Param(DEFAULTS["gates"], type="object", properties=FORM_GATES, additionalProperties=False,
                        description="quality gates against fp32; ci_bound: the 95% CI's pessimistic end must pass"),
-        "mixed_precision_search": Param(True, type="boolean",
+        "mixed_precision_search": Param(DEFAULTS["search"], type="boolean",
                                         description="run the sensitivity scan and search mixed precision"),
-        "price_per_hour_usd": Param(0.10, type="number", exclusiveMinimum=0, maximum=10000,
+        "price_per_hour_usd": Param(DEFAULTS["price"], type="number", exclusiveMinimum=0, maximum=10000,
                                     description="machine price, USD per hour"),
         "profile": Param("full", type="string", enum=["quick", "full"],
                          description="quick: small sets (tests); full: the real run"),

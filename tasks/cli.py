@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 
 from costopt.storage.layout import MissingArtifactError, ReportInputError, Workspace
 from costopt.models.source import ModelFileError, ModelSourceError
-from costopt.params import Params, ParamsError, load_params
+from costopt.params import Params, ParamsError, load_frozen, load_params
 from costopt.quantization.schemes import SchemeError
 from costopt.storage.s3 import StorageError
 from costopt.storage.dvc import DvcError
@@ -43,6 +43,9 @@ def parser(description: str) -> argparse.ArgumentParser:
                    help="quick: small sets for tests; full: the real run (default: full)")
     p.add_argument("--workspace", default=None,
                    help="folder holding artifacts/ and reports/ (default: $COSTOPT_WORKSPACE or .)")
+    p.add_argument("--settings", default=None,
+                   help="a run's frozen settings (artifacts/run/params.yaml, written by preflight); when given, "
+                        "--params and --profile are not read (dvc.yaml's stages pass it)")
     return p
 
 
@@ -66,8 +69,9 @@ def run_variant_phase(description: str, one: Callable[[Params, Workspace, str], 
 def execute(phase: Callable[[Params, Workspace], Any], args: argparse.Namespace, label: str | None = None) -> int:
     """Run one phase with parsed flags; user errors become one line on stderr and exit code 2."""
     try:
-        params = load_params(args.params, profile=args.profile)
         ws = Workspace.from_env(args.workspace)
+        settings = getattr(args, "settings", None)
+        params = load_frozen(ws.root / settings) if settings else load_params(args.params, profile=args.profile)
         with phase_timer(ws, label or phase.__name__):
             result = phase(params, ws)
     except USER_ERRORS as exc:

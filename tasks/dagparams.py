@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from costopt.storage.layout import Workspace
-from costopt.params import Params, ParamsError, load_params
+from costopt.params import FROZEN, Params, ParamsError, load_frozen, load_params
 
 PROJECT = Path(__file__).resolve().parents[1]
 FORM_GATES = ("kl_mean_max", "kl_p99_max", "top1_agreement_min", "ppl_ratio_max", "task_retention_min")
@@ -33,10 +33,23 @@ def overrides_from_form(form: dict[str, Any]) -> dict[str, Any]:
     return over
 
 
+def _workspace(form: dict[str, Any]) -> Workspace:
+    return Workspace.from_env(form.get("workspace") or PROJECT)
+
+
+def resolve_run(form: dict[str, Any] | None, run_id: str, first: bool) -> tuple[Params, Workspace]:
+    """The settings one task of DAG run `run_id` uses: the first task (preflight) resolves them from
+    params.yaml and the form and freezes them; every other task reads that frozen copy."""
+    if first:
+        return resolve(form)
+    ws = _workspace(dict(form or {}))
+    return load_frozen(ws.root / FROZEN, run_id), ws
+
+
 def resolve(form: dict[str, Any] | None) -> tuple[Params, Workspace]:
     """(validated Params, Workspace) for one DAG run's form."""
     form = dict(form or {})
-    ws = Workspace.from_env(form.get("workspace") or PROJECT)
+    ws = _workspace(form)
     params_file = ws.root / "params.yaml"
     if not params_file.is_file():
         params_file = PROJECT / "params.yaml"

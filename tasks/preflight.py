@@ -1,8 +1,11 @@
 """Phase 0, preflight: fail in seconds, not hours. Checks settings, the model source, the eval-set sizes
-and the S3 remote.
+and the S3 remote, then freezes the run's effective settings.
 
-Run it as `python -m tasks.preflight`. Nothing is written: a bad setting, an unknown model or an
-unreachable artifact store stops the run before any stored artifact or report is touched.
+Run it as `python -m tasks.preflight` (DVC's `settings` stage). A bad setting, an unknown model or an
+unreachable artifact store stops the run before anything is written. Once every check passes, the
+settings this run uses (params.yaml with the profile and the DAG form's overrides resolved) are written
+to `artifacts/run/params.yaml`; every later task of the DAG run reads that copy, not params.yaml, so
+editing params.yaml during a run changes nothing in it, and dvc.lock records these values.
 """
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from typing import Any
 
 from costopt.storage.layout import Workspace
 from costopt.models.source import linear_widths, resolve_source
-from costopt.params import Params, ParamsError
+from costopt.params import FROZEN, Params, ParamsError, freeze
 
 
 def check_group_sizes(params: Params, widths: dict[str, int]) -> None:
@@ -55,7 +58,7 @@ def check_calibration(params: Params, ws: Workspace) -> None:
                                   f"{params.evaldata.calibration}; raise evaldata.calibration or lower {field}")
 
 
-def preflight(params: Params, ws: Workspace) -> dict[str, Any]:
+def preflight(params: Params, ws: Workspace, run_id: str | None = None) -> dict[str, Any]:
     from costopt.evaluation.evaldata import build_sets
     from costopt.storage.s3 import check_endpoint, parse_s3_url
 
@@ -68,8 +71,10 @@ def preflight(params: Params, ws: Workspace) -> dict[str, Any]:
         bucket, _ = parse_s3_url(params.version.remote)
         check_endpoint(params.version.endpoint_url, bucket, create=True)
         remote["checked"] = True
+    frozen = freeze(params, ws.root / FROZEN, run_id)
     return {"model": params.ingest.model, "source": src.kind, "profile": params.profile,
-            "workspace": str(ws.root), "variants": list(params.quantize.variants), **remote}
+            "workspace": str(ws.root), "variants": list(params.quantize.variants), **remote,
+            "settings": str(frozen)}
 
 
 def variant_names(params: Params, ws: Workspace) -> list[str]:

@@ -74,12 +74,83 @@ def test_form_has_a_typed_schema(dagbag):
 
 
 def test_form_variants_match_the_presets(dagbag):
-    from costopt.params import QuantizeParams
+    from costopt.params import QuantizeParams, load_params
 
     PRESETS = QuantizeParams.presets()
     param = dagbag.dags["optimize_model"].params.get_param("variants")
-    assert sorted(param.schema["items"]["enum"]) == sorted(PRESETS), "the form must offer exactly the presets"
-    assert set(param.value) <= set(PRESETS) and param.value, "the default selection is made of presets"
+    defined = sorted(load_params(PROJECT / "params.yaml").quantize.definitions)
+    assert sorted(param.schema["items"]["enum"]) == sorted([*PRESETS, *defined]), \
+        "the form offers the presets and every variant params.yaml defines"
+
+
+def _dag_over(tmp_path, edit) -> object:
+    """The DAG parsed beside an edited copy of params.yaml (it reads ../params.yaml from its own folder)."""
+    import shutil
+
+    import yaml
+    from airflow.dag_processing.dagbag import DagBag
+
+    shutil.copytree(PROJECT / "dags", tmp_path / "dags", ignore=shutil.ignore_patterns("__pycache__"))
+    raw = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    edit(raw)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    bag = DagBag(dag_folder=str(tmp_path / "dags"))
+    assert not bag.import_errors, bag.import_errors
+    return bag.dags["optimize_model"]
+
+
+def test_form_defaults_come_from_params_yaml(dagbag, tmp_path):
+    """One source of truth: what params.yaml says is what the form shows and sends by default, and a
+    variant defined there can be picked."""
+    def edit(raw):
+        raw["ingest"]["model"] = "builtin:some-other-model"
+        raw["quantize"]["variants"] = ["int8_weight_only", "my_q5"]
+        raw["quantize"]["definitions"] = {"my_q5": {"runtime": "llamacpp", "qtype": "Q5_K_M"}}
+        raw["validate"]["gates"]["kl_mean_max"] = 0.031
+        raw["search"]["enabled"] = False
+        raw["cost"]["price_per_hour_usd"] = 0.25
+
+    params = _dag_over(tmp_path, edit).params
+    assert params["model"] == "builtin:some-other-model"
+    assert params["variants"] == ["int8_weight_only", "my_q5"]
+    assert "my_q5" in params.get_param("variants").schema["items"]["enum"], "a defined variant is selectable"
+    assert params.get_param("variants").resolve(["my_q5"]) == ["my_q5"]
+    assert params["gates"]["kl_mean_max"] == 0.031 and params["mixed_precision_search"] is False
+    assert params["price_per_hour_usd"] == 0.25
+
+
+def test_a_broken_params_yaml_is_a_dag_import_error_naming_the_file(dagbag, tmp_path):
+    import shutil
+
+    from airflow.dag_processing.dagbag import DagBag
+
+    shutil.copytree(PROJECT / "dags", tmp_path / "dags", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "params.yaml").write_text("ingest: {}\n")
+    bag = DagBag(dag_folder=str(tmp_path / "dags"))
+    (error,) = bag.import_errors.values()
+    assert "params.yaml" in error and "ingest.model" in error, error
+
+
+def test_a_run_uses_the_settings_frozen_at_its_preflight(tmp_path, monkeypatch):
+    """Editing params.yaml during a run changes nothing in it: every task after preflight reads the copy
+    preflight froze for that run, and a copy frozen by another run is refused."""
+    import shutil
+
+    from costopt.params import FROZEN, ParamsError, freeze
+    from tasks.dagparams import resolve_run
+
+    shutil.copy2(PROJECT / "params.yaml", tmp_path / "params.yaml")
+    form = {"workspace": str(tmp_path), "profile": "quick", "gates": {"kl_mean_max": 0.04}}
+    params, ws = resolve_run(form, "run-1", first=True)
+    freeze(params, ws.root / FROZEN, "run-1")  # what preflight does once its checks pass
+    text = (tmp_path / "params.yaml").read_text()
+    (tmp_path / "params.yaml").write_text(text.replace("price_per_hour_usd: 0.10", "price_per_hour_usd: 9.0")
+                                          .replace("quantize:", "quantize: [broken"))
+    later, _ = resolve_run(form, "run-1", first=False)
+    assert later == params, "a later task sees exactly the frozen settings"
+    assert later.validate.gates.kl_mean_max == 0.04 and later.profile == "quick"
+    with pytest.raises(ParamsError, match="frozen by run 'run-1', not by this run 'run-2'"):
+        resolve_run(form, "run-2", first=False)
 
 
 @pytest.mark.parametrize("key,value", [("profile", "turbo"), ("price_per_hour_usd", -1),
@@ -139,8 +210,8 @@ def test_transient_storage_faults_are_retried_and_user_errors_fail_at_once(dagba
         raise exc
 
     monkeypatch.setitem(sys.modules, "tasks.fakephase", types.SimpleNamespace(go=phase))
-    monkeypatch.setattr(module, "get_current_context", lambda: {"params": {}})
-    monkeypatch.setattr("tasks.dagparams.resolve", lambda form: (Params(), Workspace(tmp_path)))
+    monkeypatch.setattr(module, "get_current_context", lambda: {"params": {}, "run_id": "r1"})
+    monkeypatch.setattr("tasks.dagparams.resolve_run", lambda form, run_id, first: (Params(), Workspace(tmp_path)))
     with pytest.raises(Exception) as info:
         module._run("fakephase", "go")
     if retried:

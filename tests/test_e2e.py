@@ -186,6 +186,19 @@ def test_task_set_scores_above_chance(run):
     assert acc > chance + 0.1, f"fp32 task accuracy {acc} must be clearly above chance {chance}"
 
 
+def test_dvc_lock_records_the_settings_the_run_used(run):
+    """The form's variants (not params.yaml's) and the quick profile's sizes are what dvc.lock records."""
+    import yaml
+
+    lock = yaml.safe_load((run["ws"] / "dvc.lock").read_text())["stages"]
+    frozen = yaml.safe_load((run["ws"] / "artifacts" / "run" / "params.yaml").read_text())
+    assert frozen["quantize"]["variants"] == VARIANTS and frozen["profile"] == "quick", frozen["quantize"]
+    recorded = lock["quantize"]["params"]["artifacts/run/params.yaml"]["quantize"]
+    assert recorded["variants"] == VARIANTS, f"dvc.lock records the run's variants: {recorded['variants']}"
+    assert lock["evaldata"]["params"]["artifacts/run/params.yaml"]["evaldata"] == frozen["evaldata"], \
+        "the quick profile's set sizes, as the run used them"
+
+
 def test_dvc_pull_restores_every_artifact_bit_for_bit(run):
     ws, clone = run["ws"], run["base"] / "clone"
     _git(ws, "clone", "-q", str(ws), str(clone))

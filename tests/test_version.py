@@ -72,6 +72,9 @@ def make_project(root: Path) -> Path:
     for dep in deps:  # code deps the project has not written yet: dvc commit needs every dep to exist
         if not dep.startswith(("artifacts/", "reports")) and not (root / dep).exists():
             (root / dep).write_text("# placeholder for a module not yet in the project\n")
+    from costopt.params import FROZEN, freeze, load_params
+
+    freeze(load_params(root / "params.yaml"), root / FROZEN, None)  # the settings stage's output
     for rel, content in FAKE_OUTPUTS.items():
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
