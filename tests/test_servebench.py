@@ -21,3 +21,15 @@ def test_overload_checks_count_what_the_targets_need():
     assert (got["high_sent"], got["high_admitted"], got["high_slo_ms"]) == (3, 2, 5000), got
     assert 4700 < got["high_p99_ms"] <= 4800, f"p99 of 1.2 s and 4.8 s is near 4.8 s, got {got['high_p99_ms']}"
     assert got["refused_p50_ms"] == 4.0 and got["refused_p99_ms"] <= 5.0, got
+
+
+def test_overload_summary_takes_the_median_and_the_worst_of_the_runs():
+    from tasks.servebench import overload_summary
+
+    runs = [{"admitted_deadline_met": m, "high_p99_ms": p, "refused_p99_ms": 10.0, "errors": e, "lost": 0,
+             "admitted": a, "refused_429": 5} for m, p, e, a in ((1.0, 4000.0, 0, 30), (0.98, 8100.0, 1, 28),
+                                                                 (0.99, 4500.0, 0, 31))]
+    out = overload_summary(runs)
+    assert out["median"]["admitted_deadline_met"] == 0.99 and out["worst"]["admitted_deadline_met"] == 0.98
+    assert out["median"]["high_p99_ms"] == 4500.0 and out["worst"]["high_p99_ms"] == 8100.0
+    assert out["worst"]["errors"] == 1 and out["median"]["admitted"] == 30 and len(out["runs"]) == 3
