@@ -51,7 +51,7 @@ import numpy as np
 
 RATE_WINDOW_S = 2.0  # arrival and service rates average over about the last 2 s
 WORK_WINDOW_S = 10.0  # the work each priority brings (decode steps per s) averages over about 10 s
-_MARGIN_KEEP, _MARGIN_RUN, _MARGIN_SEEN = 256, 16, 32  # steps kept per band, run length, steps before use
+_MARGIN_KEEP, _MARGIN_RUN, _MARGIN_SEEN = 256, 16, 32  # steps kept per band, run length until known, steps before use
 _MARGIN_MIN, _MARGIN_MAX = 0.05, 3.0
 _BIAS_ALPHA = 0.1  # weight of one request's measured / forecast wait in the wait bias
 _MAX_BIAS = 10.0
@@ -326,9 +326,10 @@ class _Margins:
     """The forecast's safety margin, learned from its own errors. Each decode step the model predicted
     (before learning from it) is compared with its measured time; the ratios are kept per batch-size band
     (1, 2, 3-4, 5-8, ...), the last `_MARGIN_KEEP` of each. A deadline is met or missed over a whole
-    request, not one step, so the ratios are averaged over runs of `_MARGIN_RUN` consecutive steps (about
-    as many as a short answer decodes) and the margin is the `quantile` of those run means, less one,
-    within [_MARGIN_MIN, _MARGIN_MAX]. A band with fewer than `_MARGIN_SEEN` steps borrows the nearest
+    request, not one step, so the ratios are averaged over runs of as many consecutive steps as a request
+    decodes on average (measured: sequence-steps per finished request; `_MARGIN_RUN` until known, within
+    [8, 128]) and the margin is the `quantile` of those run means, less one, within
+    [_MARGIN_MIN, _MARGIN_MAX]. A band with fewer than `_MARGIN_SEEN` steps borrows the nearest
     band that has them, else the configured prior."""
 
     def __init__(self, prior: float, quantile: float) -> None:
@@ -341,15 +342,17 @@ class _Margins:
     def band(batch: int) -> int:
         return max(1, batch - 1).bit_length() if batch > 1 else 0
 
-    def observe(self, batch: int, predicted: float, measured: float) -> None:
+    def observe(self, batch: int, predicted: float, measured: float, run: int = 0) -> None:
         if predicted <= 0 or measured <= 0:
             return
+        run = min(128, max(8, run or _MARGIN_RUN))
         b = self.band(batch)
         ratios = self._ratios.setdefault(b, collections.deque(maxlen=_MARGIN_KEEP))
         ratios.append(measured / predicted)
         self._seen[b] += 1
         if self._seen[b] >= _MARGIN_SEEN and self._seen[b] % 8 == 0:  # refreshed every 8 steps of the band
-            runs = np.convolve(np.fromiter(ratios, float), np.ones(_MARGIN_RUN) / _MARGIN_RUN, mode="valid")
+            values = np.fromiter(ratios, float)
+            runs = np.convolve(values, np.ones(run) / run, mode="valid") if len(values) >= run else [values.mean()]
             self._cached[b] = float(np.clip(np.quantile(runs, self.quantile) - 1.0, _MARGIN_MIN, _MARGIN_MAX))
 
     def margin(self, batch: int) -> float:
@@ -765,7 +768,8 @@ class Admission:
             return
         predicted = self._steps.decode(batch)
         if predicted is not None and not calibration:  # how wrong the forecast was, before it learns
-            self._margins.observe(batch, predicted + self._steps.prefill(prefill_tokens), seconds)
+            steps = round(self._seq_steps / self._finished) if self._finished >= 1.0 else 0  # a mean request's
+            self._margins.observe(batch, predicted + self._steps.prefill(prefill_tokens), seconds, steps)
         self._steps.add(batch, seconds, prefill_tokens)
         share = min(1.0, self._steps.prefill(prefill_tokens) / seconds) if prefill_tokens else 0.0
         self._prefill_share += _STEP_ALPHA * (share - self._prefill_share)
