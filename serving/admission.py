@@ -52,7 +52,7 @@ import numpy as np
 RATE_WINDOW_S = 2.0  # arrival and service rates average over about the last 2 s
 WORK_WINDOW_S = 10.0  # the work each priority brings (decode steps per s) averages over about 10 s
 _MARGIN_KEEP, _MARGIN_RUN, _MARGIN_SEEN = 256, 16, 32  # steps kept per band, run length until known, steps before use
-_MARGIN_MIN, _MARGIN_MAX = 0.05, 3.0
+_MARGIN_MAX = 3.0
 _BIAS_ALPHA = 0.1  # weight of one request's measured / forecast wait in the wait bias
 _MAX_BIAS = 10.0
 _MAX_SHARE = 0.9  # predictions count at most 90% of capacity as taken by prefills or higher priorities
@@ -328,8 +328,9 @@ class _Margins:
     (1, 2, 3-4, 5-8, ...), the last `_MARGIN_KEEP` of each. A deadline is met or missed over a whole
     request, not one step, so the ratios are averaged over runs of as many consecutive steps as a request
     decodes on average (measured: sequence-steps per finished request; `_MARGIN_RUN` until known, within
-    [8, 128]) and the margin is the `quantile` of those run means, less one, within
-    [_MARGIN_MIN, _MARGIN_MAX]. A band with fewer than `_MARGIN_SEEN` steps borrows the nearest
+    [8, 128]) and the margin is the `quantile` of those run means, less one, but never below the
+    configured margin (the prior) nor above _MARGIN_MAX: it only widens when the errors call for it.
+    (Letting it fall below the prior was measured and not kept: BENCHMARKS section 9.) A band with fewer than `_MARGIN_SEEN` steps borrows the nearest
     band that has them, else the configured prior."""
 
     def __init__(self, prior: float, quantile: float) -> None:
@@ -353,7 +354,7 @@ class _Margins:
         if self._seen[b] >= _MARGIN_SEEN and self._seen[b] % 8 == 0:  # refreshed every 8 steps of the band
             values = np.fromiter(ratios, float)
             runs = np.convolve(values, np.ones(run) / run, mode="valid") if len(values) >= run else [values.mean()]
-            self._cached[b] = float(np.clip(np.quantile(runs, self.quantile) - 1.0, _MARGIN_MIN, _MARGIN_MAX))
+            self._cached[b] = float(np.clip(np.quantile(runs, self.quantile) - 1.0, self.prior, _MARGIN_MAX))
 
     def margin(self, batch: int) -> float:
         if not self._cached:
