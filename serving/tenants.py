@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import json
 import math
 import os
@@ -252,12 +251,10 @@ def admin_key(path: Path) -> tuple[str, str]:
 
 
 def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    """Whether `--host` is a loopback address (the same test as the S3 endpoint's)."""
+    from costopt.storage.s3 import is_loopback as url_is_loopback
+
+    return url_is_loopback(f"http://[{host}]" if ":" in host else f"http://{host}")
 
 
 class TokenBucket:

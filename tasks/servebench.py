@@ -211,18 +211,19 @@ def run(ws: Workspace, price: float, threads: int, scale: float, logs: Path, var
     return section
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def bench_parser(description: str, json_default: str, scale_help: str, variant_help: str) -> argparse.ArgumentParser:
+    """The flags every serving bench takes (`prepare` checks them)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--workspace", default=None, help="folder holding artifacts/ (default: .)")
     p.add_argument("--params", default="params.yaml")
-    p.add_argument("--scale", type=float, default=1.0, help="multiplies every request count")
-    p.add_argument("--json", type=Path, default=Path("artifacts/serve-bench.json"))
-    p.add_argument("--variant", help="serve this variant next to fp32 (default: the search's pick, else INT8)")
-    p.add_argument("--overload-only", action="store_true",
-                   help=f"only part 4: the sustainable rate at concurrency 16, then {OVERLOAD_RUNS} overload runs")
-    p.add_argument("--server-flag", action="append", default=[],
-                   help="extra `python -m serving` flag for --overload-only (repeatable), e.g. --server-flag=--fixed_margin")
-    args = p.parse_args(argv)
+    p.add_argument("--scale", type=float, default=1.0, help=scale_help)
+    p.add_argument("--json", type=Path, default=Path(json_default))
+    p.add_argument("--variant", help=variant_help)
+    return p
+
+
+def prepare(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Any, Workspace, Path]:
+    """(params, workspace, where to write the JSON) once the flags check out and the artifacts exist."""
     if not 0 < args.scale <= 10:
         p.error(f"--scale: expected a number in (0, 10], got {args.scale}")
     params = load_params(args.params)
@@ -232,15 +233,27 @@ def main(argv: list[str] | None = None) -> int:
     ensure_artifacts(params, ws)
     if args.variant and not (ws.variant_dir(args.variant) / "spec.json").is_file():
         p.error(f"--variant: {args.variant!r} is not a variant of {ws.root} (no spec.json); quantize it first")
+    return params, ws, ws.root / args.json if not args.json.is_absolute() else args.json
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = bench_parser(__doc__.split("\n\n")[0], "artifacts/serve-bench.json", "multiplies every request count",
+                     "serve this variant next to fp32 (default: the search's pick, else INT8)")
+    p.add_argument("--overload-only", action="store_true",
+                   help=f"only part 4: the sustainable rate at concurrency 16, then {OVERLOAD_RUNS} overload runs")
+    p.add_argument("--server-flag", action="append", default=[],
+                   help="extra `python -m serving` flag for --overload-only (repeatable), e.g. --server-flag=--fixed_margin")
+    args = p.parse_args(argv)
+    params, ws, out_json = prepare(p, args)
     logs = ws.root / "artifacts" / "serve-bench-logs"
     if args.overload_only:
         out = overload_only(ws, params.cost.price_per_hour_usd, args.scale, logs, args.variant, args.server_flag)
-        write_json(ws.root / args.json if not args.json.is_absolute() else args.json, out)
+        write_json(out_json, out)
         print(json.dumps({k: {"median": v["median"], "worst": v["worst"]} for k, v in out["overload"].items()},
                          indent=2))
         return 0
     section = run(ws, params.cost.price_per_hour_usd, params.benchmark.threads, args.scale, logs, args.variant)
-    write_json(ws.root / args.json if not args.json.is_absolute() else args.json, section)
+    write_json(out_json, section)
     print(markdown_table(section["runs"]))
     print(json.dumps(section["comparison"], indent=2))
     print(f"naive {section['naive_cost_per_1m_requests_usd']} vs optimized "

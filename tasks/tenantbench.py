@@ -17,7 +17,6 @@ admission). Prints a Markdown table and writes the JSON for BENCHMARKS.md.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import json
@@ -26,12 +25,11 @@ import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
-from costopt.params import load_params
 from costopt.storage.layout import Workspace, write_json
 from costopt.workload.trace import build_trace
 from tasks.deploy import start_server
 from tasks.loadtest import LoadResult, run_load, run_load_async
-from tasks.servebench import served_pick
+from tasks.servebench import bench_parser, prepare, served_pick
 
 TRACE_SEED = 11
 QUIET_SECONDS = 60  # each scenario's length at --scale 1
@@ -125,24 +123,12 @@ def markdown(out: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workspace", default=None, help="folder holding artifacts/ (default: .)")
-    p.add_argument("--params", default="params.yaml")
-    p.add_argument("--scale", type=float, default=1.0, help="multiplies each scenario's length")
-    p.add_argument("--json", type=Path, default=Path("artifacts/tenant-bench.json"))
-    p.add_argument("--variant", help="serve this variant (default: the search's pick, else INT8 weight-only)")
+    p = bench_parser(__doc__.split("\n\n")[0], "artifacts/tenant-bench.json", "multiplies each scenario's length",
+                     "serve this variant (default: the search's pick, else INT8 weight-only)")
     args = p.parse_args(argv)
-    if not 0 < args.scale <= 10:
-        p.error(f"--scale: expected a number in (0, 10], got {args.scale}")
-    params = load_params(args.params)
-    ws = Workspace.from_env(args.workspace)
-    from tasks.bench import ensure_artifacts
-
-    ensure_artifacts(params, ws)
-    if args.variant and not (ws.variant_dir(args.variant) / "spec.json").is_file():
-        p.error(f"--variant: {args.variant!r} is not a variant of {ws.root} (no spec.json); quantize it first")
+    _, ws, out_json = prepare(p, args)
     out = run(ws, args.scale, ws.root / "artifacts" / "tenant-bench-logs", args.variant)
-    write_json(ws.root / args.json if not args.json.is_absolute() else args.json, out)
+    write_json(out_json, out)
     print(markdown(out))
     print(json.dumps({k: v for k, v in out.items() if k != "scenarios"}, indent=2))
     return 0
