@@ -52,7 +52,8 @@ import numpy as np
 RATE_WINDOW_S = 2.0  # arrival and service rates average over about the last 2 s
 WORK_WINDOW_S = 10.0  # the work each priority brings (decode steps per s) averages over about 10 s
 _MARGIN_KEEP, _MARGIN_RUN, _MARGIN_SEEN = 256, 16, 32  # steps kept per band, run length until known, steps before use
-_MARGIN_MAX = 3.0
+_MARGIN_MAX = 0.5  # the margin widens up to +50%: larger errors are a change of regime the step model follows
+_MARGIN_RATIO_MAX = 2.0  # one step counts as at most 2x its forecast (a hot switch's load can stall a step 20x)
 _BIAS_ALPHA = 0.1  # weight of one request's measured / forecast wait in the wait bias
 _MAX_BIAS = 10.0
 _MAX_SHARE = 0.9  # predictions count at most 90% of capacity as taken by prefills or higher priorities
@@ -330,7 +331,10 @@ class _Margins:
     decodes on average (measured: sequence-steps per finished request; `_MARGIN_RUN` until known, within
     [8, 128]) and the margin is the `quantile` of those run means, less one, but never below the
     configured margin (the prior) nor above _MARGIN_MAX: it only widens when the errors call for it.
-    (Letting it fall below the prior was measured and not kept: BENCHMARKS section 9.) A band with fewer than `_MARGIN_SEEN` steps borrows the nearest
+    (Letting it fall below the prior was measured and not kept: BENCHMARKS section 9.) A step counts as
+    at most `_MARGIN_RATIO_MAX` times its forecast: a step that waited for a variant loading beside it
+    (hot switch) runs 10-20x long, and unclipped such steps kept the margin at its cap for hundreds of
+    steps after the load was done, so queued requests were dropped as hopeless (a hot-switch test saw it). A band with fewer than `_MARGIN_SEEN` steps borrows the nearest
     band that has them, else the configured prior."""
 
     def __init__(self, prior: float, quantile: float) -> None:
@@ -349,12 +353,13 @@ class _Margins:
         run = min(128, max(8, run or _MARGIN_RUN))
         b = self.band(batch)
         ratios = self._ratios.setdefault(b, collections.deque(maxlen=_MARGIN_KEEP))
-        ratios.append(measured / predicted)
+        ratios.append(min(_MARGIN_RATIO_MAX, measured / predicted))
         self._seen[b] += 1
         if self._seen[b] >= _MARGIN_SEEN and self._seen[b] % 8 == 0:  # refreshed every 8 steps of the band
             values = np.fromiter(ratios, float)
             runs = np.convolve(values, np.ones(run) / run, mode="valid") if len(values) >= run else [values.mean()]
-            self._cached[b] = float(np.clip(np.quantile(runs, self.quantile) - 1.0, self.prior, _MARGIN_MAX))
+            self._cached[b] = float(np.clip(np.quantile(runs, self.quantile) - 1.0, self.prior,
+                                              max(self.prior, _MARGIN_MAX)))
 
     def margin(self, batch: int) -> float:
         if not self._cached:

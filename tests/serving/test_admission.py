@@ -585,6 +585,15 @@ def test_a_larger_observed_error_refuses_what_a_fixed_margin_would_admit():
         noisy.submit("a", deadline_s=1.2, steps=100)
 
 
+def test_a_stall_during_a_hot_switch_widens_the_margin_at_most_to_its_cap():
+    """Steps that waited for a variant loading beside them run 20x long: the margin widens, but to 50%
+    at most, so queued requests with ample deadlines are not dropped as hopeless afterwards."""
+    adm, _ = make(deadline_admission=True, deadline_margin=0.25)
+    for i in range(300):
+        adm.observe_step(4, 0.02 * (20 if 100 <= i < 140 else 1), 4)
+    assert 1.25 <= adm._stretch(4) <= 1.5 + 1e-9, adm.snapshot()["deadline_margin"]
+
+
 @pytest.mark.parametrize("field, value", [("margin_quantile", 0.3), ("margin_quantile", 1.0),
                                           ("adaptive_margin", "yes")])
 def test_bad_margin_settings_name_the_field(field, value):
