@@ -408,8 +408,12 @@ def _with_header(send: Any, granted: bytes | None) -> Any:
 
 async def _refuse(send: Any, status: int, message: str, type_: str, auth: bool = False,
                   headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    body = json.dumps({"error": {"message": message, "type": type_, "param": "authorization" if status in (401, 403)
-                                 else None, "code": status}}).encode()
+    """The OpenAI-shaped error every route answers with (`serving.protocol.ApiError`), sent from here because
+    the request never reaches a route."""
+    from serving.protocol import ApiError
+
+    param = "authorization" if status in (401, 403) else None
+    body = json.dumps(ApiError(status, message, param=param, type_=type_).body()).encode()
     extra = [(b"www-authenticate", b"Bearer")] if auth else []
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
