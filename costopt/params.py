@@ -52,6 +52,7 @@ class IngestParams:
 class EvalDataParams:
     seed: int = 1234  # all sets are a pure function of this seed
     prompts: int = 240  # held-out chat prompts
+    crosscheck: int = 60  # second held-out set: short factual questions built unlike the calibration prompts
     ppl_texts: int = 48  # held-out passages for perplexity
     calibration: int = 128  # calibration prompts, disjoint from held-out (calibrate.samples and curve use at most this many)
     task_items: int = 360  # labeled multiple-choice items
@@ -60,7 +61,8 @@ class EvalDataParams:
     def check(self, where: str) -> None:
         _check_number(f"{where}.seed", self.seed, 0, integer=True)
         _check_number(f"{where}.reference_tokens", self.reference_tokens, 1, 1024, integer=True)
-        for name, lo in (("prompts", 4), ("ppl_texts", 2), ("calibration", 1), ("task_items", 20)):
+        for name, lo in (("prompts", 4), ("crosscheck", 2), ("ppl_texts", 2), ("calibration", 1),
+                         ("task_items", 20)):
             _check_number(f"{where}.{name}", getattr(self, name), lo, 100_000, integer=True)
 
 

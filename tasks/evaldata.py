@@ -1,10 +1,11 @@
-"""Phase 1b, evaldata: build the held-out prompts, perplexity texts, calibration set and task set.
+"""Phase 1b, evaldata: build the held-out prompts, crosscheck questions, perplexity texts, calibration set
+and task set.
 
-Run it as `python -m tasks.evaldata`. The sets come from `costopt.evaluation.evaldata` (a pure function of the
-seed and counts); each held-out prompt also gets `reference`, the fp32 model's greedy answer, so
-teacher-forced metrics see answer positions. Files go to a staging folder that is swapped in whole,
-so a crash never leaves a half-written set; a second run with the same seed, counts and model
-fingerprint finds the files intact and returns at once.
+Run it as `python -m tasks.evaldata`. The sets come from `costopt.evaluation.evaldata` (a pure function of
+the seed and counts); each prompt of both held-out sets (prompts, crosscheck) and of the calibration set
+also gets `reference`, the fp32 model's greedy answer, so teacher-forced metrics see answer positions.
+Files go to a staging folder that is swapped in whole, so a crash never leaves a half-written set; a
+second run with the same seed, counts and model fingerprint finds the files intact and returns at once.
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from costopt.models.source import ModelSourceError, load_model_dir
 from costopt.params import EvalDataParams, Params
 from costopt.evaluation.taskscore import chance_accuracy
 
-FILES = {"prompts": "prompts.jsonl", "ppl": "ppl.jsonl", "calibration": "calibration.jsonl",
-         "tasks": "tasks.jsonl"}
+FILES = {"prompts": "prompts.jsonl", "crosscheck": "crosscheck.jsonl", "ppl": "ppl.jsonl",
+         "calibration": "calibration.jsonl", "tasks": "tasks.jsonl"}
 MANIFEST = "manifest.json"
 REFERENCE_DECODER = "engine-1"  # greedy references from costopt's engine (was: left-padded HF generate)
 GENERATE_BATCH = 16  # sequences decoding together in the reference engine
@@ -34,8 +35,8 @@ def model_fingerprint(ws: Workspace) -> str:
 
 
 def _counts(p: EvalDataParams) -> dict[str, int]:
-    return {"prompts": p.prompts, "ppl_texts": p.ppl_texts, "calibration": p.calibration,
-            "task_items": p.task_items}
+    return {"prompts": p.prompts, "crosscheck": p.crosscheck, "ppl_texts": p.ppl_texts,
+            "calibration": p.calibration, "task_items": p.task_items}
 
 
 def _identity(p: EvalDataParams, fingerprint: str) -> dict[str, Any]:
@@ -109,7 +110,7 @@ def evaldata(params: Params, ws: Workspace) -> dict[str, Any]:
     # Held-out prompts and calibration prompts both get the fp32 model's greedy answer: teacher-forced
     # metrics then see answer positions, and calibration sees the text a served model reads back while
     # it decodes (prompts alone are ~20 tokens each: too few rows for GPTQ/AWQ statistics).
-    for key in ("prompts", "calibration"):
+    for key in ("prompts", "crosscheck", "calibration"):
         refs = greedy_references(model, tok, [r["messages"] for r in sets[key]], p.reference_tokens)
         sets[key] = [{**row, "reference": ref} for row, ref in zip(sets[key], refs)]
     families: dict[str, int] = {}

@@ -43,7 +43,7 @@ def _log_rows(path: Path) -> list[dict[str, Any]]:
 
 def calibration_rows(params: Params, ws: Workspace, samples: int | None = None) -> tuple[list[dict[str, Any]], str]:
     """(calibration conversations, source): the first `samples` (default calibrate.samples), checked
-    non-empty and disjoint from the held-out prompts."""
+    non-empty and disjoint from both held-out prompt sets."""
     from costopt.evaluation.evaldata import check_disjoint
     from costopt.evaluation.reference import read_jsonl
 
@@ -61,8 +61,11 @@ def calibration_rows(params: Params, ws: Workspace, samples: int | None = None) 
     rows = rows[-want:] if source == "logs" else rows[:want]  # logs: the latest traffic
     if not rows:
         raise ParamsError(f"calibrate: the calibration set from {source} is empty; expected at least one prompt")
+    held = read_jsonl(ws.data_dir / "prompts.jsonl")
+    if (ws.data_dir / "crosscheck.jsonl").is_file():  # the second held-out set (evaldata generator 3 on)
+        held += read_jsonl(ws.data_dir / "crosscheck.jsonl")
     try:
-        check_disjoint(read_jsonl(ws.data_dir / "prompts.jsonl"), rows)
+        check_disjoint(held, rows)
     except ValueError as exc:
         raise ParamsError(f"calibrate ({source}): {exc}") from exc
     return rows, source

@@ -2,7 +2,8 @@
 
 Run it as `python -m tasks.reference`. Writes artifacts/reference/:
 - reference.safetensors: for every real held-out prompt position past the shared prefix, the fp32
-  model's final hidden state (after the last norm). Full fp32 logits would be 12k x 49152 floats
+  model's final hidden state (after the last norm): `hidden` for the first held-out set,
+  `hidden_crosscheck` for the second (the factual questions of costopt.evaluation.factual). Full fp32 logits would be 12k x 49152 floats
   (2.4 GB); the hidden states are 28 MB, and `Ref.logits` turns them back into the exact fp32 logits
   with one matmul by the fp32 LM head, so KL is computed over the whole vocabulary;
 - reference.json: what it was computed from (model fingerprint, data manifest, settings), the fp32
@@ -19,8 +20,8 @@ import torch
 from tqdm import tqdm
 
 from costopt.evaluation.metrics import accuracy_and_retention, token_nll
-from costopt.evaluation.reference import (FILE, batches, identity, logits, reference_sets, shared_prefix_len,
-                                          task_correct)
+from costopt.evaluation.reference import (FILE, batches, crosscheck_texts, identity, logits, reference_sets,
+                                          shared_prefix_len, task_correct)
 from costopt.models.source import load_model_dir
 from costopt.params import Params
 from costopt.storage.layout import Workspace, read_json, replace_dir, staging_dir, write_json
@@ -38,14 +39,9 @@ def reference(params: Params, ws: Workspace) -> dict[str, Any]:
 
     model, tok = load_model_dir(ws.model_dir)
     texts, passages, items = reference_sets(ws, tok)
-    skip, max_len = shared_prefix_len(tok, texts), params.validate.max_seq_len
-    hidden = []
-    for enc in tqdm(list(batches(tok, texts, max_len)), desc="reference prompts", unit="batch"):
-        mask = enc["attention_mask"].bool()
-        mask[:, :skip] = False
-        with torch.inference_mode():
-            final = model.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-        hidden.append(final.last_hidden_state[mask].float())  # [n, H], after the final norm
+    max_len = params.validate.max_seq_len
+    hidden, skip = final_hidden(model, tok, texts, max_len, "reference prompts")
+    cross, cross_skip = final_hidden(model, tok, crosscheck_texts(ws, tok), max_len, "reference crosscheck")
     nll_sum, nll_count = [], []
     for enc in tqdm(list(batches(tok, passages, max_len)), desc="reference perplexity", unit="batch"):
         ids, mask = enc["input_ids"], enc["attention_mask"].bool()
@@ -58,14 +54,29 @@ def reference(params: Params, ws: Workspace) -> dict[str, Any]:
     manifest = read_json(ws.data_dir / "manifest.json")
     baseline = {"task_accuracy": acc.to_dict(), "ppl": float(np.exp(sum(nll_sum) / sum(nll_count))),
                 "chance_accuracy": manifest.get("chance_accuracy"), "ppl_tokens": int(sum(nll_count)),
-                "prompt_tokens": int(sum(len(x) for x in hidden)), "shared_prefix_tokens_skipped": skip,
-                "items": len(items), "prompts": len(texts), "passages": len(passages)}
+                "prompt_tokens": int(hidden.shape[0]), "shared_prefix_tokens_skipped": skip,
+                "items": len(items), "prompts": len(texts), "passages": len(passages),
+                "crosscheck_prompts": len(crosscheck_texts(ws, tok)), "crosscheck_tokens": int(cross.shape[0])}
     stage = staging_dir(out)
-    save_file({"hidden": torch.cat(hidden).contiguous()}, str(stage / FILE))
+    save_file({"hidden": hidden, "hidden_crosscheck": cross}, str(stage / FILE))
     write_json(stage / "reference.json", {"identity": ident, "baseline": baseline, "skip": skip,
-                                          "nll_sum": nll_sum, "nll_count": nll_count, "correct": correct})
+                                          "crosscheck_skip": cross_skip, "nll_sum": nll_sum,
+                                          "nll_count": nll_count, "correct": correct})
     replace_dir(stage, out)
     return {"cached": False, **baseline}
+
+
+def final_hidden(model: Any, tok: Any, texts: list[str], max_len: int, desc: str) -> tuple[torch.Tensor, int]:
+    """The fp32 final hidden states (after the last norm) of every real position of `texts` past their
+    shared prefix, in batch order: ([positions, hidden], the prefix length skipped)."""
+    skip, hidden = shared_prefix_len(tok, texts), []
+    for enc in tqdm(list(batches(tok, texts, max_len)), desc=desc, unit="batch"):
+        mask = enc["attention_mask"].bool()
+        mask[:, :skip] = False
+        with torch.inference_mode():
+            final = model.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        hidden.append(final.last_hidden_state[mask].float())  # [n, H]
+    return torch.cat(hidden).contiguous(), skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -205,6 +205,8 @@ def _baseline_row(inp: Inputs, price: float) -> dict[str, Any]:
                     "task_accuracy": _point(accuracy, "quality.json: baseline.task_accuracy"),
                     "task_retention": 1.0},
         "quality_ci95": {k: (_ci(accuracy) if k == "task_accuracy" else None) for k in QUALITY_KEYS},
+        "crosscheck": {"kl_mean": 0.0, "kl_p99": 0.0, "top1_agreement": 1.0, "ci95": {},
+                       "prompts": base_q.get("crosscheck_prompts")},
         "speed": _speed(inp.baseline_speed, "artifacts/bench/baseline.json", "benchmark"),
         "speedup_bs1": 1.0,
         "cost_per_1m_requests_usd": _cost(inp.baseline_speed, price),
@@ -260,10 +262,23 @@ def _variant_row(inp: Inputs, name: str, base: dict[str, Any], price: float) -> 
         "gate": {"passed": _entry(verdict, "passed", f"gates.json: variants.{name}", "validate"),
                  "reasons": [str(r) for r in verdict.get("reasons", [])] + _stop_reason(q),
                  "checks": verdict.get("checks", [])},
+        "crosscheck": _crosscheck(inp.quality.get("crosscheck", {}).get(name)),
         "fingerprint": spec.get("fingerprint"),
         "fast_kernel": bool(spec.get("fast_kernel", True)),  # False: "quality-only" on this CPU
         "calibration": spec.get("calibration"),
     }
+
+
+CROSSCHECK_KEYS = ("kl_mean", "kl_p99", "top1_agreement")
+
+
+def _crosscheck(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A variant's quality on the second held-out set (tasks.validate.measure_crosscheck), or None."""
+    if not record:
+        return None
+    where = "quality.json: crosscheck"
+    return {**{k: _point(record.get(k), f"{where}.{k}") for k in CROSSCHECK_KEYS},
+            "ci95": {k: _ci(record.get(k)) for k in CROSSCHECK_KEYS}, "prompts": record.get("prompts")}
 
 
 def pareto_front(rows: list[dict[str, Any]]) -> list[str]:
@@ -374,7 +389,7 @@ def _verdict(gate: dict[str, Any]) -> str:
 def summary_table(summary: dict[str, Any]) -> str:
     """A fixed-width table for the terminal: one line per variant, fp32 first."""
     head = (f"{'variant':<22} {'precision':<9} {'runtime':<8} {'size MB':>8} {'tok/s bs1':>9} {'cost/1M $':>10} "
-            f"{'KL mean':>8} {'top-1':>6} {'task ret':>8}  gate")
+            f"{'KL mean':>8} {'KL xchk':>8} {'top-1':>6} {'task ret':>8}  gate")
     lines = [head, "-" * len(head)]
     for r in _rows(summary):
         q, mark = r["quality"], "*" if r["name"] == summary["search"]["picked"] else " "
@@ -382,6 +397,7 @@ def summary_table(summary: dict[str, Any]) -> str:
                      f"{r.get('runtime', 'torch')[:8]:<8} {r['size_bytes'] / 1e6:>8.1f} "
                      f"{_fmt(r['speed']['decode_tok_s_bs1'], '.1f'):>9} "
                      f"{_fmt(r['cost_per_1m_requests_usd'], '.2f'):>10} {_fmt(q['kl_mean'], '.4f'):>8} "
+                     f"{_fmt((r.get('crosscheck') or {}).get('kl_mean'), '.4f'):>8} "
                      f"{_fmt(q['top1_agreement'], '.3f'):>6} {_fmt(q['task_retention'], '.3f'):>8}  "
                      f"{_verdict(r['gate'])}")
     for f in summary.get("failed_variants") or []:
@@ -450,6 +466,34 @@ def _mixed_html(search: dict[str, Any]) -> str:
             f"path, cheapest passing: <b>{html.escape(str(mixed.get('best')))}</b>).</p>"
             f"<table><tr><th class='l'>candidate</th><th class='l'>plan</th><th>path index</th>"
             f"<th>predicted KL</th><th>measured KL</th><th>gates</th></tr>{rows}</table>")
+
+
+def _crosscheck_html(summary: dict[str, Any]) -> str:
+    """Each variant's quality on both held-out sets, side by side."""
+    rows = [r for r in summary["variants"] if r.get("crosscheck")]
+    if not rows:
+        return ""
+
+    def cell(value: Any, ci: list[float] | None, spec: str) -> str:
+        band = f'<br><span class="ci">[{ci[0]:{spec}}, {ci[1]:{spec}}]</span>' if ci else ""
+        return f"<td>{_fmt(value, spec)}{band}</td>"
+
+    body = []
+    for r in rows:
+        x, q, qci = r["crosscheck"], r["quality"], r.get("quality_ci95", {})
+        body.append(f'<tr><td class="l">{html.escape(r["name"])}</td>'
+                    + cell(q["kl_mean"], qci.get("kl_mean"), ".4f") + cell(x["kl_mean"], x["ci95"]["kl_mean"], ".4f")
+                    + f'<td>{_fmt(_ratio(x["kl_mean"], q["kl_mean"]), ".2f")}</td>'
+                    + cell(q["top1_agreement"], qci.get("top1_agreement"), ".3f")
+                    + cell(x["top1_agreement"], x["ci95"]["top1_agreement"], ".3f") + "</tr>")
+    n = rows[0]["crosscheck"].get("prompts")
+    return f"""<h2>Quality on a second held-out set</h2>
+<p class="ci">The crosscheck set: {n} short factual questions composed from fact tables, written unlike the chat
+prompts that the calibration set and the first held-out set come from. Reported, not gated: a variant whose
+KL grows much more here than others' is fitted to the calibration pool's style.</p>
+<table><tr><th class="l">variant</th><th>KL mean, held-out<br>[95% CI]</th><th>KL mean, crosscheck<br>[95% CI]</th>
+<th>crosscheck / held-out</th><th>top-1, held-out</th><th>top-1, crosscheck</th></tr>
+{"".join(body)}</table>"""
 
 
 def _figures_html(summary: dict[str, Any], figures: dict[str, bytes]) -> str:
@@ -547,6 +591,7 @@ per hour / 3600 × machine-seconds per request × 10<sup>6</sup>. Ratios in pare
 {rows}
 </table>
 {_failed_html(summary)}
+{_crosscheck_html(summary)}
 <h2>Cost versus quality</h2>
 <img alt="cost versus KL mean, Pareto front highlighted" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">
 <p>Pareto front: {esc(", ".join(search["front"]) or "–")}</p>

@@ -124,6 +124,7 @@ def search(params: Params, ws: Workspace) -> dict[str, Any]:
     benches = {n: read_json(ws.bench_file(n)) for n in names}
     ref = load_reference(params, ws)
     quality = {"baseline": ref.info, "variants": {n: r["metrics"] for n, r in records.items()},
+               "crosscheck": {n: r.get("crosscheck") for n, r in records.items()},
                "statistic": params.validate.gates.statistic}
     stage = staging_dir(ws.search_dir / "summary")
     verdicts = evaluate_gates(quality["variants"], params.validate.gates, stage / "data_docs")

@@ -4,7 +4,9 @@ Run it as `python -m tasks.validate [--variant NAME]` (all of quantize.variants 
 the DAG maps it over the variants. Metrics (costopt.evaluation.metrics), each with a 95% bootstrap CI:
 - KL mean and p99, top-1 agreement: teacher-forced over held-out chat prompts followed by the fp32
   model's own answer, at every real (non-pad) position after the prefix all prompts share (the chat
-  template's system block); fp32 is read from artifacts/reference (tasks.reference);
+  template's system block); fp32 is read from artifacts/reference (tasks.reference). The same three
+  are measured on the crosscheck set (short factual questions written unlike the calibration prompts,
+  costopt.evaluation.factual) for every variant, early-stopped ones included, and reported, not gated;
 - perplexity ratio on held-out passages;
 - task accuracy and retention on the labeled multiple-choice set (log-likelihood scoring).
 The Great Expectations suite in `tasks.gates` decides the gates. Each variant's result is written to
@@ -26,7 +28,7 @@ from costopt.evaluation.sequential import INTERIM_LEVEL, PROMPT_METRICS, Stop, f
 from costopt.params import Gates, Params
 from costopt.models.variants import read_failure, record_failure
 from costopt.runtimes.registry import RuntimeFailure, load_scorer
-from costopt.evaluation.reference import Ref, batches, load_reference, logits, read_jsonl, task_correct
+from costopt.evaluation.reference import PromptSet, Ref, batches, load_reference, logits, read_jsonl, task_correct
 
 
 @dataclass
@@ -41,18 +43,20 @@ class Tally:
 
 
 def compare_prompts(model: Any, ref: Ref, tally: Tally, limit: int | None = None,
-                    stop_after: Callable[[int, int], bool] | None = None) -> None:
-    """KL and top-1 against the stored fp32 reference at every real position past the shared prefix.
+                    stop_after: Callable[[int, int], bool] | None = None, prompts: PromptSet | None = None) -> None:
+    """KL and top-1 against the stored fp32 reference at every real position past the shared prefix,
+    over `prompts` (default: the first held-out set).
 
     `stop_after(done, total)` is asked after each batch (counts of batches); True ends the scoring there."""
+    pset = prompts or ref.prompt_set()
     row = 0
-    encs = list(batches(ref.tok, ref.texts[:limit] if limit else ref.texts, ref.max_len))
-    for done, enc in enumerate(tqdm(encs, desc="validate prompts", unit="batch", leave=False), 1):
+    encs = list(batches(ref.tok, pset.texts[:limit] if limit else pset.texts, ref.max_len))
+    for done, enc in enumerate(tqdm(encs, desc=f"validate {pset.name}", unit="batch", leave=False), 1):
         mask = enc["attention_mask"].bool()  # [B, T]
-        mask[:, :ref.skip] = False
+        mask[:, :pset.skip] = False
         out = logits(model, enc)[mask]  # [N, V]
         n = out.shape[0]
-        part = Reference(ref.logits(row, row + n))
+        part = Reference(ref.logits(row, row + n, pset))
         kl, top1 = part.kl(out).double(), part.top1_match(out)  # [N]
         lengths = mask.sum(dim=1).tolist()
         start = 0
@@ -65,8 +69,8 @@ def compare_prompts(model: Any, ref: Ref, tally: Tally, limit: int | None = None
         row += n
         if stop_after is not None and done < len(encs) and stop_after(done, len(encs)):
             return
-    if limit is None and row != ref.hidden.shape[0]:
-        raise RuntimeError(f"reference has {ref.hidden.shape[0]} positions, this run {row}: "
+    if limit is None and row != pset.hidden.shape[0]:
+        raise RuntimeError(f"reference has {pset.hidden.shape[0]} {pset.name} positions, this run {row}: "
                            "the reference is stale; rerun the reference phase")
 
 
@@ -129,6 +133,17 @@ def measure_quality(model: Any, ref: Ref, resamples: int, gates: Gates | None = 
     return est
 
 
+def measure_crosscheck(model: Any, ref: Ref, resamples: int) -> dict[str, Any] | None:
+    """KL mean and p99 and top-1 agreement on the second held-out set (short factual questions written
+    unlike the calibration prompts), with 95% CIs; reported next to the first set, not gated."""
+    if ref.crosscheck is None:
+        return None
+    tally = Tally()
+    compare_prompts(model, ref, tally, prompts=ref.crosscheck)
+    return {**{k: v.to_dict() for k, v in _prompt_estimates(tally, resamples).items()},
+            "prompts": len(tally.count), "tokens": int(sum(tally.count))}
+
+
 def gate_one(name: str, metrics: dict[str, Any], params: Params, docs_dir) -> dict[str, Any]:
     from tasks.gates import evaluate_gates
 
@@ -145,12 +160,13 @@ def validate_variant(params: Params, ws: Workspace, name: str) -> dict[str, Any]
     try:
         model, _ = load_scorer(ws, name)
         metrics = measure_quality(model, ref, params.validate.bootstrap, params.validate.gates)
+        crosscheck = measure_crosscheck(model, ref, params.validate.bootstrap)
     except RuntimeFailure as exc:  # e.g. non-finite logits from the runtime: never a silently wrong model
         return record_failure(ws, name, "validate", exc)
     out = ws.quality_file(name)
     docs = out.with_suffix(".docs")
     verdict = gate_one(name, metrics, params, docs)
-    write_json(out, {"name": name, "metrics": metrics, "gate": verdict,
+    write_json(out, {"name": name, "metrics": metrics, "crosscheck": crosscheck, "gate": verdict,
                      "statistic": params.validate.gates.statistic,
                      "data_docs": str((docs / "index.html").relative_to(ws.root))})
     return {"name": name, "passed": verdict["passed"], "kl_mean": metrics["kl_mean"]["value"]}

@@ -67,3 +67,10 @@ def test_malformed_log_line_names_the_line(ws):
     (ws.root / "logs" / "requests.jsonl").write_text('{"prompt": "ok"}\n{not json\n')
     with pytest.raises(ParamsError, match="line 2"):
         calibration_rows(params_from_dict({}), ws)
+
+
+def test_log_overlapping_the_crosscheck_set_is_refused(ws):
+    _jsonl(ws.data_dir / "crosscheck.jsonl", [chat("x0", "How many legs does a spider have?")])
+    _jsonl(ws.root / "logs" / "requests.jsonl", [{"prompt": "How many legs does a spider have?"}])
+    with pytest.raises(ParamsError, match=r"= x0\); calibration data must be disjoint"):
+        calibration_rows(params_from_dict({}), ws)

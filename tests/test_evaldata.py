@@ -10,14 +10,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-from costopt.evaluation.evaldata import (TASK_FAMILIES, build_sets, check_disjoint, ppl_passages, prompt_pool,
-                              split_prompts, task_items, to_jsonl)
+from costopt.evaluation.evaldata import (TASK_FAMILIES, build_sets, chat_pool, check_disjoint, crosscheck_questions,
+                                        ppl_passages, prompt_pool, split_prompts, task_items, to_jsonl)
 from costopt.storage.layout import Workspace, write_json
 from costopt.models.source import ModelFileError
 from costopt.params import EvalDataParams, Params, ParamsError
 from costopt.evaluation.taskscore import chance_accuracy, choice_logliks, plan_sequences, predict
 
-QUICK = EvalDataParams(prompts=32, ppl_texts=8, calibration=16, task_items=60, reference_tokens=16)
+QUICK = EvalDataParams(prompts=32, crosscheck=8, ppl_texts=8, calibration=16, task_items=60, reference_tokens=16)
 FULL = EvalDataParams()
 
 
@@ -40,7 +40,8 @@ def test_different_seed_gives_different_sets():
 @pytest.mark.parametrize("p", [QUICK, FULL], ids=["quick", "full"])
 def test_counts_are_honoured_and_ids_unique(p):
     sets = build_sets(p)
-    want = {"prompts": p.prompts, "ppl": p.ppl_texts, "calibration": p.calibration, "tasks": p.task_items}
+    want = {"prompts": p.prompts, "crosscheck": p.crosscheck, "ppl": p.ppl_texts, "calibration": p.calibration,
+            "tasks": p.task_items}
     for name, n in want.items():
         assert len(sets[name]) == n, f"{name}: expected {n} rows, got {len(sets[name])}"
         ids = [r["id"] for r in sets[name]]
@@ -60,6 +61,53 @@ def test_calibration_is_disjoint_from_held_out():
     held, cal = split_prompts(FULL.seed, FULL.prompts, FULL.calibration)
     overlap = {r["messages"][0]["content"] for r in held} & {r["messages"][0]["content"] for r in cal}
     assert not overlap, f"calibration shares {len(overlap)} prompts with held-out, e.g. {sorted(overlap)[:1]}"
+
+
+def _user_texts(rows) -> list[str]:
+    return [" ".join(m["content"] for m in r["messages"] if m["role"] == "user") for r in rows]
+
+
+def test_held_out_prompts_span_styles_lengths_and_turns():
+    """The widened generator: questions and instructions, terse and long, several turns, other languages."""
+    held, cal = split_prompts(FULL.seed, FULL.prompts, FULL.calibration)
+    for name, rows in (("held-out", held), ("calibration", cal)):
+        texts = _user_texts(rows)
+        words = sorted(len(t.split()) for t in texts)
+        assert words[0] <= 4 and words[-1] >= 45, f"{name}: prompt lengths span only {words[0]}-{words[-1]} words"
+        questions = sum(t.rstrip().endswith("?") for t in texts) / len(texts)
+        assert 0.15 <= questions <= 0.6, f"{name}: {questions:.0%} of prompts are questions; want a mix"
+        families = {r["family"] for r in rows}
+        assert {"questions", "terse", "format", "multilingual"} <= families, f"{name}: families {sorted(families)}"
+        assert any(not t.isascii() for t in texts), f"{name}: no prompt outside plain English"
+    assert any(len(r["messages"]) == 3 and r["messages"][1]["role"] == "assistant" for r in held), \
+        "held-out prompts should include a follow-up turn after an earlier exchange"
+    assert any(r["family"] == "reading" for r in held), "held-out prompts should include long reading prompts"
+
+
+def test_no_held_out_prompt_shares_its_long_text_with_calibration():
+    """A reading note or a dialog's first exchange used on both sides would leak that text into calibration."""
+    pool = chat_pool(FULL.seed)
+    held, cal = split_prompts(FULL.seed, FULL.prompts, len(pool) - FULL.prompts)
+    firsts = lambda rows: {r["messages"][0]["content"].split("\n\n")[0] for r in rows}  # noqa: E731
+    shared = firsts(held) & firsts(cal)
+    assert not shared, f"{len(shared)} notes or first turns appear on both sides, e.g. {sorted(shared)[:1]}"
+
+
+def test_crosscheck_is_factual_questions_unlike_the_calibration_pool():
+    cross = crosscheck_questions(FULL.seed, FULL.crosscheck)
+    assert len({r["messages"][0]["content"] for r in cross}) == FULL.crosscheck, "crosscheck questions repeat"
+    assert all(len(r["messages"]) == 1 and r["messages"][0]["role"] == "user" for r in cross)
+    texts = _user_texts(cross)
+    assert all(len(t.split()) <= 14 for t in texts), f"crosscheck questions should be short: {max(texts, key=len)}"
+    assert len({r["family"] for r in cross}) >= 6, "the crosscheck set should mix its fact families"
+    pool = {" ".join(m["content"] for m in msgs if m["role"] == "user").lower() for _, msgs in chat_pool(FULL.seed)}
+    assert not pool & {t.lower() for t in texts}, "a crosscheck question also appears in the chat pool"
+    # built differently: no crosscheck question opens like a pool prompt does (first four words)
+    heads = {" ".join(t.split()[:4]) for t in pool}
+    same = [t for t in texts if " ".join(t.lower().split()[:4]) in heads]
+    assert len(same) <= len(texts) // 10, f"{len(same)} crosscheck questions open like pool prompts: {same[:3]}"
+    with pytest.raises(ParamsError, match=r"evaldata\.crosscheck"):
+        crosscheck_questions(1, 100_000)
 
 
 def test_overlap_raises_naming_calibration():
@@ -203,7 +251,7 @@ def test_phase_writes_the_documented_files_then_hits_its_cache(tiny_workspace):
     from tasks.evaldata import FILES, MANIFEST, evaldata
 
     ws = tiny_workspace
-    params = Params(evaldata=EvalDataParams(prompts=4, ppl_texts=2, calibration=3, task_items=20,
+    params = Params(evaldata=EvalDataParams(prompts=4, crosscheck=3, ppl_texts=2, calibration=3, task_items=20,
                                             reference_tokens=3))
     first = evaldata(params, ws)
     assert first["cached"] is False, "the first run cannot be cached"
@@ -211,10 +259,11 @@ def test_phase_writes_the_documented_files_then_hits_its_cache(tiny_workspace):
     for name in FILES.values():
         digest = hashlib.sha256((ws.data_dir / name).read_bytes()).hexdigest()
         assert manifest["files"][name] == digest, f"{name}: manifest hash differs from the file"
-    assert manifest["counts"] == {"prompts": 4, "ppl_texts": 2, "calibration": 3, "task_items": 20}, \
-        f"counts: {manifest['counts']}"
-    prompts = [json.loads(line) for line in (ws.data_dir / "prompts.jsonl").read_text().splitlines()]
-    assert all(isinstance(p["reference"], str) for p in prompts), "every prompt needs a reference answer"
+    assert manifest["counts"] == {"prompts": 4, "crosscheck": 3, "ppl_texts": 2, "calibration": 3,
+                                  "task_items": 20}, f"counts: {manifest['counts']}"
+    for name in ("prompts", "crosscheck"):
+        prompts = [json.loads(line) for line in (ws.data_dir / f"{name}.jsonl").read_text().splitlines()]
+        assert all(isinstance(p["reference"], str) for p in prompts), f"every {name} row needs a reference answer"
     assert evaldata(params, ws)["cached"] is True, "same seed, counts and model should be cached"
     (ws.data_dir / "tasks.jsonl").write_text("tampered\n")
     assert evaldata(params, ws)["cached"] is False, "a tampered file must force a rebuild"
@@ -250,3 +299,33 @@ def test_reference_answers_equal_each_prompts_own_greedy_generate(tiny):
         with torch.no_grad():
             gen = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=1, pad_token_id=0)
         assert answer == tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True), conv
+
+
+def test_reference_and_validate_measure_the_crosscheck_set(tiny_workspace):
+    """fp32 against its own reference scores KL 0 and top-1 1 on the crosscheck set; noisy weights do not."""
+    from costopt.evaluation.reference import load_reference
+    from costopt.models.source import load_model_dir
+    from tasks.evaldata import evaldata
+    from tasks.reference import reference
+    from tasks.validate import measure_crosscheck
+
+    ws = tiny_workspace
+    params = Params(evaldata=EvalDataParams(prompts=4, crosscheck=5, ppl_texts=2, calibration=2, task_items=20,
+                                            reference_tokens=4))
+    evaldata(params, ws)
+    info = reference(params, ws)
+    assert info["crosscheck_prompts"] == 5 and info["crosscheck_tokens"] > 0, f"reference baseline: {info}"
+    ref = load_reference(params, ws)
+    assert ref.crosscheck is not None and len(ref.crosscheck.texts) == 5
+    model, _ = load_model_dir(ws.model_dir)
+    same = measure_crosscheck(model, ref, resamples=50)
+    assert same["prompts"] == 5 and same["tokens"] == info["crosscheck_tokens"], f"positions: {same}"
+    assert same["kl_mean"]["value"] < 1e-4 and same["top1_agreement"]["value"] == 1.0, f"fp32 vs itself: {same}"
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.model.layers.parameters():
+            p.add_(torch.randn_like(p) * 0.5 * p.std())
+    noisy = measure_crosscheck(model, ref, resamples=50)
+    assert noisy["kl_mean"]["value"] > 100 * max(same["kl_mean"]["value"], 1e-6), f"noisy weights: {noisy}"
+    lo, hi = noisy["kl_mean"]["ci95"]
+    assert lo <= noisy["kl_mean"]["value"] <= hi, f"the CI brackets the estimate: {noisy['kl_mean']}"

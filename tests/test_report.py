@@ -66,7 +66,7 @@ def build_workspace(root: Path, case: dict = CASE) -> Workspace:
                                                "parameters": 134_515_008, "dtype": "float32"})
     (art / "model" / "model.safetensors").write_bytes(b"\0" * 4000)
     write(art / "bench" / "baseline.json", speed_record("fp32", BASE_SECONDS))
-    quality, verdicts = {}, {}
+    quality, verdicts, crosscheck = {}, {}, {}
     for i, (name, (seconds, kl, passed)) in enumerate(case.items()):
         write(art / "variants" / name / "spec.json", {
             "name": name, "base_model": Params().ingest.model, "base_fingerprint": FINGERPRINT,
@@ -77,11 +77,13 @@ def build_workspace(root: Path, case: dict = CASE) -> Workspace:
         quality[name] = {"kl_mean": metric(kl, kl / 10), "kl_p99": metric(10 * kl), "top1_agreement":
                          metric(0.97 if passed else 0.5), "ppl_ratio": metric(1.01), "task_accuracy":
                          metric(0.58), "task_retention": metric(0.97, 0.05)}
+        crosscheck[name] = {"kl_mean": metric(1.5 * kl, kl / 5), "kl_p99": metric(15 * kl),
+                            "top1_agreement": metric(0.95 if passed else 0.45), "prompts": 60, "tokens": 2100}
         verdicts[name] = {"passed": passed, "reasons": [] if passed else
                           [f"kl_mean = {kl:.4f} nats/token > kl_mean_max = 0.02"], "checks": []}
     write(art / "search" / "quality.json", {"baseline": {"task_accuracy": metric(0.6, 0.06), "ppl": 12.3,
                                                          "chance_accuracy": 0.29, "tokens": 900, "items": 60},
-                                            "variants": quality})
+                                            "variants": quality, "crosscheck": crosscheck})
     write(art / "search" / "gates.json", {"thresholds": dataclasses.asdict(Params().validate.gates),
                                           "variants": verdicts,
                                           "data_docs": "artifacts/search/data_docs/index.html"})
@@ -213,6 +215,19 @@ def test_html_embeds_the_plot_and_links_data_docs(ran):
     assert 'href="data_docs/index.html"' in page, "report.html must link the Data Docs"
     assert (Path(result["report_dir"]) / "data_docs" / "index.html").is_file(), "Data Docs must be copied"
     assert "kl_mean = 2.0000 nats/token &gt; kl_mean_max = 0.02" in page, "failed gates must show their reasons"
+
+
+def test_crosscheck_quality_sits_next_to_the_first_set(ran):
+    _, result, summary = ran
+    for v in summary["variants"]:
+        x = v["crosscheck"]
+        assert x["kl_mean"] == pytest.approx(1.5 * v["quality"]["kl_mean"]) and x["prompts"] == 60, \
+            f"{v['name']}: crosscheck figures come from quality.json's crosscheck: {x}"
+        assert x["ci95"]["kl_mean"] is not None, f"{v['name']}: the crosscheck KL carries its CI"
+    page = Path(result["html"]).read_text()
+    assert "Quality on a second held-out set" in page and "60 short factual questions" in page, \
+        "the report has the side-by-side crosscheck table"
+    assert "KL xchk" in summary_table(summary), "the terminal table shows the crosscheck KL"
 
 
 def test_summary_table_lists_every_variant(ran):

@@ -1,8 +1,12 @@
 """Held-out evaluation data, built from word lists in this file: no download, a pure function of a seed.
 
-Four sets, each a list of JSON-ready dicts in the shapes of `docs/artifacts.md`:
-- chat prompts from templates x topics, split into a held-out set and a calibration set that share no
-  prompt (`split_prompts`; `check_disjoint` raises if they ever do);
+Five sets, each a list of JSON-ready dicts in the shapes of `docs/artifacts.md`:
+- chat prompts (`chat_pool`): templates x topics and the style families of `costopt.evaluation.chatstyles`
+  (natural questions, terse queries, format constraints, long reading prompts, follow-up turns, other
+  languages), split into a held-out set and a calibration set that share no prompt (`split_prompts`;
+  `check_disjoint` raises if they ever do);
+- the crosscheck set: short factual questions composed from fact tables (`costopt.evaluation.factual`),
+  a second held-out set written unlike the pool the calibration set comes from;
 - text passages for perplexity, 60-120 words of ordinary prose composed from a sentence library;
 - labeled multiple-choice items in several families, scored by log-likelihood as lm-eval does
   (`costopt.evaluation.taskscore`): the context has no trailing space, every choice starts with one.
@@ -20,9 +24,11 @@ import random
 import re
 from typing import Any, Callable, Iterable
 
+from costopt.evaluation.chatstyles import style_families
+from costopt.evaluation.factual import question_families
 from costopt.params import EvalDataParams, ParamsError
 
-GENERATOR_VERSION = 2  # 2: calibration prompts carry fp32 answers; bump when any list or template changes: it invalidates cached data sets
+GENERATOR_VERSION = 3  # 2: calibration prompts carry fp32 answers; 3: style families, the crosscheck set; bump when any list or template changes: it invalidates cached data sets
 
 Row = dict[str, Any]
 
@@ -153,7 +159,10 @@ def _math_prompts(seed: int) -> list[str]:
 
 
 def prompt_pool(seed: int) -> list[tuple[str, str]]:
-    """Every distinct (family, prompt) the generator can make, in a seeded, family-balanced order."""
+    """Every distinct single-turn (family, prompt) of the template families, in a seeded, family-balanced
+    order. The serving trace (`costopt.workload.trace`) draws from this pool and its paraphrase rules are
+    written for it, so it keeps the template families only; the held-out and calibration sets draw from
+    `chat_pool`, which adds the other styles."""
     pools = {fam: [t.format(x=x) for t in templates for x in topics]
              for fam, (templates, topics) in _PROMPT_FAMILIES.items()}
     pools["math"] = _math_prompts(seed)
@@ -180,17 +189,49 @@ def check_disjoint(held_out: Iterable[Row], calibration: Iterable[Row]) -> None:
                          f"disjoint from evaluation data")
 
 
+def chat_pool(seed: int) -> list[tuple[str, list[dict[str, str]]]]:
+    """Every distinct (family, conversation) for the held-out and calibration prompts, family-balanced:
+    the template families of `prompt_pool` and the style families of `costopt.evaluation.chatstyles`
+    (questions, terse, format constraints, long reading prompts, follow-up turns, other languages)."""
+    pools: dict[str, list[Any]] = {}
+    for fam, text in prompt_pool(seed):
+        pools.setdefault(fam, []).append([{"role": "user", "content": text}])
+    pools.update(style_families())
+    return _interleave(pools, _rng(seed, "chat-prompts"))
+
+
 def split_prompts(seed: int, held_out: int, calibration: int) -> tuple[list[Row], list[Row]]:
     """(held-out prompts `p0000..`, calibration prompts `c0000..`), disjoint, from one seeded pool."""
-    pool = prompt_pool(seed)
+    pool = chat_pool(seed)
     if held_out + calibration > len(pool):
         raise ParamsError(f"evaldata.prompts + evaldata.calibration = {held_out + calibration} exceeds the "
                           f"{len(pool)} distinct prompts the generator can build; lower one of them")
-    rows = [{"messages": [{"role": "user", "content": text}]} for _, text in pool]
-    held = [{"id": f"p{i:04d}", **r} for i, r in enumerate(rows[:held_out])]
-    cal = [{"id": f"c{i:04d}", **r} for i, r in enumerate(rows[held_out:held_out + calibration])]
+    # Deal the family-balanced pool to both sides in proportion (whichever side is further behind its
+    # count takes the next prompt), so a small family (a dozen reading prompts) lands on both sides
+    # instead of being used up by the held-out set.
+    held_rows: list[Row] = []
+    cal_rows: list[Row] = []
+    for fam, messages in pool[:held_out + calibration]:
+        side = held_rows if len(held_rows) * calibration <= len(cal_rows) * held_out else cal_rows
+        if len(side) == (held_out if side is held_rows else calibration):
+            side = cal_rows if side is held_rows else held_rows
+        side.append({"family": fam, "messages": messages})
+    held = [{"id": f"p{i:04d}", **r} for i, r in enumerate(held_rows)]
+    cal = [{"id": f"c{i:04d}", **r} for i, r in enumerate(cal_rows)]
     check_disjoint(held, cal)
     return held, cal
+
+
+def crosscheck_questions(seed: int, n: int) -> list[Row]:
+    """The second held-out set (`costopt.evaluation.factual`): `n` short factual questions `x0000..`,
+    written unlike any prompt of `chat_pool`."""
+    rng = _rng(seed, "crosscheck")
+    pool = _interleave(question_families(rng), rng)
+    if n > len(pool):
+        raise ParamsError(f"evaldata.crosscheck = {n} exceeds the {len(pool)} distinct questions the "
+                          f"crosscheck set can build; lower it")
+    return [{"id": f"x{i:04d}", "family": fam, "messages": [{"role": "user", "content": text}]}
+            for i, (fam, text) in enumerate(pool[:n])]
 
 
 # ---------------------------------------------------------------- perplexity passages
@@ -549,9 +590,12 @@ def task_items(seed: int, n: int) -> list[Row]:
 
 
 def build_sets(p: EvalDataParams) -> dict[str, list[Row]]:
-    """The four sets of one params section: {"prompts", "ppl", "calibration", "tasks"}, without references."""
+    """The five sets of one params section: {"prompts", "crosscheck", "ppl", "calibration", "tasks"},
+    without references."""
     held, cal = split_prompts(p.seed, p.prompts, p.calibration)
-    return {"prompts": held, "ppl": ppl_passages(p.seed, p.ppl_texts), "calibration": cal,
+    cross = crosscheck_questions(p.seed, p.crosscheck)
+    check_disjoint(cross, cal)
+    return {"prompts": held, "crosscheck": cross, "ppl": ppl_passages(p.seed, p.ppl_texts), "calibration": cal,
             "tasks": task_items(p.seed, p.task_items)}
 
 

@@ -71,6 +71,16 @@ def task_correct(model: Any, tok: Any, items: list[dict[str, Any]]) -> list[bool
 
 
 @dataclass
+class PromptSet:
+    """One held-out prompt set as the reference stores it: texts (chat-templated prompt + fp32 answer),
+    the shared prefix skipped, and the fp32 final hidden state of every measured position."""
+    name: str
+    texts: list[str]
+    skip: int
+    hidden: torch.Tensor  # [positions, hidden], in prompt-batch order
+
+
+@dataclass
 class Ref:
     """Everything a variant is compared against, loaded from artifacts/reference."""
     tok: Any
@@ -85,23 +95,34 @@ class Ref:
     nll_count: list[float]
     correct: list[bool]
     info: dict[str, Any]
+    crosscheck: PromptSet | None = None  # the second held-out set (costopt.evaluation.factual)
 
-    def logits(self, start: int, stop: int) -> torch.Tensor:
-        """Exact fp32 logits of positions [start, stop): [n, vocab]."""
-        return torch.nn.functional.linear(self.hidden[start:stop], self.head)
+    def prompt_set(self) -> PromptSet:
+        """The first held-out set, the one the gates judge."""
+        return PromptSet("prompts", self.texts, self.skip, self.hidden)
+
+    def logits(self, start: int, stop: int, prompts: PromptSet | None = None) -> torch.Tensor:
+        """Exact fp32 logits of positions [start, stop) of `prompts` (default: the first set): [n, vocab]."""
+        hidden = self.hidden if prompts is None else prompts.hidden
+        return torch.nn.functional.linear(hidden[start:stop], self.head)
 
 
 def identity(params: Params, ws: Workspace) -> dict[str, Any]:
     manifest = read_json(ws.data_dir / "manifest.json") if (ws.data_dir / "manifest.json").is_file() else {}
     model = read_json(ws.model_dir / "fingerprint.json") if (ws.model_dir / "fingerprint.json").is_file() else {}
     return {"model": model.get("fingerprint"), "data": manifest.get("files", manifest.get("identity")),
-            "max_seq_len": params.validate.max_seq_len, "format": 2}
+            "max_seq_len": params.validate.max_seq_len, "format": 3}  # 3: the crosscheck set
 
 
 def reference_sets(ws: Workspace, tok: Any) -> tuple[list[str], list[str], list[dict[str, Any]]]:
     prompts = read_jsonl(ws.data_dir / "prompts.jsonl")
     passages = [p["text"] for p in read_jsonl(ws.data_dir / "ppl.jsonl")]
     return prompt_texts(tok, prompts), passages, read_jsonl(ws.data_dir / "tasks.jsonl")
+
+
+def crosscheck_texts(ws: Workspace, tok: Any) -> list[str]:
+    """The second held-out set's texts (chat-templated question + fp32 answer)."""
+    return prompt_texts(tok, read_jsonl(ws.data_dir / "crosscheck.jsonl"))
 
 
 def load_reference(params: Params, ws: Workspace) -> Ref:
@@ -119,9 +140,11 @@ def load_reference(params: Params, ws: Workspace) -> Ref:
     tensors = load_file(str(out / FILE))
     tok = AutoTokenizer.from_pretrained(str(ws.model_dir), local_files_only=True)
     texts, passages, items = reference_sets(ws, tok)
+    cross = PromptSet("crosscheck", crosscheck_texts(ws, tok), record["crosscheck_skip"],
+                      tensors["hidden_crosscheck"])
     return Ref(tok, texts, passages, items, record["skip"], params.validate.max_seq_len,
                tensors["hidden"], head_weight(ws.model_dir), record["nll_sum"], record["nll_count"],
-               record["correct"], record["baseline"])
+               record["correct"], record["baseline"], cross)
 
 
 def head_weight(model_dir: Path) -> torch.Tensor:
