@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     options = ServeOptions(workspace=args.workspace.resolve(), admission=admission, max_len=args.max_len,
                            max_tokens_limit=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
                            threads=args.threads, prefix_cache=args.prefix_cache)
-    from serving.api import register
+    from serving.api import bind_to, register
     from serving.library import ModelLibrary
     from serving.protocol import ApiError
     from serving.reqlog import RequestLog
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--variants: {exc.message}")
     register(model_server.app, library, RequestLog(args.request_log, args.log_prompts), args.max_body_bytes,
              keys=keys, admin=admin)
-    _bind_to(args.host)
+    bind_to(args.host)
     ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, registered_models=library,
                 enable_grpc=args.enable_grpc).start(models)
 
@@ -130,20 +130,6 @@ def _announce(keys: Any, admin_from: str, host: str, port: int) -> None:
 def _say(line: str) -> None:
     """Start-up notices go to stderr before KServe configures logging (and so before any log handler)."""
     print(f"costopt serving: {line}", file=sys.stderr, flush=True)
-
-
-def _bind_to(host: str) -> None:
-    """Make KServe's REST server listen on `host`. KServe 0.21's `RESTServer` hard-codes 0.0.0.0 in its
-    uvicorn config and `ModelServer` has no setting for it, so the server class `ModelServer.start` builds
-    is swapped for a subclass that sets the host before uvicorn binds."""
-    from kserve.protocol.rest.server import RESTServer
-
-    class BoundRESTServer(RESTServer):
-        def __init__(self, *args, **kwargs) -> None:
-            super().__init__(*args, **kwargs)
-            self.config.host = host  # read when uvicorn binds its socket, after this
-
-    model_server.RESTServer = BoundRESTServer
 
 
 if __name__ == "__main__":

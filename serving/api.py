@@ -339,3 +339,18 @@ def register(app: FastAPI, library: ModelLibrary, reqlog: RequestLog, max_body_b
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     app.add_middleware(NoVersions)
     app.add_middleware(Guard, keys=keys, admin=admin)  # added last: runs first
+
+
+def bind_to(host: str) -> None:
+    """Make KServe's REST server listen on `host`. KServe 0.21's `RESTServer` hard-codes 0.0.0.0 in its
+    uvicorn config and `ModelServer` has no setting for it, so the server class `ModelServer.start` builds
+    is swapped for a subclass that sets the host before uvicorn binds."""
+    from kserve import model_server
+    from kserve.protocol.rest.server import RESTServer
+
+    class BoundRESTServer(RESTServer):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.config.host = host  # read when uvicorn binds its socket, after this
+
+    model_server.RESTServer = BoundRESTServer

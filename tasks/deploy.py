@@ -127,6 +127,21 @@ def start_server(workspace: Path, variants: Sequence[str], log: Path, flags: Seq
     port = port or free_port()
     cmd = [str(python or serving_python()), "-m", "serving", "--workspace", str(workspace),
            "--variants", *variants, "--http_port", str(port), "--enable_grpc", "false", *flags]
+    return _launch(cmd, workspace, variants, log, port, timeout_s, "the model server")
+
+
+def start_gateway(workspace: Path, predictor_url: str, variants: Sequence[str], log: Path, flags: Sequence[str] = (),
+                  port: int | None = None, python: Path | None = None, timeout_s: float = 300) -> ServerProcess:
+    """Start `python -m serving.gateway` (the semantic cache) in front of `predictor_url`; wait until ready."""
+    port = port or free_port()
+    cmd = [str(python or serving_python()), "-m", "serving.gateway", "--workspace", str(workspace),
+           "--predictor_url", predictor_url, "--variants", *variants, "--http_port", str(port),
+           "--enable_grpc", "false", *flags]
+    return _launch(cmd, workspace, variants, log, port, timeout_s, "the gateway")
+
+
+def _launch(cmd: list[str], workspace: Path, variants: Sequence[str], log: Path, port: int, timeout_s: float,
+            what: str) -> ServerProcess:
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_PROXY": "127.0.0.1,localhost"}
     with open(log, "w") as fh:
@@ -136,7 +151,7 @@ def start_server(workspace: Path, variants: Sequence[str], log: Path, flags: Seq
     with httpx.Client(timeout=2, trust_env=False) as http:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise DeployError(f"the model server exited with code {proc.returncode}:\n{server.logs()}")
+                raise DeployError(f"{what} exited with code {proc.returncode}:\n{server.logs()}")
             try:
                 if http.get(f"{server.url}/v2/health/ready").status_code == 200:
                     server.admin_key = read_admin_key(workspace)
@@ -145,7 +160,7 @@ def start_server(workspace: Path, variants: Sequence[str], log: Path, flags: Seq
                 pass
             time.sleep(0.5)
     server.stop()
-    raise DeployError(f"the model server was not ready after {timeout_s:.0f} s:\n{server.logs()}")
+    raise DeployError(f"{what} was not ready after {timeout_s:.0f} s:\n{server.logs()}")
 
 
 # ------------------------------------------------------------------------------------- the phase

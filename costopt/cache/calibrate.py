@@ -21,7 +21,7 @@ from scipy.stats import beta
 from costopt.cache.pairs import Pair
 from costopt.cache.verify import PhraseSim, verify
 
-THRESHOLDS = tuple(round(x, 3) for x in np.arange(0.50, 0.995, 0.01))
+THRESHOLDS = tuple(float(round(x, 3)) for x in np.arange(0.50, 0.995, 0.01))
 PHRASE_SIMS = (0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 1.01)  # 1.01: no content-word difference ever passes
 
 
@@ -136,3 +136,20 @@ def sweep(scored: list[Scored], min_phrase_sim: float) -> list[dict]:
         out.append({"threshold": t, "hit_rate": r.hit_rate, "false_hit_rate": r.false_hit_rate,
                     "false_hit_upper95": upper_bound(r.false_hits, r.near_misses)})
     return out
+
+
+PAIRS_PER_TEMPLATE = 60
+
+
+def calibrate_on_pairs(encode: Callable[[list[str]], np.ndarray], phrase_sim: PhraseSim, seed: int = 0,
+                       per_template: int = PAIRS_PER_TEMPLATE, max_false_hit: float = 0.01) -> dict:
+    """Fit on the project's pair set's fit split, measure on its held split: the setting, both splits'
+    rates with exact intervals (per kind on the held split) and the held split's curve."""
+    from costopt.cache.pairs import labeled_pairs, split_pairs
+
+    fit_set, held = split_pairs(labeled_pairs(seed, per_template))
+    setting, fitted = fit(score(fit_set, encode, phrase_sim), max_false_hit)
+    scored = score(held, encode, phrase_sim)
+    return {"setting": asdict(setting), "max_false_hit": max_false_hit, "pairs_seed": seed,
+            "per_template": per_template, "fit": fitted.to_dict(), "held": measure(scored, setting),
+            "curve": sweep(scored, setting.min_phrase_sim)}

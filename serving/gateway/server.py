@@ -1,0 +1,235 @@
+"""The gateway's HTTP side: a KServe model server whose models are transformers in front of a predictor.
+
+- OIP v2 (`/v2/models/{variant}/infer`, metadata, readiness) is KServe's own: each served variant is a
+  `Passthrough` transformer (`kserve.Model` with the predictor host), so v2 requests go through KServe's
+  client to the predictor unchanged (`x-costopt-cache: bypass`).
+- OpenAI-compatible `/openai/v1/chat/completions` and `/openai/v1/completions` (streaming included)
+  are costopt's routes: validated as the predictor validates them, looked up in the semantic cache
+  (`serving.gateway.cachelayer`), answered from it (`x-costopt-cache: hit-l1|hit-l2|hit-l3`) or sent
+  to the predictor (`miss`, or `bypass` when the request may not use the cache) and stored when whole.
+  Every response says `x-costopt-variant`.
+- `POST /v2/cache/purge` removes the caller's tenant's entries (the admin key may name any tenant with
+  `?tenant=`); `/v2/health/ready` adds `details`: the cache's state (on, or off and why) and the predictor.
+- The tenant guard (`serving.tenants.Guard`) and the body-size guard of the predictor run here too.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, AsyncIterator
+
+import httpx
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from kserve import Model
+from prometheus_client import Counter, Histogram
+
+from serving.api import BodyLimit, _json, error_response
+from serving.gateway.cachelayer import (CacheLayer, CacheRequest, StreamCollector, answer_from_body, replay_events,
+                                        reply)
+from serving.protocol import ApiError, ChatRequest, CompletionRequest, parse
+from serving.tenants import ADMIN_TENANT, Guard, TenantKeys
+
+_log = logging.getLogger(__name__)
+
+CACHE_RESULTS = Counter("costopt_gateway_requests_total", "gateway requests by cache outcome",
+                        ["variant", "cache"])
+LOOKUP_SECONDS = Histogram("costopt_gateway_cache_lookup_seconds", "embedding + lookup time per cacheable request",
+                           buckets=(0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.05, 0.1, 0.25, 1.0))
+FORWARD = ("authorization", "x-costopt-priority", "x-costopt-deadline-ms", "x-costopt-tenant", "x-request-id")
+RELAY = ("x-costopt-variant", "x-costopt-instance", "retry-after")
+
+
+class Passthrough(Model):
+    """One served variant as a KServe transformer: KServe forwards its v2 requests to the predictor."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.ready = True
+
+
+class Upstream:
+    """The predictor, over HTTP (httpx), with timeouts."""
+
+    def __init__(self, base_url: str, timeout_s: float = 600.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.client = httpx.AsyncClient(base_url=self.base_url,
+                                        timeout=httpx.Timeout(timeout_s, connect=5.0))
+
+    def headers(self, request: Request) -> dict[str, str]:
+        out = {k: request.headers[k] for k in FORWARD if k in request.headers}
+        out["content-type"] = "application/json"
+        return out
+
+    async def ready(self) -> bool:
+        try:
+            r = await self.client.get("/v2/health/ready", timeout=2.0)
+            return r.status_code == 200
+        except httpx.HTTPError:
+            return False
+
+
+def _unreachable(upstream: Upstream, exc: Exception) -> ApiError:
+    return ApiError(502, f"predictor at {upstream.base_url} did not answer: {type(exc).__name__}",
+                    type_="server_error")
+
+
+class GatewayRoutes:
+    def __init__(self, layer: CacheLayer, upstream: Upstream) -> None:
+        self.layer, self.upstream = layer, upstream
+
+    async def chat(self, request: Request) -> Response:
+        return await self._serve(request, chat=True)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._serve(request, chat=False)
+
+    async def _serve(self, request: Request, chat: bool) -> Response:
+        path = "/openai/v1/chat/completions" if chat else "/openai/v1/completions"
+        try:
+            body = await _json(request)
+            parse(ChatRequest if chat else CompletionRequest, body)  # the predictor's own validation and errors
+            plan, _why = self.layer.plan(body, chat, request.headers.get("x-costopt-tenant"))
+            if plan is not None:
+                t0 = time.perf_counter()
+                hit = await self.layer.lookup(plan)
+                LOOKUP_SECONDS.observe(time.perf_counter() - t0)
+                if hit is not None:
+                    return self._hit(plan, hit)
+            if body.get("stream"):
+                return await self._stream(request, path, body, plan)
+            return await self._plain(request, path, body, plan, chat)
+        except ApiError as exc:
+            return error_response(exc)
+
+    def _hit(self, plan: CacheRequest, hit: Any) -> Response:
+        variant = hit.entry.answer.get("variant") or plan.model
+        headers = {"x-costopt-cache": f"hit-{hit.level}", "x-costopt-variant": variant}
+        CACHE_RESULTS.labels(plan.model, f"hit-{hit.level}").inc()
+        if plan.stream:
+            return StreamingResponse(_iterate(replay_events(plan, hit)), media_type="text/event-stream",
+                                     headers=headers)
+        return JSONResponse(reply(plan, hit), headers=headers)
+
+    async def _plain(self, request: Request, path: str, body: dict, plan: CacheRequest | None, chat: bool) -> Response:
+        try:
+            r = await self.upstream.client.post(path, json=body, headers=self.upstream.headers(request))
+        except httpx.HTTPError as exc:
+            raise _unreachable(self.upstream, exc) from None
+        outcome = "miss" if plan is not None else "bypass"
+        headers = {k: r.headers[k] for k in RELAY if k in r.headers}
+        headers["x-costopt-cache"] = outcome
+        CACHE_RESULTS.labels(str(body.get("model")), outcome).inc()
+        if plan is not None and r.status_code == 200:
+            await self.layer.store(plan, answer_from_body(r.json(), chat, r.headers.get("x-costopt-variant", plan.model)))
+        return Response(r.content, status_code=r.status_code, headers=headers,
+                        media_type=r.headers.get("content-type", "application/json"))
+
+    async def _stream(self, request: Request, path: str, body: dict, plan: CacheRequest | None) -> Response:
+        asked_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        upstream_body = {**body, "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
+        req = self.upstream.client.build_request("POST", path, json=upstream_body, headers=self.upstream.headers(request))
+        try:
+            r = await self.upstream.client.send(req, stream=True)
+        except httpx.HTTPError as exc:
+            raise _unreachable(self.upstream, exc) from None
+        outcome = "miss" if plan is not None else "bypass"
+        headers = {k: r.headers[k] for k in RELAY if k in r.headers}
+        headers["x-costopt-cache"] = outcome
+        CACHE_RESULTS.labels(str(body.get("model")), outcome).inc()
+        if r.status_code != 200 or not r.headers.get("content-type", "").startswith("text/event-stream"):
+            content = await r.aread()
+            await r.aclose()
+            return Response(content, status_code=r.status_code, headers=headers,
+                            media_type=r.headers.get("content-type", "application/json"))
+        collector = StreamCollector(r.headers.get("x-costopt-variant", plan.model if plan else ""))
+
+        async def relay() -> AsyncIterator[bytes]:
+            finished = False
+            try:
+                async for data in r.aiter_bytes():
+                    for event, usage_only in collector.feed(data):
+                        if not usage_only or asked_usage:
+                            yield event
+                finished = True
+            except httpx.HTTPError:
+                collector.answer.failed = True
+                yield b'data: {"error": {"message": "the predictor stream broke off", "type": "server_error", ' \
+                      b'"param": null, "code": 502}}\n\ndata: [DONE]\n\n'
+            finally:  # a client that went away (cancelled) leaves finished False: nothing is stored
+                await r.aclose()
+                if plan is not None:
+                    if not finished:
+                        collector.answer.failed = True
+                    await self.layer.store(plan, collector.answer)
+
+        return StreamingResponse(relay(), media_type="text/event-stream", headers=headers)
+
+    async def models(self, request: Request) -> Response:
+        try:
+            r = await self.upstream.client.get("/openai/v1/models", headers=self.upstream.headers(request))
+        except httpx.HTTPError as exc:
+            return error_response(_unreachable(self.upstream, exc))
+        return Response(r.content, status_code=r.status_code, media_type="application/json")
+
+    async def purge(self, request: Request) -> Response:
+        tenant = request.headers.get("x-costopt-tenant") or ""
+        named = request.query_params.get("tenant")
+        if named is not None:
+            if tenant != ADMIN_TENANT:
+                return error_response(ApiError(403, "tenant: only the admin key may purge another tenant's "
+                                                    "entries; without ?tenant= a key purges its own",
+                                               param="tenant", type_="permission_error"))
+            tenant = named
+        if not self.layer.enabled:
+            return error_response(ApiError(503, f"cache: off ({self.layer.disabled_reason})",
+                                           type_="server_error"))
+        removed = self.layer.purge(tenant)
+        return JSONResponse({"tenant": tenant if self.layer.keyed_tenants else "open", "removed": removed})
+
+    async def ready(self) -> Response:
+        up = await self.upstream.ready()
+        body = {"ready": up, "details": {"predictor": {"url": self.upstream.base_url, "ready": up},
+                                         "cache": self.layer.status()}}
+        return JSONResponse(body, status_code=200 if up else 503)
+
+
+async def _iterate(events: Any) -> AsyncIterator[bytes]:
+    for e in events:
+        yield e
+
+
+def register(app: FastAPI, layer: CacheLayer, upstream: Upstream, max_body_bytes: int, keys: TenantKeys | None,
+             admin: str) -> None:
+    routes = GatewayRoutes(layer, upstream)
+    router = APIRouter()
+    router.add_api_route("/openai/v1/chat/completions", routes.chat, methods=["POST"], tags=["OpenAI"])
+    router.add_api_route("/openai/v1/completions", routes.completions, methods=["POST"], tags=["OpenAI"])
+    router.add_api_route("/openai/v1/models", routes.models, methods=["GET"], tags=["OpenAI"])
+    router.add_api_route("/v2/cache/purge", routes.purge, methods=["POST"], tags=["cache"])
+    router.add_api_route("/v2/health/ready", routes.ready, methods=["GET"], tags=["V2"])
+    app.include_router(router)  # before KServe adds its own routes at start: first match wins
+    app.add_middleware(_V2Headers)
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(Guard, keys=keys, admin=admin)  # added last: runs first
+
+
+class _V2Headers:
+    """OIP v2 infer responses say where they came from too: the predictor (no cache), which variant."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not (path.startswith("/v2/models/") and path.endswith("/infer")):
+            return await self.app(scope, receive, send)
+        variant = path[len("/v2/models/"):-len("/infer")].encode()
+
+        async def wrapped(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"x-costopt-cache", b"bypass"),
+                                                  (b"x-costopt-variant", variant)]}
+            await send(message)
+        await self.app(scope, receive, wrapped)
+
