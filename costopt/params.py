@@ -256,9 +256,10 @@ class ServeParams:
     loadtest_requests: int = 32  # requests per load-test point in the demo (make bench runs longer)
     loadtest_concurrency: tuple[int, ...] = (4, 16)  # closed-loop concurrencies the demo measures
     trace_seed: int = 11  # the serving trace is a pure function of this seed
+    gateway: bool = True  # also replay the trace through the gateway (python -m serving.gateway, semantic cache)
 
     def check(self, where: str) -> None:
-        for flag in ("enabled", "log_prompts"):
+        for flag in ("enabled", "log_prompts", "gateway"):
             if not isinstance(getattr(self, flag), bool):
                 raise ParamsError(f"{where}.{flag}: expected true or false, got {getattr(self, flag)!r}")
         if not self.variants or not all(isinstance(v, str) and v for v in self.variants):

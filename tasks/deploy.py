@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -237,13 +238,22 @@ def ensure_local(params: Any, ws: Any, names: Sequence[str]) -> list[str]:
     return missing
 
 
+def _cache_state(url: str) -> dict[str, Any]:
+    """The gateway's cache setting (or why it is off), from its readiness details."""
+    with httpx.Client(timeout=10, trust_env=False) as http:
+        state = http.get(f"{url}/v2/health/ready").json()["details"]["cache"]
+    if not state.get("enabled"):
+        return {"enabled": False, "reason": state.get("reason")}
+    return {"enabled": True, "threshold": state["threshold"], "min_phrase_sim": state["min_phrase_sim"]}
+
+
 def deploy(params: Any, ws: Any) -> dict[str, Any]:
     """Serve the winners (fp32 + the passing `serve.variants`) on loopback, run the short load test on
     the serving trace, stop the server, and write artifacts/serving/serving.json (`deployed`, `serving`)."""
     from costopt.evaluation.cost import cost_per_1m_requests
     from costopt.storage.layout import read_json, write_json
     from costopt.workload.trace import build_trace, trace_meta
-    from tasks.loadtest import run_load, serving_section, summarize
+    from tasks.loadtest import cache_outcome, run_load, serving_section, summarize
 
     cfg, out_dir = params.serve, ws.root / "artifacts" / "serving"
     if not cfg.enabled:
@@ -259,13 +269,26 @@ def deploy(params: Any, ws: Any) -> dict[str, Any]:
     price, runs = params.cost.price_per_hour_usd, []
     picked = read_json(ws.search_dir / "search.json").get("picked")
     tested = picked if picked in variants else variants[-1]  # the search's pick when it serves, else the last
+    cache: dict[str, Any] | None = None
     with start_server(ws.root, variants, out_dir / "server.log", flags) as srv:
         for c in cfg.loadtest_concurrency:
             for name in dict.fromkeys([tested, "fp32"]):  # the pick (or the last winner), then fp32
                 res = run_load(srv.url, name, items, concurrency=c, requests=cfg.loadtest_requests)
                 config = {"batching": True, "cache": False, "routing": False, "variants": [name]}
                 runs.append({**summarize(res, price, config), "variant": name})
-    check_load_test(runs, srv.log.read_text(errors="replace") if srv.log.is_file() else "")
+        check_load_test(runs, srv.logs(10**7))
+        if cfg.gateway:  # the same trace through the gateway, its semantic cache on (a fresh L2)
+            shutil.rmtree(out_dir / "cache-l2", ignore_errors=True)
+            gw_flags = ["--cache_dir", str(out_dir / "cache-l2"),
+                        "--calibration", str(ws.root / "artifacts" / "cache" / "calibration.json")]
+            with start_gateway(ws.root, srv.url, variants, out_dir / "gateway.log", gw_flags) as gw:
+                c = max(cfg.loadtest_concurrency)
+                res = run_load(gw.url, tested, items, concurrency=c, requests=cfg.loadtest_requests)
+                config = {"batching": True, "cache": True, "routing": False, "variants": [tested], "gateway": True}
+                gw_run = {**summarize(res, price, config), "variant": tested}
+                check_load_test([gw_run], gw.logs(10**7) + srv.logs(10**7))
+                runs.append(gw_run)
+                cache = {**cache_outcome(items, res.records), **_cache_state(gw.url)}
     base = read_json(ws.bench_dir / "baseline.json")
     naive_s = base.get("naive", base)["machine_seconds_per_request"]  # records before the served cost: top level
     naive = round(cost_per_1m_requests(price, float(naive_s)), 4)
@@ -277,7 +300,8 @@ def deploy(params: Any, ws: Any) -> dict[str, Any]:
         "left_out": left_out,
         "fetched_from_remote": fetched,  # variants whose weights came from the DVC remote for this deploy
         "serving": serving_section(trace_meta(items), runs, naive_cost_per_1m_requests_usd=naive,
-                                   optimized_cost_per_1m_requests_usd=min(costs) if costs else None),
+                                   optimized_cost_per_1m_requests_usd=min(costs) if costs else None,
+                                   **({"cache": cache} if cache else {})),
     }
     write_json(out_dir / "serving.json", result)
     return {"deployed": variants, "left_out": left_out, "runs": len(runs), "fetched_from_remote": fetched}

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import sys
@@ -62,6 +63,8 @@ class RequestRecord:
     completion_tokens: int = 0
     retry_after_s: float | None = None  # the 429's Retry-After, seconds
     error: str | None = None
+    cache: str | None = None  # the gateway's x-costopt-cache (hit-l1|hit-l2|hit-l3|miss|bypass); None direct
+    answer_sha: str | None = None  # sha256 of the answer text (plain responses), to check cached answers
 
     @property
     def deadline_met(self) -> bool:
@@ -151,7 +154,7 @@ async def _read_sse(resp: httpx.Response, start: float) -> tuple[int, float | No
 async def _exchange(client: httpx.AsyncClient, url: str, body: dict[str, Any], headers: dict[str, str],
                     rec: RequestRecord, start: float) -> None:
     async with client.stream("POST", url, json=body, headers=headers) as resp:
-        rec.status = resp.status_code
+        rec.status, rec.cache = resp.status_code, resp.headers.get("x-costopt-cache")
         if not resp.is_success:
             text = (await resp.aread()).decode(errors="replace")[:ERROR_TEXT_CHARS]
             rec.outcome = "rejected" if resp.status_code == 429 else "error"
@@ -166,6 +169,8 @@ async def _exchange(client: httpx.AsyncClient, url: str, body: dict[str, Any], h
             except ValueError:  # not JSON, or not UTF-8
                 raise MalformedResponse("body is not JSON") from None
             rec.completion_tokens, rec.outcome = _completion_tokens(payload), "ok"
+            text = ((payload.get("choices") or [{}])[0].get("message") or {}).get("content")
+            rec.answer_sha = hashlib.sha256(text.encode()).hexdigest() if isinstance(text, str) else None
     rec.latency_ms = (time.perf_counter() - start) * 1e3
 
 
@@ -360,6 +365,34 @@ def summarize(result: LoadResult, price_per_hour_usd: float, config: dict[str, A
     if result.mode == "open":
         run["rate_req_s"] = result.rate_req_s
     return run
+
+
+def cache_outcome(items: Sequence[TraceItem], records: Sequence[RequestRecord]) -> dict[str, Any]:
+    """The gateway's cache on one replay, judged against the trace's own truth: a hit is false when it
+    answers a fresh request (no earlier request means the same) or gives a repeat or paraphrase another
+    answer than its source got (answers compared by digest). Rates with exact (Clopper-Pearson) bounds."""
+    from costopt.cache.calibrate import clopper_pearson, upper_bound
+
+    first_answer: dict[str, str] = {}
+    hits = wrong = fresh_hits = ok = 0
+    for rec in sorted(records, key=lambda r: r.seq):
+        if rec.outcome != "ok":
+            continue
+        ok += 1
+        it = items[rec.seq % len(items)]
+        group = it.source_id or it.id
+        if (rec.cache or "").startswith("hit"):
+            hits += 1
+            if it.kind == "fresh" and rec.seq < len(items):  # a later cycle of the trace repeats it
+                fresh_hits += 1
+                wrong += 1
+            elif group in first_answer and rec.answer_sha != first_answer[group]:
+                wrong += 1
+        elif group not in first_answer and rec.answer_sha:
+            first_answer[group] = rec.answer_sha
+    return {"hit_rate": hits / ok if ok else 0.0, "hits": hits, "false_hits": wrong, "fresh_hits": fresh_hits,
+            "false_hit_rate": wrong / hits if hits else 0.0, "false_hit_upper95": upper_bound(wrong, hits),
+            "false_hit_ci95": list(clopper_pearson(wrong, hits))}
 
 
 def serving_section(trace: dict[str, Any], runs: Sequence[dict[str, Any]], **extra: Any) -> dict[str, Any]:

@@ -521,7 +521,8 @@ def _serving_html(summary: dict[str, Any]) -> str:
     left = "".join(f"<li>{esc(k)}: {esc(v)}</li>" for k, v in (summary.get("serving_left_out") or {}).items())
     heads = ["variant", "concurrency", "req/s", "tok/s", "p50 ms", "p95 ms", "p99 ms", "errors", "rejected",
              "cost / 1M req USD"]
-    rows = "".join(f"<tr><td>{esc(', '.join(r['config']['variants']))}</td>" + "".join(
+    rows = "".join(f"<tr><td>{esc(', '.join(r['config']['variants']))}"
+                   f"{' <span class=ci>via gateway, cache on</span>' if r['config'].get('cache') else ''}</td>" + "".join(
         f"<td>{esc(_fmt(v))}</td>" for v in (r["concurrency"], r["throughput_req_s"], r["throughput_tok_s"],
         r["p50_ms"], r["p95_ms"], r["p99_ms"], r["errors"], r["rejected"], r.get("cost_per_1m_requests_usd")))
         + "</tr>" for r in serving["runs"])
@@ -531,7 +532,20 @@ def _serving_html(summary: dict[str, Any]) -> str:
 <p class="ci">Load test: trace {esc(str(trace["name"]))} ({trace["requests"]} requests), closed loop. Naive path
 (fp32, batch 1): {_fmt(serving.get("naive_cost_per_1m_requests_usd"))} USD per 1M requests; served:
 {_fmt(serving.get("optimized_cost_per_1m_requests_usd"))}.</p>
-<table><tr>{"".join(f"<th>{h}</th>" for h in heads)}</tr>{rows}</table>"""
+<table><tr>{"".join(f"<th>{h}</th>" for h in heads)}</tr>{rows}</table>{_cache_html(serving.get("cache"))}"""
+
+
+def _cache_html(cache: dict[str, Any] | None) -> str:
+    """The gateway's semantic cache on the load test: hit rate, false hits with their exact bound."""
+    if not cache:
+        return ""
+    if not cache.get("enabled", True):
+        return f"<p>Semantic cache: off ({html.escape(str(cache.get('reason')))}).</p>"
+    return (f"<p>Semantic cache (gateway): hit rate {_fmt(cache.get('hit_rate'), '.3f')} of the requests; false hits "
+            f"{cache.get('false_hits')} of {cache.get('hits')} hits (rate {_fmt(cache.get('false_hit_rate'), '.3f')}, "
+            f"95% upper bound {_fmt(cache.get('false_hit_upper95'), '.3f')}); hit rule: cosine &ge; "
+            f"{_fmt(cache.get('threshold'), '.2f')} and verification (phrase similarity &ge; "
+            f"{_fmt(cache.get('min_phrase_sim'), '.2f')}).</p>")
 
 
 def _timings_html(summary: dict[str, Any]) -> str:

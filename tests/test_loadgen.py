@@ -287,3 +287,36 @@ def test_cli_fails_when_nothing_succeeds(tmp_path, capsys):
         sock.close()
     err = capsys.readouterr().err
     assert code == 1 and "no request succeeded" in err and "ConnectError" in err, f"exit {code}, stderr: {err}"
+
+
+def test_cache_outcome_judges_hits_against_the_trace():
+    """A hit on a fresh request is false; a repeat or paraphrase served its source's answer is right,
+    another answer is false; misses are not judged; a later cycle of the trace is a repeat."""
+    from tasks.loadtest import cache_outcome
+
+    items = build_trace(60, seed=1234)
+    src = {it.id: it for it in items}
+    records, answers = [], {}
+    for seq, it in enumerate(items):
+        group = it.source_id or it.id
+        rec = RequestRecord(seq=seq, id=it.id, priority=it.priority, tenant=it.tenant, kind=it.kind,
+                            deadline_ms=it.deadline_ms, sent_s=0.0, outcome="ok")
+        if it.kind == "fresh":
+            rec.cache, rec.answer_sha = "miss", f"answer-{group}"
+            answers[group] = rec.answer_sha
+        else:
+            rec.cache, rec.answer_sha = "hit-l1", answers.get(group, "?")
+        records.append(rec)
+    clean = cache_outcome(items, records)
+    hits = sum(it.kind != "fresh" for it in items)
+    assert clean["hits"] == hits and clean["false_hits"] == 0, clean
+    assert clean["false_hit_upper95"] < 0.2 and clean["hit_rate"] == pytest.approx(hits / len(items))
+    wrong = next(r for r in records if r.cache == "hit-l1")
+    wrong.answer_sha = "another answer"
+    fresh = next(r for r in records if src[r.id].kind == "fresh" and r.seq > 0)
+    fresh.cache = "hit-l2"
+    judged = cache_outcome(items, records)
+    assert judged["false_hits"] == 2 and judged["fresh_hits"] == 1, judged
+    cycled = RequestRecord(seq=len(items), id=items[0].id, priority="normal", tenant="t", kind="fresh",
+                           deadline_ms=1, sent_s=0.0, outcome="ok", cache="hit-l1", answer_sha=answers[items[0].id])
+    assert cache_outcome(items, records + [cycled])["false_hits"] == 2, "a second cycle repeats the first"

@@ -62,11 +62,23 @@ class Scored:
         return self.phrase_sim is None or self.phrase_sim >= s.min_phrase_sim
 
 
-def score(pairs: Iterable[Pair], encode: Callable[[list[str]], np.ndarray], phrase_sim: PhraseSim) -> list[Scored]:
+def score(pairs: Iterable[Pair], encode: Callable[[list[str]], np.ndarray],
+          phrase_sim: PhraseSim | None = None) -> list[Scored]:
+    """Each pair's cosine and verification. The differing phrases verification asks about are embedded in
+    one batch with `encode` (the cosine of unit vectors, as `Embedder.phrase_sim` computes one at a time),
+    so scoring a few thousand pairs takes seconds; `phrase_sim`, when given, is used instead."""
     pairs = list(pairs)
     va = encode([p.a for p in pairs])
     vb = encode([p.b for p in pairs])
     cos = np.einsum("ij,ij->i", va, vb)
+    if phrase_sim is None:
+        asked: set[tuple[str, str]] = set()
+        for p in pairs:  # a first pass records which phrase pairs verification needs
+            verify(p.a, p.b, lambda x, y: asked.add((x, y)) or 1.0, min_phrase_sim=-1.0)
+        phrases = sorted({x for pair in asked for x in pair})
+        vecs = dict(zip(phrases, encode(phrases))) if phrases else {}
+        sims = {(x, y): float(vecs[x] @ vecs[y]) for x, y in asked}
+        phrase_sim = lambda x, y: sims[(x, y)]  # noqa: E731
     out = []
     for p, c in zip(pairs, cos):
         v = verify(p.a, p.b, phrase_sim, min_phrase_sim=-1.0)  # -1: keep the similarity, decide later
@@ -104,17 +116,22 @@ def rates(scored: list[Scored], s: Setting) -> Rates:
 
 def fit(scored: list[Scored], max_false_hit: float = 0.01) -> tuple[Setting, Rates]:
     """The setting with the most hits whose false-hit upper bound (95%, exact) is within `max_false_hit`;
-    ties go to the stricter setting. Raises ValueError when no setting qualifies."""
+    among settings with as many hits, the highest threshold (fewer candidates to verify per lookup) and
+    the lowest phrase setting tried first. Raises ValueError when no setting qualifies."""
     best: tuple[Setting, Rates] | None = None
     for s_min in PHRASE_SIMS:
-        for t in THRESHOLDS:
-            s = Setting(t, s_min)
-            r = rates(scored, s)
-            if upper_bound(r.false_hits, r.near_misses) > max_false_hit:
-                continue
-            if best is None or r.hits > best[1].hits:
-                best = (s, r)
-            break  # higher thresholds at this phrase setting only lose hits
+        found: tuple[Setting, Rates] | None = None
+        for t in THRESHOLDS:  # hits and false hits only fall as t rises
+            r = rates(scored, Setting(t, s_min))
+            if found is None:
+                if upper_bound(r.false_hits, r.near_misses) <= max_false_hit:
+                    found = (Setting(t, s_min), r)
+            elif r.hits == found[1].hits:
+                found = (Setting(t, s_min), r)  # as many hits with a stricter threshold: fewer candidates to verify
+            else:
+                break
+        if found is not None and (best is None or found[1].hits > best[1].hits):
+            best = found
     if best is None:
         raise ValueError(f"no cache setting keeps the false-hit upper bound within {max_false_hit:.2%} "
                          f"on {sum(not x.pair.same for x in scored)} near-miss pairs")
@@ -148,8 +165,8 @@ def calibrate_on_pairs(encode: Callable[[list[str]], np.ndarray], phrase_sim: Ph
     from costopt.cache.pairs import labeled_pairs, split_pairs
 
     fit_set, held = split_pairs(labeled_pairs(seed, per_template))
-    setting, fitted = fit(score(fit_set, encode, phrase_sim), max_false_hit)
-    scored = score(held, encode, phrase_sim)
+    setting, fitted = fit(score(fit_set, encode), max_false_hit)
+    scored = score(held, encode)
     return {"setting": asdict(setting), "max_false_hit": max_false_hit, "pairs_seed": seed,
             "per_template": per_template, "fit": fitted.to_dict(), "held": measure(scored, setting),
             "curve": sweep(scored, setting.min_phrase_sim)}

@@ -1,0 +1,221 @@
+"""`make bench`'s cache bench: the semantic cache's figures for BENCHMARKS.md, all from one run.
+
+Run it in the serving environment (it needs the embedder):
+    .venv-serving/bin/python -m tasks.cachebench [--workspace DIR] [--scale 1] [--variant NAME]
+
+1. **Pairs**: the hit rule calibrated on the project's labeled pairs (fit split) and measured on the held
+   split: hit rate and false-hit rate with exact (Clopper-Pearson) intervals, overall and per kind,
+   and the curve as the threshold moves.
+2. **Eviction**: the `serving-v1` trace's prompts through the cache alone at a capacity of a tenth of
+   its distinct prompts, popularity x decay against plain LRU (same embedder, same rule).
+3. **Lookup overhead** on a miss: embedding + index search + verification, per lookup, against an L1
+   already holding the trace's entries.
+4. **Through the gateway**: a real predictor and a real gateway on loopback; the trace replayed (closed
+   loop, temperature 0) with the cache on and with it off, side by side. A hit is false when it answers
+   a fresh request (no earlier request means the same) or serves a repeat or paraphrase an answer other
+   than its source's. Cost per 1M requests = price / 3600 / throughput x 1e6, next to the naive path
+   (fp32, one request at a time, no cache).
+The result goes to artifacts/cache-bench.json; a summary is printed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from costopt.storage.layout import Workspace, write_json
+
+CONCURRENCY = 4
+TRACE_SEED = 1234
+
+
+def _pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def pairs_part(embedder: Any) -> dict[str, Any]:
+    from costopt.cache.calibrate import calibrate_on_pairs
+
+    t0 = time.perf_counter()
+    out = calibrate_on_pairs(embedder.encode, embedder.phrase_sim)
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def eviction_part(embedder: Any, setting: dict, n: int) -> dict[str, Any]:
+    """Hit rate of the decay policy and of LRU at one capacity on the trace, cache alone (no server)."""
+    from costopt.cache.calibrate import Setting
+    from costopt.cache.store import CacheConfig, CacheKey, DecayPolicy, LruPolicy, SemanticCache
+    from costopt.workload.trace import build_trace
+
+    items = build_trace(n, seed=TRACE_SEED)
+    prompts = [it.prompt for it in items]
+    vectors = embedder.encode(prompts)
+    capacity = max(10, len({it.source_id or it.id for it in items}) // 10)
+    out: dict[str, Any] = {"requests": n, "capacity": capacity}
+    for name, policy in (("decay", DecayPolicy(half_life_s=60.0)), ("lru", LruPolicy())):
+        clock = [0.0]
+        cache = SemanticCache(embedder.encode, embedder.phrase_sim, embedder.dim,
+                              CacheConfig(setting=Setting(**setting), l1_capacity=capacity),
+                              policy=policy, clock=lambda: clock[0])
+        hits = 0
+        for it, p, v in zip(items, prompts, vectors):
+            clock[0] = it.offset_s
+            key = CacheKey(it.tenant, "bench", "v", (("max_tokens", it.max_tokens),),
+                           json.dumps(list(it.messages[:-1]), sort_keys=True))
+            if cache.lookup(key, p, v) is not None:
+                hits += 1
+            else:
+                cache.store(key, p, {"text": it.id}, v)
+        out[name] = {"hit_rate": hits / n, "hits": hits}
+    out["cache_alone"] = "keys hold tenant, max_tokens and the system message, as the gateway's do"
+    return out
+
+
+def overhead_part(embedder: Any, setting: dict, n_entries: int, n_lookups: int) -> dict[str, Any]:
+    """Per-lookup time on a miss (embed + search + verify), L1 holding `n_entries` entries of one tenant."""
+    from costopt.cache.calibrate import Setting
+    from costopt.cache.store import CacheConfig, CacheKey, SemanticCache
+    from costopt.evaluation.evaldata import chat_pool
+    from costopt.workload.trace import build_trace
+
+    cache = SemanticCache(embedder.encode, embedder.phrase_sim, embedder.dim,
+                          CacheConfig(setting=Setting(**setting), l1_capacity=n_entries + n_lookups))
+    key = CacheKey("bench", "bench", "v", ())
+    stored = [it.prompt for it in build_trace(n_entries, seed=TRACE_SEED + 1)]
+    for p, v in zip(stored, embedder.encode(stored)):
+        cache.store(key, p, {"text": "x"}, v)
+    probes = [" ".join(m["content"] for m in msgs if m["role"] == "user")
+              for _, msgs in chat_pool(TRACE_SEED)][-n_lookups:]
+    times, misses = [], 0
+    for p in probes:
+        t0 = time.perf_counter()
+        hit = cache.lookup(key, p)
+        times.append((time.perf_counter() - t0) * 1e3)
+        misses += hit is None
+    return {"entries": len(cache.entries()), "lookups": len(probes), "misses": misses,
+            "p50_ms": _pct(times, 50), "p99_ms": _pct(times, 99), "max_ms": max(times)}
+
+
+def gateway_part(ws: Workspace, variant: str, n: int, price: float, logs: Path, calibration: Path) -> dict[str, Any]:
+    from tasks.deploy import start_gateway, start_server
+    from tasks.loadtest import cache_outcome, run_load
+    from costopt.workload.trace import build_trace
+
+    items = build_trace(n, seed=TRACE_SEED)
+    kinds = Counter(it.kind for it in items)
+    out: dict[str, Any] = {"trace": {"name": "serving-v1", "requests": n, "seed": TRACE_SEED, "kinds": dict(kinds)},
+                           "variant": variant, "concurrency": CONCURRENCY}
+    pred = start_server(ws.root, ("fp32", variant) if variant != "fp32" else ("fp32",), logs / "predictor.log")
+    try:
+        for mode, flags in (("cache_on", ["--calibration", str(calibration), "--cache_dir", str(logs / "l2")]),
+                            ("cache_off", ["--no_cache"])):
+            gw = start_gateway(ws.root, pred.url, (variant,), logs / f"gateway-{mode}.log", flags)
+            try:
+                res = run_load(gw.url, variant, items, concurrency=CONCURRENCY, deadlines=False, progress=True)
+            finally:
+                gw.stop()
+            ok = [r for r in res.records if r.outcome == "ok"]
+            tput = len(ok) / res.duration_s
+            row = {"duration_s": res.duration_s, "ok": len(ok), "errors": sum(r.outcome == "error" for r in res.records),
+                   "throughput_req_s": tput, "p50_ms": _pct([r.latency_ms for r in ok], 50),
+                   "p95_ms": _pct([r.latency_ms for r in ok], 95),
+                   "cost_per_1m_requests_usd": price / 3600 / tput * 1e6 if tput else None,
+                   "cache": dict(Counter(r.cache for r in res.records))}
+            if mode == "cache_on":
+                row["hit_rate"] = sum((r.cache or "").startswith("hit") for r in ok) / max(1, len(ok))
+                row.update(cache_outcome(items, res.records))
+            out[mode] = row
+        naive_items = items[: max(8, n // 8)]
+        res = run_load(pred.url, "fp32", naive_items, concurrency=1, deadlines=False, progress=True)
+        ok = [r for r in res.records if r.outcome == "ok"]
+        tput = len(ok) / res.duration_s
+        out["naive"] = {"requests": len(naive_items), "throughput_req_s": tput, "variant": "fp32", "concurrency": 1,
+                        "cost_per_1m_requests_usd": price / 3600 / tput * 1e6 if tput else None}
+    finally:
+        pred.stop()
+    on, off, naive = out["cache_on"], out["cache_off"], out["naive"]
+    out["cost_ratio_on_vs_off"] = on["cost_per_1m_requests_usd"] / off["cost_per_1m_requests_usd"]
+    out["cost_ratio_on_vs_naive"] = on["cost_per_1m_requests_usd"] / naive["cost_per_1m_requests_usd"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workspace", default=None, help="folder holding artifacts/ (default: .)")
+    p.add_argument("--scale", type=float, default=1.0, help="multiplies the trace length (200 requests at 1)")
+    p.add_argument("--variant", default="int8_weight_only", help="the variant the gateway fronts")
+    p.add_argument("--price", type=float, default=None, help="USD per machine-hour (default: params.yaml's)")
+    p.add_argument("--json", type=Path, default=Path("artifacts/cache-bench.json"))
+    p.add_argument("--skip-gateway", action="store_true", help="parts 1-3 only (no servers)")
+    args = p.parse_args(argv)
+    if not 0 < args.scale <= 10:
+        p.error(f"--scale: expected a number in (0, 10], got {args.scale}")
+    ws = Workspace.from_env(args.workspace)
+    if not args.skip_gateway and not (ws.variant_dir(args.variant) / "spec.json").is_file() and args.variant != "fp32":
+        p.error(f"--variant: {args.variant!r} is not a variant of {ws.root} (no spec.json); run make demo or "
+                f"python -m tasks.quantize --variant {args.variant} first")
+    from costopt.params import load_params
+
+    price = args.price or load_params(ws.root / "params.yaml").cost.price_per_hour_usd
+    from costopt.cache.embed import Embedder
+
+    embedder = Embedder()
+    out_json = args.json if args.json.is_absolute() else ws.root / args.json
+    logs = ws.root / "artifacts" / "cache-bench-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    n = int(200 * args.scale)
+    result: dict[str, Any] = {"machine": _machine(), "price_per_hour_usd": price}
+    result["pairs"] = pairs_part(embedder)
+    setting = result["pairs"]["setting"]
+    calibration = logs / "calibration.json"  # the gateway calibrates itself at its first start, into this file
+    calibration.unlink(missing_ok=True)
+    result["eviction"] = eviction_part(embedder, setting, int(1500 * args.scale))
+    result["overhead"] = overhead_part(embedder, setting, n_entries=1000, n_lookups=200)
+    if not args.skip_gateway:
+        result["gateway"] = gateway_part(ws, args.variant, n, price, logs, calibration)
+    write_json(out_json, result)
+    print(summary(result))
+    print(f"\nwritten: {out_json}")
+    return 0
+
+
+def _machine() -> str:
+    import os
+    import platform
+
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def summary(r: dict[str, Any]) -> str:
+    held = r["pairs"]["held"]
+    lines = ["pairs (held split):  kind  hit rate  false-hit rate  [95% upper]"]
+    for kind, v in [("overall", held["overall"]), *held["kinds"].items()]:
+        if v["same"]:
+            lines.append(f"  {kind:<11} hits {v['hits']}/{v['same']} = {v['hit_rate']:.3f}")
+        if v["near_misses"]:
+            lines.append(f"  {kind:<11} false hits {v['false_hits']}/{v['near_misses']} = {v['false_hit_rate']:.4f} "
+                         f"[{v['false_hit_upper95']:.4f}]")
+    e = r["eviction"]
+    lines.append(f"eviction at capacity {e['capacity']} over {e['requests']} requests: decay hit rate "
+                 f"{e['decay']['hit_rate']:.3f}, LRU {e['lru']['hit_rate']:.3f}")
+    o = r["overhead"]
+    lines.append(f"lookup on a miss ({o['entries']} entries): p50 {o['p50_ms']:.1f} ms, p99 {o['p99_ms']:.1f} ms")
+    if "gateway" in r:
+        g = r["gateway"]
+        on, off, naive = g["cache_on"], g["cache_off"], g["naive"]
+        lines.append(f"gateway ({g['variant']}, c={g['concurrency']}, {g['trace']['requests']} requests): hit rate "
+                     f"{on['hit_rate']:.3f}, false hits {on['false_hits']}/{on['hits']} (95% upper "
+                     f"{on['false_hit_upper95']:.4f}); cost/1M: on {on['cost_per_1m_requests_usd']:.2f}, off "
+                     f"{off['cost_per_1m_requests_usd']:.2f}, naive {naive['cost_per_1m_requests_usd']:.2f} USD")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
