@@ -35,3 +35,21 @@ def server(workspace, tmp_path_factory):
     srv.request_log = reqlog
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    from costopt.cache.embed import Embedder
+
+    return Embedder()
+
+
+@pytest.fixture(scope="session")
+def calibration_file(embedder, tmp_path_factory) -> Path:
+    """The gateway's calibration (`serving.gateway.__main__.calibration`) made once per session: the
+    decision tests read it, every gateway the tests start reuses it instead of calibrating again."""
+    from serving.gateway.__main__ import calibration
+
+    return_path = tmp_path_factory.mktemp("calibration") / "calibration.json"
+    calibration(return_path, embedder, 0.01)
+    return return_path

@@ -45,8 +45,8 @@ def predictor(workspace, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def calibration(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cal") / "calibration.json"  # written by the first gateway, reused after
+def calibration(calibration_file) -> Path:
+    return calibration_file
 
 
 @pytest.fixture(scope="module")
