@@ -289,6 +289,11 @@ def deploy(params: Any, ws: Any) -> dict[str, Any]:
                 check_load_test([gw_run], gw.logs(10**7) + srv.logs(10**7))
                 runs.append(gw_run)
                 cache = {**cache_outcome(items, res.records), **_cache_state(gw.url)}
+            cal_file = ws.root / "artifacts" / "cache" / "calibration.json"
+            if cache.get("enabled") and cal_file.is_file():  # the held pairs' figures and curve, for the report
+                cal = read_json(cal_file)
+                cache["calibration"] = {k: cal[k] for k in ("setting", "max_false_hit", "curve")}
+                cache["calibration"]["held"] = {"overall": cal["held"]["overall"], "kinds": cal["held"]["kinds"]}
     base = read_json(ws.bench_dir / "baseline.json")
     naive_s = base.get("naive", base)["machine_seconds_per_request"]  # records before the served cost: top level
     naive = round(cost_per_1m_requests(price, float(naive_s)), 4)

@@ -112,3 +112,25 @@ def curve_png(curve: dict[str, Any]) -> bytes:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     return _png(fig)
+
+
+def cache_curve_png(calibration: dict[str, Any]) -> bytes:
+    """The semantic cache's hit rate against its false-hit rate (and the latter's 95% upper bound) on the
+    held labeled pairs as the cosine threshold moves, the calibrated setting marked."""
+    fig = _figure((6.0, 3.8))
+    ax = fig.add_subplot()
+    pts = calibration["curve"]
+    ax.plot([p["false_hit_rate"] for p in pts], [p["hit_rate"] for p in pts], marker=".", color="#1f77b4",
+            label="false-hit rate")
+    ax.plot([p["false_hit_upper95"] for p in pts], [p["hit_rate"] for p in pts], ls="--", color="#7f7f7f",
+            label="its 95% upper bound")
+    held = calibration["held"]["overall"]
+    ax.scatter([held["false_hit_upper95"]], [held["hit_rate"]], color="#d62728", zorder=3,
+               label=f"calibrated (threshold {calibration['setting']['threshold']:.2f})")
+    ax.axvline(calibration.get("max_false_hit", 0.01), color="#d62728", ls=":", lw=1)
+    ax.set_xlabel("false hits / near-miss pairs")
+    ax.set_ylabel("hits / same-answer pairs")
+    ax.set_title("Semantic cache: held labeled pairs")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)

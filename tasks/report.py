@@ -27,7 +27,7 @@ from costopt.storage.layout import (MissingArtifactError, ReportInputError, Work
 from costopt.params import Params
 from costopt.runid import run_id as make_run_id
 from costopt.search.frontier import cheapest_passing
-from tasks.plots import curve_png, pareto_png, sensitivity_png
+from tasks.plots import cache_curve_png, curve_png, pareto_png, sensitivity_png
 
 BASELINE = "fp32"
 QUALITY_KEYS = ("kl_mean", "kl_p99", "top1_agreement", "ppl_ratio", "task_accuracy", "task_retention")
@@ -498,7 +498,8 @@ KL grows much more here than others' is fitted to the calibration pool's style.<
 
 def _figures_html(summary: dict[str, Any], figures: dict[str, bytes]) -> str:
     out = []
-    titles = {"sensitivity": "Per-part sensitivity", "curve": "KL versus calibration size"}
+    titles = {"sensitivity": "Per-part sensitivity", "curve": "KL versus calibration size",
+              "cache": "Semantic cache: hit rate versus false-hit rate"}
     for key, title in titles.items():
         if key in figures:
             data = base64.b64encode(figures[key]).decode("ascii")
@@ -651,6 +652,9 @@ def write_report(summary: dict[str, Any], final: Path, data_docs: Path | None) -
             figures["sensitivity"] = sensitivity_png(summary["sensitivity"])
         if summary.get("calibration_curve"):
             figures["curve"] = curve_png(summary["calibration_curve"])
+        cal = ((summary.get("serving") or {}).get("cache") or {}).get("calibration")
+        if cal and cal.get("curve"):
+            figures["cache"] = cache_curve_png(cal)
         (stage / "report.html").write_text(render_html(summary, pareto_png(summary), figures), encoding="utf-8")
         replace_dir(stage, final)
     except BaseException:

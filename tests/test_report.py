@@ -290,3 +290,32 @@ def test_serving_section_from_the_deploy_phase_follows_the_contract(tmp_path):
     assert summary["serving"]["runs"][0]["throughput_req_s"] == 1.5, "the load test's runs are in the summary"
     page = (Path(result["summary"]).parent / "report.html").read_text()
     assert "Serving" in page and "serving-v1" in page and "failed its gates" in page, "the report shows serving"
+
+
+def test_the_gateway_cache_run_and_its_curve_are_reported(tmp_path):
+    ws = build_workspace(tmp_path)
+    base = {"concurrency": 4, "throughput_req_s": 1.5, "throughput_tok_s": 60.0, "p50_ms": 900.0, "p95_ms": 1500.0,
+            "p99_ms": 1800.0, "errors": 0, "rejected": 0, "cost_per_1m_requests_usd": 18.5}
+    runs = [{**base, "config": {"batching": True, "cache": False, "routing": False, "variants": ["int8"]}},
+            {**base, "throughput_req_s": 2.5, "cost_per_1m_requests_usd": 11.1,
+             "config": {"batching": True, "cache": True, "routing": False, "variants": ["int8"], "gateway": True}}]
+    curve = [{"threshold": t, "hit_rate": 0.9 - t / 2, "false_hit_rate": max(0.0, 0.6 - t) / 10,
+              "false_hit_upper95": max(0.0055, (0.6 - t) / 8)} for t in (0.5, 0.6, 0.7, 0.8)]
+    held = {"hit_rate": 0.69, "false_hit_rate": 0.0, "false_hit_upper95": 0.0055, "hits": 374, "same": 540,
+            "false_hits": 0, "near_misses": 540}
+    cache = {"hit_rate": 0.31, "hits": 5, "false_hits": 0, "fresh_hits": 0, "false_hit_rate": 0.0,
+             "false_hit_upper95": 0.45, "enabled": True, "threshold": 0.51, "min_phrase_sim": 0.85,
+             "calibration": {"setting": {"threshold": 0.51, "min_phrase_sim": 0.85}, "max_false_hit": 0.01,
+                             "curve": curve, "held": {"overall": held, "kinds": {}}}}
+    write(ws.root / "artifacts" / "serving" / "serving.json", {
+        "deployed": [{"name": "fp32", "fingerprint": FINGERPRINT, "where": "loopback", "dvc_revision": None}],
+        "left_out": {}, "serving": {"trace": {"name": "serving-v1", "requests": 16, "fingerprint": "ef" * 32},
+                                    "runs": runs, "cache": cache, "naive_cost_per_1m_requests_usd": 60.0,
+                                    "optimized_cost_per_1m_requests_usd": 11.1}})
+    result = report(Params(), ws)
+    summary = json.loads(Path(result["summary"]).read_text())
+    check_summary(summary)
+    assert summary["serving"]["cache"]["hit_rate"] == 0.31, "the cache block is in the summary"
+    page = (Path(result["summary"]).parent / "report.html").read_text()
+    assert "via gateway, cache on" in page and "hit rate 0.310" in page, "the cache run and its figures show"
+    assert "Semantic cache: hit rate versus false-hit rate" in page, "the calibration curve is plotted"
