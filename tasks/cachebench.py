@@ -6,7 +6,7 @@ Run it in the serving environment (it needs the embedder):
 1. **Pairs**: the hit rule calibrated on the project's labeled pairs (fit split) and measured on the held
    split: hit rate and false-hit rate with exact (Clopper-Pearson) intervals, overall and per kind,
    and the curve as the threshold moves.
-2. **Eviction**: the `serving-v1` trace's prompts through the cache alone at a capacity of a tenth of
+2. **Eviction**: the `serving-v1` trace's prompts through the cache alone at a capacity of a quarter of
    its distinct prompts, popularity x decay against plain LRU (same embedder, same rule).
 3. **Lookup overhead** on a miss: embedding + index search + verification, per lookup, against an L1
    already holding the trace's entries.
@@ -57,7 +57,7 @@ def eviction_part(embedder: Any, setting: dict, n: int) -> dict[str, Any]:
     items = build_trace(n, seed=TRACE_SEED)
     prompts = [it.prompt for it in items]
     vectors = embedder.encode(prompts)
-    capacity = max(10, len({it.source_id or it.id for it in items}) // 10)
+    capacity = max(10, len({it.source_id or it.id for it in items}) // 4)
     out: dict[str, Any] = {"requests": n, "capacity": capacity}
     for name, policy in (("decay", DecayPolicy(half_life_s=60.0)), ("lru", LruPolicy())):
         clock = [0.0]
@@ -67,14 +67,14 @@ def eviction_part(embedder: Any, setting: dict, n: int) -> dict[str, Any]:
         hits = 0
         for it, p, v in zip(items, prompts, vectors):
             clock[0] = it.offset_s
-            key = CacheKey(it.tenant, "bench", "v", (("max_tokens", it.max_tokens),),
+            key = CacheKey("open", "bench", "v", (("max_tokens", it.max_tokens),),
                            json.dumps(list(it.messages[:-1]), sort_keys=True))
             if cache.lookup(key, p, v) is not None:
                 hits += 1
             else:
                 cache.store(key, p, {"text": it.id}, v)
         out[name] = {"hit_rate": hits / n, "hits": hits}
-    out["cache_alone"] = "keys hold tenant, max_tokens and the system message, as the gateway's do"
+    out["cache_alone"] = "one tenant (the gateway in open mode); keys hold max_tokens and the system message"
     return out
 
 

@@ -12,7 +12,8 @@ decides an answer:
 - **content words** (what is left after stop words), lightly stemmed: any that one side has and the
   other lacks must be matched, as a phrase, by a close one on the other side: the phrase similarity
   `phrase_sim` (the embedder's cosine of the two differing phrases) must reach `min_phrase_sim`, so
-  "simple terms" / "plain language" can pass where "hot" / "cold" cannot. An extra content word with
+  "simple terms" / "plain language" can pass where "hot" / "cold" cannot; more than three such words on
+  either side is another question, refused without the embedder (which also keeps a miss cheap). An extra content word with
   nothing against it fails ("Explain X" / "Explain X to a child"); a word with a negating prefix of the
   other ("healthy" / "unhealthy") fails; two adjacent letters swapped is a typo, the same word.
 
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 PhraseSim = Callable[[str, str], float]
+MAX_DIFFERING_WORDS = 3  # more content words than this on either side only: refused without asking the embedder
 
 _CONTRACTIONS = [(re.compile(p, re.IGNORECASE), r) for p, r in (
     (r"\bwon't\b", "will not"), (r"\bcan't\b", "can not"), (r"\bcannot\b", "can not"), (r"n't\b", " not"),
@@ -213,6 +215,9 @@ def verify(a: str, b: str, phrase_sim: PhraseSim | None, min_phrase_sim: float =
         return Verdict(False, f"content words on one side only: {extra}")
     if phrase_sim is None:
         return Verdict(False, f"content differs: {' '.join(only_a)} vs {' '.join(only_b)}")
+    if max(len(only_a), len(only_b)) > MAX_DIFFERING_WORDS:  # a rewording swaps a few words, not a topic
+        return Verdict(False, f"content differs in more than {MAX_DIFFERING_WORDS} words: "
+                              f"{' '.join(only_a)} vs {' '.join(only_b)}")
     sim = float(phrase_sim(" ".join(only_a), " ".join(only_b)))
     if sim < min_phrase_sim:
         return Verdict(False, f"content differs: {' '.join(only_a)} vs {' '.join(only_b)} "

@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from costopt.cache.store import CacheKey, Hit, SemanticCache
+from costopt.cache.store import CacheKey, Hit, SemanticCache, normalize_prompt
 from serving.protocol import ChunkMaker, chat_response, completion_response
 
 OPEN_TENANT = "open"
@@ -69,6 +69,27 @@ class CacheLayer:
         self.cache, self.model_fingerprint = cache, model_fingerprint
         self.disabled_reason = disabled_reason if cache is None else ""
         self.keyed_tenants = keyed_tenants
+        self._inflight: dict[tuple[str, str], asyncio.Event] = {}
+
+    # Request coalescing: an exact repeat (same namespace, same prompt up to case and spacing) that
+    # arrives while the first is still generating waits for it and is then served from L1, instead of
+    # generating the same answer twice. Paraphrases are not coalesced (they are verified on lookup).
+    def _flight(self, req: CacheRequest) -> tuple[str, str]:
+        return req.key.namespace, normalize_prompt(req.prompt)
+
+    def join(self, req: CacheRequest) -> asyncio.Event | None:
+        """The event of an identical request already generating (wait on it, then look up again), or
+        None: this request now leads, and `release` must follow whatever happens to it."""
+        event = self._inflight.get(self._flight(req))
+        if event is not None:
+            return event
+        self._inflight[self._flight(req)] = asyncio.Event()
+        return None
+
+    def release(self, req: CacheRequest) -> None:
+        event = self._inflight.pop(self._flight(req), None)
+        if event is not None:
+            event.set()
 
     @property
     def enabled(self) -> bool:

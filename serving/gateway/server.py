@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any, AsyncIterator
@@ -36,6 +37,7 @@ CACHE_RESULTS = Counter("costopt_gateway_requests_total", "gateway requests by c
                         ["variant", "cache"])
 LOOKUP_SECONDS = Histogram("costopt_gateway_cache_lookup_seconds", "embedding + lookup time per cacheable request",
                            buckets=(0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.05, 0.1, 0.25, 1.0))
+COALESCE_WAIT_S = 300.0  # longest an exact repeat waits for the identical request already generating
 FORWARD = ("authorization", "x-costopt-priority", "x-costopt-deadline-ms", "x-costopt-tenant", "x-request-id")
 RELAY = ("x-costopt-variant", "x-costopt-instance", "retry-after")
 
@@ -96,11 +98,34 @@ class GatewayRoutes:
                 LOOKUP_SECONDS.observe(time.perf_counter() - t0)
                 if hit is not None:
                     return self._hit(plan, hit)
-            if body.get("stream"):
-                return await self._stream(request, path, body, plan)
-            return await self._plain(request, path, body, plan, chat)
+                leading = await self._coalesce(plan)
+                if leading is not True:  # an identical request just finished: its answer, if it was stored
+                    hit = await self.layer.lookup(plan)
+                    if hit is not None:
+                        return self._hit(plan, hit)
+                    plan = None  # it was not stored (failed or cut off): forward this one uncached
         except ApiError as exc:
             return error_response(exc)
+        try:
+            if body.get("stream"):
+                return await self._stream(request, path, body, plan)  # releases when the stream ends
+            return await self._plain(request, path, body, plan, chat)
+        except ApiError as exc:
+            if plan is not None:
+                self.layer.release(plan)
+            return error_response(exc)
+
+    async def _coalesce(self, plan: CacheRequest) -> bool:
+        """True: this request leads (generates, then releases). False: an identical one was generating and
+        has finished (or the wait timed out)."""
+        event = self.layer.join(plan)
+        if event is None:
+            return True
+        try:
+            await asyncio.wait_for(event.wait(), timeout=COALESCE_WAIT_S)
+        except TimeoutError:
+            pass
+        return False
 
     def _hit(self, plan: CacheRequest, hit: Any) -> Response:
         variant = hit.entry.answer.get("variant") or plan.model
@@ -120,8 +145,13 @@ class GatewayRoutes:
         headers = {k: r.headers[k] for k in RELAY if k in r.headers}
         headers["x-costopt-cache"] = outcome
         CACHE_RESULTS.labels(str(body.get("model")), outcome).inc()
-        if plan is not None and r.status_code == 200:
-            await self.layer.store(plan, answer_from_body(r.json(), chat, r.headers.get("x-costopt-variant", plan.model)))
+        if plan is not None:
+            try:
+                if r.status_code == 200:
+                    await self.layer.store(plan, answer_from_body(r.json(), chat,
+                                                                  r.headers.get("x-costopt-variant", plan.model)))
+            finally:
+                self.layer.release(plan)
         return Response(r.content, status_code=r.status_code, headers=headers,
                         media_type=r.headers.get("content-type", "application/json"))
 
@@ -140,6 +170,8 @@ class GatewayRoutes:
         if r.status_code != 200 or not r.headers.get("content-type", "").startswith("text/event-stream"):
             content = await r.aread()
             await r.aclose()
+            if plan is not None:
+                self.layer.release(plan)
             return Response(content, status_code=r.status_code, headers=headers,
                             media_type=r.headers.get("content-type", "application/json"))
         collector = StreamCollector(r.headers.get("x-costopt-variant", plan.model if plan else ""))
@@ -161,7 +193,10 @@ class GatewayRoutes:
                 if plan is not None:
                     if not finished:
                         collector.answer.failed = True
-                    await self.layer.store(plan, collector.answer)
+                    try:
+                        await self.layer.store(plan, collector.answer)
+                    finally:
+                        self.layer.release(plan)
 
         return StreamingResponse(relay(), media_type="text/event-stream", headers=headers)
 

@@ -178,3 +178,16 @@ def test_an_unreachable_l3_is_counted_and_never_fails_a_request(workspace, predi
             assert stats.get("l3_errors", 0) >= 1, f"the S3 failures are counted: {stats}"
     finally:
         gw.stop()
+
+
+def test_identical_requests_in_flight_are_generated_once(gateway):
+    """Exact repeats that arrive while the first is generating wait for it and are served its answer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    body = chat("List three rivers in Europe.", max_tokens=24)
+    with ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(lambda _: post(gateway, body), range(4)))
+    outcomes = sorted(r.headers["x-costopt-cache"] for r in replies)
+    assert outcomes == ["hit-l1", "hit-l1", "hit-l1", "miss"], outcomes
+    texts = {r.json()["choices"][0]["message"]["content"] for r in replies}
+    assert len(texts) == 1, f"every waiting request got the one generated answer: {texts}"
