@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import yaml
@@ -37,8 +38,9 @@ def _git(root: Path, *args: str) -> None:
     subprocess.run(["git", *args], cwd=root, check=True, capture_output=True)
 
 
-def make_workspace(dest: Path, endpoint: str) -> Path:
-    """A git repo with the project's files, its params pointing at the test's S3 endpoint."""
+def make_workspace(dest: Path, endpoint: str, edit: Callable[[dict], None] | None = None) -> Path:
+    """A git repo with the project's files, its params pointing at the test's S3 endpoint; `edit`, when
+    given, changes the params further before they are written (tests/test_airflow_ui.py uses it)."""
     for rel in _files(PROJECT):
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(PROJECT / rel, dest / rel)
@@ -47,6 +49,8 @@ def make_workspace(dest: Path, endpoint: str) -> Path:
     # gguf_q8_0 passes the quick gates and costs less than any mixed INT8/INT4 torch candidate can, so
     # the search would skip the mixed candidates (tests/test_search.py checks that); build one here
     params["search"]["skip_dominated"] = False
+    if edit is not None:
+        edit(params)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _git(dest, "init", "-q")
     _git(dest, "add", "-A")
