@@ -136,9 +136,16 @@ def test_deploy_serves_the_winners_and_load_tests_them(run):
                         and r["ok"] >= r["requests"] / 2 for r in runs), \
         f"the short load test on the real server answers (or refuses with 429) every request: {runs}"
     assert summary["serving"]["trace"]["name"] == "serving-v1", summary["serving"]["trace"]
+    direct = [r for r in runs if not r["config"]["cache"]]
     log = run["ws"] / "logs" / "requests.jsonl"
-    assert log.is_file() and len(log.read_text().splitlines()) >= sum(r["requests"] for r in runs), \
-        "every load-test request is in the request log"
+    assert log.is_file() and len(log.read_text().splitlines()) >= sum(r["requests"] for r in direct), \
+        "every load-test request sent straight to the server is in its request log"
+    # the same trace through the gateway, its semantic cache on: served, and never a false hit
+    cached = [r for r in runs if r["config"]["cache"]]
+    cache = summary["serving"].get("cache") or {}
+    assert len(cached) == 1 and cache.get("enabled") is True, f"the gateway run: {cached} {cache}"
+    assert cache["false_hits"] == 0 and 0 <= cache["hit_rate"] <= 1 and cache["threshold"] > 0, cache
+    assert cache["calibration"]["held"]["overall"]["false_hit_upper95"] <= 0.01, "the calibration proved its bound"
 
 
 def test_gate_keeps_the_naive_one_liner_out(run):

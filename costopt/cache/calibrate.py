@@ -169,4 +169,16 @@ def calibrate_on_pairs(encode: Callable[[list[str]], np.ndarray], phrase_sim: Ph
     scored = score(held, encode)
     return {"setting": asdict(setting), "max_false_hit": max_false_hit, "pairs_seed": seed,
             "per_template": per_template, "fit": fitted.to_dict(), "held": measure(scored, setting),
-            "curve": sweep(scored, setting.min_phrase_sim)}
+            "curve": sweep(scored, setting.min_phrase_sim), "curve_cosine_only": sweep_cosine_only(scored)}
+
+
+def sweep_cosine_only(scored: list[Scored]) -> list[dict]:
+    """The same curve for a cosine threshold alone, no verification (GPTCache's rule), for comparison."""
+    same = [x for x in scored if x.pair.same]
+    near = [x for x in scored if not x.pair.same]
+    out = []
+    for t in THRESHOLDS:
+        hits, false = sum(x.cosine >= t for x in same), sum(x.cosine >= t for x in near)
+        out.append({"threshold": t, "hit_rate": hits / max(1, len(same)),
+                    "false_hit_rate": false / max(1, len(near)), "false_hit_upper95": upper_bound(false, len(near))})
+    return out

@@ -143,3 +143,11 @@ def test_batched_scoring_equals_one_pair_at_a_time(embedder):
         if b.phrase_sim is not None:
             assert b.phrase_sim == pytest.approx(s.phrase_sim, abs=1e-4), b.pair
     assert not math.isnan(rates(batched, Setting(0.99, 1.01)).hit_rate)
+
+
+def test_cosine_alone_is_the_comparison_curve():
+    from costopt.cache.calibrate import sweep_cosine_only
+
+    curve = sweep_cosine_only(_synthetic(0.70))
+    at = {round(c["threshold"], 2): c for c in curve}
+    assert at[0.7]["false_hit_rate"] == 1.0 and at[0.71]["false_hit_rate"] == 0.0, "near-misses sit at 0.70"
