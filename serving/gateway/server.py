@@ -141,10 +141,7 @@ class GatewayRoutes:
             r = await self.upstream.client.post(path, json=body, headers=self.upstream.headers(request))
         except httpx.HTTPError as exc:
             raise _unreachable(self.upstream, exc) from None
-        outcome = "miss" if plan is not None else "bypass"
-        headers = {k: r.headers[k] for k in RELAY if k in r.headers}
-        headers["x-costopt-cache"] = outcome
-        CACHE_RESULTS.labels(str(body.get("model")), outcome).inc()
+        headers = _relayed(r, plan, body)
         if plan is not None:
             try:
                 if r.status_code == 200:
@@ -163,10 +160,7 @@ class GatewayRoutes:
             r = await self.upstream.client.send(req, stream=True)
         except httpx.HTTPError as exc:
             raise _unreachable(self.upstream, exc) from None
-        outcome = "miss" if plan is not None else "bypass"
-        headers = {k: r.headers[k] for k in RELAY if k in r.headers}
-        headers["x-costopt-cache"] = outcome
-        CACHE_RESULTS.labels(str(body.get("model")), outcome).inc()
+        headers = _relayed(r, plan, body)
         if r.status_code != 200 or not r.headers.get("content-type", "").startswith("text/event-stream"):
             content = await r.aread()
             await r.aclose()
@@ -227,6 +221,13 @@ class GatewayRoutes:
         body = {"ready": up, "details": {"predictor": {"url": self.upstream.base_url, "ready": up},
                                          "cache": self.layer.status()}}
         return JSONResponse(body, status_code=200 if up else 503)
+
+
+def _relayed(r: httpx.Response, plan: CacheRequest | None, body: dict) -> dict[str, str]:
+    """The predictor's headers a client may see, plus where this answer came from (counted)."""
+    outcome = "miss" if plan is not None else "bypass"
+    CACHE_RESULTS.labels(str(body.get("model")), outcome).inc()
+    return {**{k: r.headers[k] for k in RELAY if k in r.headers}, "x-costopt-cache": outcome}
 
 
 async def _iterate(events: Any) -> AsyncIterator[bytes]:
