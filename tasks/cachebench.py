@@ -9,7 +9,8 @@ Run it in the serving environment (it needs the embedder):
 2. **Eviction**: the `serving-v1` trace's prompts through the cache alone at a capacity of a quarter of
    its distinct prompts, popularity x decay against plain LRU (same embedder, same rule).
 3. **Lookup overhead** on a miss: embedding + index search + verification, per lookup, against an L1
-   already holding the trace's entries.
+   already holding the trace's entries; and one text's embedding alone per backend (ONNX Runtime INT8,
+   fp32, sentence-transformers), interleaved on the same prompts, with the cosine to sentence-transformers.
 4. **Through the gateway**: a real predictor and a real gateway on loopback; the trace replayed (closed
    loop, temperature 0) with the cache on and with it off, side by side. A hit is false when it answers
    a fresh request (no earlier request means the same) or serves a repeat or paraphrase an answer other
@@ -99,8 +100,33 @@ def overhead_part(embedder: Any, setting: dict, n_entries: int, n_lookups: int) 
         hit = cache.lookup(key, p)
         times.append((time.perf_counter() - t0) * 1e3)
         misses += hit is None
-    return {"entries": len(cache.entries()), "lookups": len(probes), "misses": misses,
-            "p50_ms": _pct(times, 50), "p99_ms": _pct(times, 99), "max_ms": max(times)}
+    return {"embedder": embedder.identity, "entries": len(cache.entries()), "lookups": len(probes),
+            "misses": misses, "p50_ms": _pct(times, 50), "p99_ms": _pct(times, 99), "max_ms": max(times)}
+
+
+def embed_part(n: int) -> dict[str, Any]:
+    """One text embedded at a time (as a lookup does), each backend on the same prompts, interleaved."""
+    from costopt.cache.embed import BACKENDS, Embedder
+    from costopt.evaluation.evaldata import chat_pool
+
+    probes = [" ".join(m["content"] for m in msgs if m["role"] == "user") for _, msgs in chat_pool(TRACE_SEED)]
+    probes = probes[:: max(1, len(probes) // n)][:n]
+    models = {b: Embedder(backend=b) for b in BACKENDS}
+    times: dict[str, list[float]] = {b: [] for b in BACKENDS}
+    for m in models.values():
+        m.encode(probes[:3])  # warm
+    for p in probes:
+        for b, m in models.items():
+            t0 = time.perf_counter()
+            m.encode([p])
+            times[b].append((time.perf_counter() - t0) * 1e3)
+    ref = models["torch"].encode(probes)
+    out: dict[str, Any] = {"texts": len(probes), "words_max": max(len(p.split()) for p in probes)}
+    for b, m in models.items():
+        cos = (m.encode(probes) * ref).sum(1)
+        out[b] = {"p50_ms": _pct(times[b], 50), "p99_ms": _pct(times[b], 99),
+                  "cosine_to_torch_mean": float(cos.mean()), "cosine_to_torch_min": float(cos.min())}
+    return out
 
 
 def gateway_part(ws: Workspace, variant: str, n: int, price: float, logs: Path, calibration: Path) -> dict[str, Any]:
@@ -181,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     calibration.unlink(missing_ok=True)
     result["eviction"] = eviction_part(embedder, setting, int(1500 * args.scale))
     result["overhead"] = overhead_part(embedder, setting, n_entries=1000, n_lookups=200)
+    result["embed"] = embed_part(200)
     if not args.skip_gateway:
         result["gateway"] = gateway_part(ws, args.variant, n, price, logs, calibration)
     write_json(out_json, result)
@@ -209,7 +236,12 @@ def summary(r: dict[str, Any]) -> str:
     lines.append(f"eviction at capacity {e['capacity']} over {e['requests']} requests: decay hit rate "
                  f"{e['decay']['hit_rate']:.3f}, LRU {e['lru']['hit_rate']:.3f}")
     o = r["overhead"]
-    lines.append(f"lookup on a miss ({o['entries']} entries): p50 {o['p50_ms']:.1f} ms, p99 {o['p99_ms']:.1f} ms")
+    lines.append(f"lookup on a miss ({o['entries']} entries, {o['embedder']}): p50 {o['p50_ms']:.1f} ms, "
+                 f"p99 {o['p99_ms']:.1f} ms")
+    for b, v in r["embed"].items():
+        if isinstance(v, dict):
+            lines.append(f"  embed one text, {b:<9}: p50 {v['p50_ms']:.1f} ms, p99 {v['p99_ms']:.1f} ms, cosine to "
+                         f"torch mean {v['cosine_to_torch_mean']:.4f} min {v['cosine_to_torch_min']:.4f}")
     if "gateway" in r:
         g = r["gateway"]
         on, off, naive = g["cache_on"], g["cache_off"], g["naive"]

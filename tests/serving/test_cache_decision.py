@@ -118,6 +118,29 @@ def test_embedder_is_offline_unit_length_and_refuses_a_broken_folder(embedder, t
         Embedder(tmp_path)
 
 
+def test_onnx_backends_agree_with_sentence_transformers_and_repair_a_corrupt_export(embedder, tmp_path):
+    """The fp32 export equals sentence-transformers to float precision; the INT8 one (the default) stays
+    close; padding in a batch changes nothing; a corrupt exported file is made again, not trusted."""
+    from costopt.cache.embed import Embedder
+
+    assert embedder.backend == "onnx-int8", "the gateway's default embedder"
+    texts = ["hi", "What is the capital of France?", "Summarise this note: " + "the river rose after rain. " * 40,
+             "", "¿Cuál es la capital de Francia?", "17 times 3"]
+    ref = Embedder(backend="torch").encode(texts)
+    fp32 = Embedder(backend="onnx", export_root=tmp_path)
+    got = fp32.encode(texts)
+    assert np.abs(got - ref).max() < 1e-4, f"fp32 export differs from torch by {np.abs(got - ref).max()}"
+    cos = (embedder.encode(texts) * ref).sum(1)
+    assert cos.min() > 0.95, f"INT8 embeddings drift from fp32: cosines {cos.round(4).tolist()}"
+    one_by_one = np.concatenate([embedder.encode([t]) for t in texts])
+    assert np.abs(one_by_one - embedder.encode(texts)).max() < 1e-4, "padding in a batch changed an embedding"
+    (onnx_file,) = tmp_path.glob("*/model-onnx.onnx")
+    onnx_file.write_bytes(onnx_file.read_bytes()[:1000])
+    again = Embedder(backend="onnx", export_root=tmp_path)
+    assert np.abs(again.encode(texts) - ref).max() < 1e-4, "a truncated export must be made again"
+    assert again.identity != embedder.identity, "calibrations must tell backends apart"
+
+
 def test_calibrated_rule_bounds_false_hits_on_the_held_split(calibration_file):
     """The acceptance property on the project's pairs, as the gateway calibrates at start: fit on one
     split, the false-hit bound <= 1% on the other, every kind of near-miss present there."""
