@@ -6,7 +6,9 @@ Run it in the serving environment (it needs the embedder):
 1. **Pairs**: the hit rule calibrated on the project's labeled pairs (fit split) and measured on the held
    split: hit rate and false-hit rate with exact (Clopper-Pearson) intervals, overall and per kind,
    and the curve as the threshold moves.
-2. **Eviction**: the `serving-v1` trace's prompts through the cache alone at a capacity of a quarter of
+2. **The rule on a long trace**: 3000 `serving-v1` requests through the cache alone (room for all):
+   hit rate, and false hits with their exact bound (the gateway run has too few hits to bound it at 1%).
+   **Eviction**: the `serving-v1` trace's prompts through the cache alone at a capacity of a quarter of
    its distinct prompts, popularity x decay against plain LRU (same embedder, same rule).
 3. **Lookup overhead** on a miss: embedding + index search + verification, per lookup, against an L1
    already holding the trace's entries; and one text's embedding alone per backend (ONNX Runtime INT8,
@@ -49,32 +51,63 @@ def pairs_part(embedder: Any) -> dict[str, Any]:
     return out
 
 
+def _replay(embedder: Any, setting: dict, items: list, vectors: np.ndarray, capacity: int,
+            policy: Any) -> dict[str, Any]:
+    """The trace's prompts through the cache alone (trace time as the clock, every miss stored), each hit
+    judged as `tasks.loadtest.cache_outcome` judges the gateway's: false when it answers a fresh request or
+    serves a repeat or paraphrase the entry of another source."""
+    from costopt.cache.calibrate import Setting, clopper_pearson, upper_bound
+    from costopt.cache.store import CacheConfig, CacheKey, SemanticCache
+
+    clock = [0.0]
+    cache = SemanticCache(embedder.encode, embedder.phrase_sim, embedder.dim,
+                          CacheConfig(setting=Setting(**setting), l1_capacity=capacity),
+                          policy=policy, clock=lambda: clock[0])
+    hits = false = 0
+    per_kind: Counter = Counter()
+    for it, v in zip(items, vectors):
+        clock[0] = it.offset_s
+        key = CacheKey("open", "bench", "v", (("max_tokens", it.max_tokens),),
+                       json.dumps(list(it.messages[:-1]), sort_keys=True))
+        hit = cache.lookup(key, it.prompt, v)
+        group = it.source_id or it.id
+        if hit is None:
+            cache.store(key, it.prompt, {"group": group}, v)
+            continue
+        hits += 1
+        per_kind[it.kind] += 1
+        false += it.kind == "fresh" or hit.entry.answer["group"] != group
+    n = len(items)
+    return {"requests": n, "hits": hits, "hit_rate": hits / n, "hits_by_kind": dict(per_kind), "false_hits": false,
+            "false_hit_rate": false / hits if hits else 0.0, "false_hit_upper95": upper_bound(false, hits),
+            "false_hit_ci95": list(clopper_pearson(false, hits)),
+            "false_hits_per_request_upper95": upper_bound(false, n)}
+
+
+def decision_part(embedder: Any, setting: dict, n: int) -> dict[str, Any]:
+    """The hit rule on a long `serving-v1` trace, cache alone with room for every entry: enough hits for
+    the false-hit rate's exact bound to mean something (0 of 299 hits is the least that proves <= 1%)."""
+    from costopt.cache.store import DecayPolicy
+    from costopt.workload.trace import build_trace
+
+    items = build_trace(n, seed=TRACE_SEED + 7)
+    out = _replay(embedder, setting, items, embedder.encode([it.prompt for it in items]), n + 1, DecayPolicy())
+    out["kinds"] = dict(Counter(it.kind for it in items))
+    return out
+
+
 def eviction_part(embedder: Any, setting: dict, n: int) -> dict[str, Any]:
     """Hit rate of the decay policy and of LRU at one capacity on the trace, cache alone (no server)."""
-    from costopt.cache.calibrate import Setting
-    from costopt.cache.store import CacheConfig, CacheKey, DecayPolicy, LruPolicy, SemanticCache
+    from costopt.cache.store import DecayPolicy, LruPolicy
     from costopt.workload.trace import build_trace
 
     items = build_trace(n, seed=TRACE_SEED)
-    prompts = [it.prompt for it in items]
-    vectors = embedder.encode(prompts)
+    vectors = embedder.encode([it.prompt for it in items])
     capacity = max(10, len({it.source_id or it.id for it in items}) // 4)
     out: dict[str, Any] = {"requests": n, "capacity": capacity}
     for name, policy in (("decay", DecayPolicy(half_life_s=60.0)), ("lru", LruPolicy())):
-        clock = [0.0]
-        cache = SemanticCache(embedder.encode, embedder.phrase_sim, embedder.dim,
-                              CacheConfig(setting=Setting(**setting), l1_capacity=capacity),
-                              policy=policy, clock=lambda: clock[0])
-        hits = 0
-        for it, p, v in zip(items, prompts, vectors):
-            clock[0] = it.offset_s
-            key = CacheKey("open", "bench", "v", (("max_tokens", it.max_tokens),),
-                           json.dumps(list(it.messages[:-1]), sort_keys=True))
-            if cache.lookup(key, p, v) is not None:
-                hits += 1
-            else:
-                cache.store(key, p, {"text": it.id}, v)
-        out[name] = {"hit_rate": hits / n, "hits": hits}
+        r = _replay(embedder, setting, items, vectors, capacity, policy)
+        out[name] = {"hit_rate": r["hit_rate"], "hits": r["hits"], "false_hits": r["false_hits"]}
     out["cache_alone"] = "one tenant (the gateway in open mode); keys hold max_tokens and the system message"
     return out
 
@@ -205,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     setting = result["pairs"]["setting"]
     calibration = logs / "calibration.json"  # the gateway calibrates itself at its first start, into this file
     calibration.unlink(missing_ok=True)
+    result["decision"] = decision_part(embedder, setting, int(3000 * args.scale))
     result["eviction"] = eviction_part(embedder, setting, int(1500 * args.scale))
     result["overhead"] = overhead_part(embedder, setting, n_entries=1000, n_lookups=200)
     result["embed"] = embed_part(200)
@@ -232,6 +266,10 @@ def summary(r: dict[str, Any]) -> str:
         if v["near_misses"]:
             lines.append(f"  {kind:<11} false hits {v['false_hits']}/{v['near_misses']} = {v['false_hit_rate']:.4f} "
                          f"[{v['false_hit_upper95']:.4f}]")
+    d = r["decision"]
+    lines.append(f"the rule on a {d['requests']}-request trace (cache alone): hit rate {d['hit_rate']:.3f} "
+                 f"({d['hits_by_kind']}), false hits {d['false_hits']}/{d['hits']} = {d['false_hit_rate']:.4f} "
+                 f"[95% upper {d['false_hit_upper95']:.4f}]")
     e = r["eviction"]
     lines.append(f"eviction at capacity {e['capacity']} over {e['requests']} requests: decay hit rate "
                  f"{e['decay']['hit_rate']:.3f}, LRU {e['lru']['hit_rate']:.3f}")
