@@ -45,8 +45,8 @@ demo: $(STAMP) $(SSTAMP)
 	$(VPY) -m tasks.demo $(if $(PROFILE),--profile $(PROFILE),)
 
 test: $(STAMP) $(SSTAMP)
-	$(VPY) -m pytest -m "not slow" tests --ignore=tests/serving
-	$(SPY) -m pytest -m "not slow" tests/serving
+	$(VPY) -m pytest -m "not slow" --durations=12 tests --ignore=tests/serving
+	$(SPY) -m pytest -m "not slow" --durations=12 tests/serving
 
 # COSTOPT_REQUIRE_BROWSER: the browser test fails, rather than skips, when it cannot run.
 test-full: $(STAMP) $(SSTAMP) browser
