@@ -24,7 +24,6 @@ FILES = {"prompts": "prompts.jsonl", "crosscheck": "crosscheck.jsonl", "ppl": "p
          "calibration": "calibration.jsonl", "tasks": "tasks.jsonl"}
 MANIFEST = "manifest.json"
 REFERENCE_DECODER = "engine-1"  # greedy references from costopt's engine (was: left-padded HF generate)
-GENERATE_BATCH = 16  # sequences decoding together in the reference engine
 
 
 def model_fingerprint(ws: Workspace) -> str:
@@ -63,30 +62,6 @@ def cached_manifest(out: Path, identity: dict[str, Any]) -> dict[str, Any] | Non
     return manifest
 
 
-def greedy_references(model: Any, tokenizer: Any, conversations: list[list[dict]], max_new_tokens: int,
-                      batch_size: int = GENERATE_BATCH, progress: bool = True, compile: bool = True) -> list[str]:
-    """The model's greedy answer to each conversation, via its chat template, through the serving
-    engine's continuous batching (`costopt.runtimes.slots.generate_all`): no padding, and a finished
-    answer's slot goes to the next prompt at once. Stops at the model's EOS ids, as `generate` does."""
-    from tqdm import tqdm
-
-    from costopt.runtimes.engine import Engine
-    from costopt.runtimes.slots import SamplingParams, generate_all
-
-    texts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
-    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    eos = tokenizer.eos_token_id if eos is None else eos
-    # compile: decode-only steps (most of them: answers run to length together, so slots refill in waves)
-    # run as one compiled graph, whose tokens equal eager's (tests/serving/test_engine_compiled.py)
-    engine = Engine(model, eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
-                    max_batch=batch_size, max_len=max(map(len, prompts), default=1) + max_new_tokens,
-                    compile=compile)
-    with tqdm(total=len(prompts), desc="reference answers", unit="prompt", disable=not progress) as bar:
-        new = generate_all(engine, prompts, SamplingParams(max_new_tokens=max_new_tokens), progress=bar)
-    return tokenizer.batch_decode(new, skip_special_tokens=True)
-
-
 def _write_sets(stage: Path, sets: dict[str, list[dict]]) -> dict[str, str]:
     """Write each set as JSONL; return {file name: sha256}."""
     digests = {}
@@ -105,13 +80,16 @@ def evaldata(params: Params, ws: Workspace) -> dict[str, Any]:
     if (manifest := cached_manifest(out, identity)) is not None:
         return {"path": str(out), "counts": manifest["counts"], "cached": True,
                 "chance_accuracy": manifest["chance_accuracy"]}
+    from costopt.runtimes.engine import greedy_answers
+
     sets = build_sets(p)  # before the model loads: bad counts fail in milliseconds
     model, tok = load_model_dir(ws.model_dir)
     # Held-out prompts and calibration prompts both get the fp32 model's greedy answer: teacher-forced
     # metrics then see answer positions, and calibration sees the text a served model reads back while
     # it decodes (prompts alone are ~20 tokens each: too few rows for GPTQ/AWQ statistics).
     for key in ("prompts", "crosscheck", "calibration"):
-        refs = greedy_references(model, tok, [r["messages"] for r in sets[key]], p.reference_tokens)
+        refs = greedy_answers(model, tok, [r["messages"] for r in sets[key]], p.reference_tokens,
+                              desc="reference answers")
         sets[key] = [{**row, "reference": ref} for row, ref in zip(sets[key], refs)]
     families: dict[str, int] = {}
     for item in sets["tasks"]:

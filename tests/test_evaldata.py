@@ -288,11 +288,11 @@ def test_failed_rebuild_keeps_the_earlier_set(tiny_workspace):
 def test_reference_answers_equal_each_prompts_own_greedy_generate(tiny):
     """The continuous-batching references (5 prompts through 2 slots, so slots are refilled mid-run)
     equal HF generate run on each prompt alone, EOS stops included."""
-    from tasks.evaldata import greedy_references
+    from costopt.runtimes.engine import greedy_answers
 
     model, tok = tiny
     convs = [[{"role": "user", "content": it["context"]}] for it in task_items(5, 5)]
-    got = greedy_references(model, tok, convs, max_new_tokens=12, batch_size=2, progress=False)
+    got = greedy_answers(model, tok, convs, max_new_tokens=12, batch_size=2, progress=False)
     for conv, answer in zip(convs, got):
         ids = tok(tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=False),
                   add_special_tokens=False, return_tensors="pt")["input_ids"]

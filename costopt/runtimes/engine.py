@@ -69,7 +69,7 @@ other step equalled each prompt's own `generate` (16/16, 32 tokens, fp32).
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -364,5 +364,30 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
 
 
+def greedy_answers(model: Any, tokenizer: Any, conversations: Sequence[Sequence[dict]], max_new_tokens: int,
+                   batch_size: int = 16, progress: bool = True, compile: bool = True,
+                   desc: str = "greedy answers") -> list[str]:
+    """The model's greedy answer to each conversation, via its chat template, through the serving
+    engine's continuous batching (`costopt.runtimes.slots.generate_all`): no padding, and a finished
+    answer's slot goes to the next prompt at once. Stops at the model's EOS ids, as `generate` does."""
+    from tqdm import tqdm
+
+    from costopt.runtimes.slots import SamplingParams, generate_all
+
+    texts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
+    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    eos = tokenizer.eos_token_id if eos is None else eos
+    # compile: decode-only steps (most of them: answers run to length together, so slots refill in waves)
+    # run as one compiled graph, whose tokens equal eager's (tests/serving/test_engine_compiled.py)
+    engine = Engine(model, eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
+                    max_batch=batch_size, max_len=max(map(len, prompts), default=1) + max_new_tokens,
+                    compile=compile)
+    with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress) as bar:
+        new = generate_all(engine, prompts, SamplingParams(max_new_tokens=max_new_tokens), progress=bar)
+    return tokenizer.batch_decode(new, skip_special_tokens=True)
+
+
 if __name__ == "__main__":
     main()
+
