@@ -203,6 +203,46 @@ class SearchParams:
 
 
 @dataclass(frozen=True)
+class DistillParams:
+    enabled: bool = True  # build and train a student (costopt.distill)
+    layers: int = 16  # decoder blocks the student keeps (the teacher's most influential)
+    intermediate_size: int = 768  # MLP channels each kept block keeps (the most active)
+    sequences: int = 512  # training sequences: the teacher's answers to project prompts (+ the request log)
+    answer_tokens: int = 48  # the teacher's greedy answer per training prompt, tokens
+    max_seq_len: int = 128  # tokens per training sequence
+    top_k: int = 32  # teacher log-probs kept per position
+    steps: int = 150  # optimizer steps
+    batch: int = 4  # sequences per step
+    lr: float = 5e-4  # AdamW peak learning rate (warm-up 10 steps, cosine to a tenth)
+    t_start: float = 2.0  # temperature at the first step (cosine schedule down to t_end)
+    t_end: float = 1.0  # temperature at the last step
+    hidden_weight: float = 1.0  # weight of the hidden-state loss (0: logits only)
+    hidden_layers: int = 3  # student blocks supervised by the teacher's hidden states (evenly spaced, last included)
+
+    def check(self, where: str) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ParamsError(f"{where}.enabled: expected true or false, got {self.enabled!r}")
+        _check_number(f"{where}.layers", self.layers, 1, 1000, integer=True)
+        _check_number(f"{where}.intermediate_size", self.intermediate_size, 8, 1 << 20, integer=True)
+        if self.intermediate_size % 8:
+            raise ParamsError(f"{where}.intermediate_size: expected a multiple of 8, got {self.intermediate_size}")
+        _check_number(f"{where}.sequences", self.sequences, 8, 1_000_000, integer=True)
+        _check_number(f"{where}.answer_tokens", self.answer_tokens, 1, 4096, integer=True)
+        _check_number(f"{where}.max_seq_len", self.max_seq_len, 16, 8192, integer=True)
+        _check_number(f"{where}.top_k", self.top_k, 1, 1024, integer=True)
+        _check_number(f"{where}.steps", self.steps, 1, 1_000_000, integer=True)
+        _check_number(f"{where}.batch", self.batch, 1, 1024, integer=True)
+        _check_number(f"{where}.lr", self.lr, 1e-7, 1.0)
+        _check_number(f"{where}.t_start", self.t_start, 0.1, 20)
+        _check_number(f"{where}.t_end", self.t_end, 0.1, 20)
+        _check_number(f"{where}.hidden_weight", self.hidden_weight, 0, 100)
+        _check_number(f"{where}.hidden_layers", self.hidden_layers, 0, 1000, integer=True)
+        if self.hidden_layers > self.layers:
+            raise ParamsError(f"{where}.hidden_layers: expected at most distill.layers ({self.layers}), "
+                              f"got {self.hidden_layers}")
+
+
+@dataclass(frozen=True)
 class Gates:
     kl_mean_max: float = 0.02  # nats/token
     kl_p99_max: float = 0.5  # nats/token
@@ -305,6 +345,7 @@ class Params:
     quantize: QuantizeParams = field(default_factory=QuantizeParams)
     calibrate: CalibrateParams = field(default_factory=CalibrateParams)
     search: SearchParams = field(default_factory=SearchParams)
+    distill: DistillParams = field(default_factory=DistillParams)
     validate: ValidateParams = field(default_factory=ValidateParams)
     cost: CostParams = field(default_factory=CostParams)
     serve: ServeParams = field(default_factory=ServeParams)

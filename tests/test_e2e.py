@@ -252,3 +252,35 @@ def test_bad_input_fails_early_and_keeps_what_is_stored(run):
     assert os.readlink(latest) == before_target, "reports/latest still points at the good run"
     assert digest_tree(ws, ["artifacts", "reports"]) == before, "no stored artifact or report changed"
     assert (ws / "dvc.lock").read_bytes() == lock, "dvc.lock unchanged"
+
+
+def test_distill_builds_a_half_size_student_that_learns_and_refuses_a_shape_the_teacher_cannot_give(run):
+    """`python -m tasks.distill` on the run's workspace (quick profile): a student of at most half the
+    teacher's parameters, measured before and after training; then a shape with more blocks than the
+    teacher has fails at once, naming the field, and leaves the student as it was."""
+    ws, env = run["ws"], run["env"]
+    cmd = [sys.executable, "-m", "tasks.distill", "--profile", "quick", "--workspace", str(ws)]
+    proc = subprocess.run(cmd, cwd=PROJECT, capture_output=True, text=True, env=env, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((ws / "artifacts" / "distill" / "distill.json").read_text())
+    s = record["summary"]
+    assert s["param_ratio"] <= 0.5 and len(s["kept_layers"]) == 16, s
+    assert s["kl_mean_after"] < s["kl_mean_before"], f"training did not lower the student's KL: {s}"
+    for when in ("before", "after"):
+        assert all(record[when][m]["ci95"] for m in ("kl_mean", "top1_agreement", "ppl_ratio", "task_retention")), \
+            f"every gate metric with its CI ({when})"
+    assert record["sources"]["rows"] == 32 and len(record["train"]["history"]) == 8, record["sources"]
+    from costopt.models.source import load_model_dir
+
+    student, _ = load_model_dir(ws / "artifacts" / "distill" / "student")  # a model folder like any other
+    assert student.config.num_hidden_layers == 16 and student.config.intermediate_size == 768
+    again = subprocess.run(cmd, cwd=PROJECT, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0 and '"cached": true' in again.stdout, again.stdout[-2000:]
+    before = digest_tree(ws, ["artifacts/distill"])
+    bad = ws / "bad-distill.yaml"
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["distill"]["layers"] = 40
+    bad.write_text(yaml.safe_dump(params))
+    proc = subprocess.run([*cmd, "--params", str(bad)], cwd=PROJECT, capture_output=True, text=True, env=env)
+    assert proc.returncode == 2 and "distill.layers" in proc.stderr and "30 blocks" in proc.stderr, proc.stderr
+    assert digest_tree(ws, ["artifacts/distill"]) == before, "a refused shape must leave the student as it was"

@@ -2,10 +2,10 @@
 (a prompt and the teacher's own greedy answer) its top-k log-probabilities at every position, and its
 hidden states at the outputs of the blocks the student keeps and supervises.
 
-Training prompts come from the project's own generator, never from the held-out sets: the chat pool
-past the held-out and calibration prompts (`costopt.evaluation.evaldata.chat_pool`), then the
-calibration prompts (whose fp32 answers the eval data already holds), then, when it exists, the
-serving request log's prompts. Every prompt is checked against the held-out and crosscheck sets.
+Training prompts never come from the held-out sets: the calibration prompts (whose fp32 answers the
+eval data already holds), the serving request log's prompts when it has any, then the chat pool past
+the held-out and calibration prompts (`costopt.evaluation.evaldata.chat_pool`). Every prompt is
+checked against the held-out and crosscheck sets.
 """
 from __future__ import annotations
 
@@ -50,9 +50,9 @@ def _norm(text: str) -> str:
 
 def training_conversations(seed: int, used: int, held_out: Iterable[dict], excluded: Iterable[dict],
                            calibration: Iterable[dict], log_rows: Iterable[dict], n: int) -> list[dict]:
-    """Up to `n` training rows {"messages", "reference"?}: pool prompts past the first `used`, then the
-    calibration rows (with their fp32 answers), then request-log prompts; none equal to a held-out or
-    excluded (crosscheck) prompt, no duplicates."""
+    """Up to `n` training rows {"messages", "reference"?}: the calibration rows (their fp32 answers are
+    already made), then request-log prompts (real traffic), then pool prompts past the first `used`;
+    none equal to a held-out or excluded (crosscheck) prompt, no duplicates."""
     from costopt.evaluation.evaldata import chat_pool
 
     def user(messages: list[dict]) -> str:
@@ -61,9 +61,9 @@ def training_conversations(seed: int, used: int, held_out: Iterable[dict], exclu
     banned = {user(r["messages"]) for r in [*held_out, *excluded]}
     out: list[dict] = []
     seen: set[str] = set()
-    candidates: list[dict] = [{"messages": m} for _, m in chat_pool(seed)[used:]]
-    candidates += [{"messages": r["messages"], "reference": r.get("reference")} for r in calibration]
+    candidates: list[dict] = [{"messages": r["messages"], "reference": r.get("reference")} for r in calibration]
     candidates += [{"messages": r["messages"]} for r in log_rows if r.get("messages")]
+    candidates += [{"messages": m} for _, m in chat_pool(seed)[used:]]
     for row in candidates:
         key = user(row["messages"])
         if key in banned or key in seen or not key:

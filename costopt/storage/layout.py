@@ -93,6 +93,16 @@ class Workspace:
     def search_dir(self) -> Path:
         return self.root / "artifacts" / "search"
 
+    @property
+    def distill_dir(self) -> Path:
+        """The distill phase's student (`student/`, a model folder) and its record (`distill.json`)."""
+        return self.root / "artifacts" / "distill"
+
+    @property
+    def distill_work_dir(self) -> Path:
+        """The teacher's targets and the training checkpoint: machine state for resuming, never versioned."""
+        return self.root / ".costopt" / "distill"
+
     def _owner(self, name: str) -> Path:
         """Mixed-precision candidates ("mixed_*") belong to the search phase, the rest to quantize."""
         return self.search_dir if name.startswith(MIXED_PREFIX) else self.root / "artifacts"

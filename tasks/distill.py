@@ -1,0 +1,235 @@
+"""Phase 3b, distill: a student at most half the teacher's size, built from it and trained on its outputs.
+
+Run it as `python -m tasks.distill`. Steps (`costopt.distill`):
+1. training rows: the teacher's greedy answers to prompts that no held-out set holds (the calibration
+   prompts with their fp32 answers, the serving request log's prompts when it has any, then the chat
+   pool past the held-out and calibration prompts);
+2. importance on 32 of them: block influence and MLP channel importance; the plan keeps
+   `distill.layers` blocks of `distill.intermediate_size` channels (checked against the teacher first:
+   a shape it cannot give fails at once, naming the field);
+3. the teacher's targets (top-k log-probs, hidden states at the supervised blocks), computed once into
+   `.costopt/distill/` (machine state);
+4. the pruned student, untrained, measured against the fp32 reference (every gate metric, 95% CIs);
+5. training (resumes from its checkpoint in `.costopt/distill/run-<settings>/` when interrupted);
+6. the trained student measured the same way; written as a model folder to artifacts/distill/student,
+   with artifacts/distill/distill.json (plan, sizes, both measurements, the loss history, times).
+Skipped (an "enabled": false record) when distill.enabled is false; cached while the teacher, the
+data and the settings are unchanged.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from typing import Any
+
+import torch
+
+from costopt.params import Params
+from costopt.storage.layout import MissingArtifactError, Workspace, read_json, replace_dir, staging_dir, write_json
+
+FORMAT = 1
+IMPORTANCE_SEQUENCES = 32
+
+
+def _identity(params: Params, ws: Workspace) -> dict[str, Any]:
+    model = read_json(ws.model_dir / "fingerprint.json")["fingerprint"]
+    manifest = read_json(ws.data_dir / "manifest.json")
+    return {"model": model, "data": manifest.get("files"), "distill": params.section("distill"),
+            "evaldata_seed": params.evaldata.seed, "format": FORMAT}
+
+
+def _log_rows(params: Params, ws: Workspace) -> list[dict[str, Any]]:
+    from costopt.evaluation.reference import read_jsonl
+
+    path = ws.root / params.calibrate.logs
+    if not path.is_file():
+        return []
+    rows = []
+    for r in read_jsonl(path):
+        if isinstance(r.get("messages"), list):
+            rows.append({"messages": r["messages"]})
+        elif isinstance(r.get("prompt"), str):
+            rows.append({"messages": [{"role": "user", "content": r["prompt"]}]})
+    return rows
+
+
+def training_texts(params: Params, ws: Workspace, teacher: Any, tok: Any) -> tuple[list[str], dict[str, int]]:
+    """Chat-templated prompt + the teacher's answer for every training row, and where the rows came from."""
+    from costopt.distill.teacher import training_conversations
+    from costopt.evaluation.reference import read_jsonl
+    from costopt.runtimes.engine import greedy_answers
+
+    p, e = params.distill, params.evaldata
+    log_rows = _log_rows(params, ws)
+    rows = training_conversations(e.seed, e.prompts + e.calibration, read_jsonl(ws.data_dir / "prompts.jsonl"),
+                                  read_jsonl(ws.data_dir / "crosscheck.jsonl"),
+                                  read_jsonl(ws.data_dir / "calibration.jsonl"), log_rows, p.sequences)
+    need = [i for i, r in enumerate(rows) if not r.get("reference")]
+    answers = greedy_answers(teacher, tok, [rows[i]["messages"] for i in need], p.answer_tokens,
+                             desc="teacher answers") if need else []
+    for i, a in zip(need, answers):
+        rows[i] = {**rows[i], "reference": a}
+    texts = [tok.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=True) + r["reference"]
+             for r in rows]
+    return texts, {"rows": len(rows), "teacher_answered": len(need), "request_log_rows": len(log_rows)}
+
+
+def supervised_blocks(layers: int, n: int) -> list[int]:
+    """`n` student blocks spread evenly, the last included (e.g. 16 blocks, 3 -> [4, 10, 15])."""
+    if n <= 0:
+        return []
+    return sorted({round((k + 1) * layers / n) - 1 for k in range(n)})
+
+
+def measure(model: Any, params: Params, ws: Workspace) -> dict[str, Any]:
+    """Every gate metric against the fp32 reference, with 95% CIs (the validate phase's measurement)."""
+    from costopt.evaluation.reference import load_reference
+    from tasks.validate import measure_quality
+
+    return measure_quality(model, load_reference(params, ws), params.validate.bootstrap)
+
+
+def distill(params: Params, ws: Workspace) -> dict[str, Any]:
+    from costopt.distill.student import StudentShape, build, check_shape, importance, param_count, plan
+    from costopt.distill.teacher import Targets, compute
+    from costopt.distill.train import TrainConfig, train
+    from costopt.evaluation.reference import batches, shared_prefix_len
+    from costopt.models.source import load_model_dir
+
+    out_dir = ws.distill_dir
+    p = params.distill
+    if not p.enabled:
+        write_json(out_dir / "distill.json", {"enabled": False})
+        return {"enabled": False}
+    torch.set_num_threads(params.benchmark.threads)
+    teacher, tok = load_model_dir(ws.model_dir)
+    shape = StudentShape(p.layers, p.intermediate_size)
+    n_student = check_shape(teacher.config, shape)  # before any long computation
+    identity = _identity(params, ws)
+    record_file = out_dir / "distill.json"
+    if record_file.is_file() and read_json(record_file).get("identity") == identity and \
+            (out_dir / "student" / "config.json").is_file():
+        return {"cached": True, **read_json(record_file)["summary"]}
+    t0 = time.perf_counter()
+    work = ws.distill_work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    targets_file = work / "targets.safetensors"
+    texts, sources = training_texts(params, ws, teacher, tok)
+    skip = shared_prefix_len(tok, texts)
+    enc = list(batches(tok, texts[:IMPORTANCE_SEQUENCES], p.max_seq_len))
+    the_plan = plan(importance(teacher, enc), shape)
+    kept = the_plan["kept_layers"]
+    blocks = supervised_blocks(p.layers, p.hidden_layers)
+    t_data = time.perf_counter()
+    from safetensors.torch import load_file, save_file
+
+    stamp = {"identity": str(identity), "kept": str(kept), "blocks": str(blocks)}
+    targets = None
+    if targets_file.is_file():
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(targets_file), "pt") as fh:
+                if fh.metadata() == stamp:
+                    targets = Targets.from_tensors(load_file(str(targets_file)))
+        except Exception:  # unreadable: computed again below
+            targets = None
+    if targets is None:
+        targets = compute(teacher, tok, texts, [kept[j] for j in blocks], p.max_seq_len, skip, k=p.top_k)
+        tmp = targets_file.with_suffix(".tmp")
+        save_file(targets.tensors(), str(tmp), metadata=stamp)
+        tmp.replace(targets_file)
+    t_targets = time.perf_counter()
+    before = measure(build(teacher, the_plan), params, ws)
+    t_before = time.perf_counter()
+    cfg = TrainConfig(steps=p.steps, batch=p.batch, lr=p.lr, t_start=p.t_start, t_end=p.t_end,
+                      hidden_weight=p.hidden_weight, seed=params.evaldata.seed)
+    student = build(teacher, the_plan)
+    run_key = hashlib.sha256(json.dumps([stamp, cfg.__dict__], sort_keys=True).encode()).hexdigest()[:12]
+    ckpt_dir = work / f"run-{run_key}"  # one folder per setting: a stale run's checkpoint never blocks a new one
+    result = train(student, targets, blocks, cfg, ckpt_dir, identity={"run": stamp})
+    t_train = time.perf_counter()
+    after = measure(student, params, ws)
+    t_after = time.perf_counter()
+    n_teacher = param_count(teacher)
+    stage = staging_dir(out_dir / "student")
+    student.save_pretrained(str(stage), safe_serialization=True)
+    tok.save_pretrained(str(stage))
+    replace_dir(stage, out_dir / "student")
+    kl_before, kl_after = before["kl_mean"]["value"], after["kl_mean"]["value"]
+    summary = {"student_params": param_count(student), "teacher_params": n_teacher,
+               "param_ratio": param_count(student) / n_teacher, "kept_layers": kept,
+               "kl_mean_before": kl_before, "kl_mean_after": kl_after,
+               "kl_reduction": kl_before / kl_after if kl_after else None,
+               "top_k_mass": targets.mass, "train_seconds": result["seconds"], "resumed_from": result["resumed_from"]}
+    assert summary["student_params"] == n_student, "the shape check and the built student disagree"
+    record = {"identity": identity, "summary": summary, "plan": the_plan, "sources": sources,
+              "supervised_blocks": blocks, "teacher_blocks": [kept[j] for j in blocks], "prefix_skipped": skip,
+              "before": before, "after": after, "train": {"config": cfg.__dict__, "history": result["history"]},
+              "seconds": {"data": t_data - t0, "targets": t_targets - t_data, "measure_before": t_before - t_targets,
+                          "train": t_train - t_before, "measure_after": t_after - t_train,
+                          "total": time.perf_counter() - t0}}
+    write_json(record_file, record)
+    for old in work.glob("run-*"):  # finished: no checkpoint is needed any more
+        shutil.rmtree(old, ignore_errors=True)
+    return summary
+
+
+ABLATIONS = {  # name -> (t_start, t_end, hidden_weight): what each of the seed's two techniques adds
+    "kl_only": (1.0, 1.0, 0.0),
+    "kl_temperature_schedule": (None, None, 0.0),
+    "kl_schedule_hidden": (None, None, None),
+}
+
+
+def ablation(params: Params, ws: Workspace) -> dict[str, Any]:
+    """The same pruned student and targets trained three ways (KL at T = 1; KL with the temperature
+    schedule; schedule + hidden-state loss), each measured against the fp32 reference. Needs a finished
+    `python -m tasks.distill` with the same settings (its targets and plan). Writes
+    artifacts/distill/ablation.json."""
+    from costopt.distill.student import build
+    from costopt.distill.teacher import Targets
+    from costopt.distill.train import TrainConfig, train
+    from costopt.models.source import load_model_dir
+    from safetensors.torch import load_file
+
+    record_file = ws.distill_dir / "distill.json"
+    targets_file = ws.distill_work_dir / "targets.safetensors"
+    if not record_file.is_file() or read_json(record_file).get("identity") != _identity(params, ws) \
+            or not targets_file.is_file():
+        raise MissingArtifactError(f"{record_file}: no distillation with these settings; run python -m tasks.distill "
+                                   "with the same params and profile first")
+    torch.set_num_threads(params.benchmark.threads)
+    record = read_json(record_file)
+    teacher, _ = load_model_dir(ws.model_dir)
+    targets = Targets.from_tensors(load_file(str(targets_file)))
+    p = params.distill
+    out: dict[str, Any] = {"before": {k: record["before"][k] for k in ("kl_mean", "kl_p99", "top1_agreement")}}
+    for name, (t0, t1, hw) in ABLATIONS.items():
+        cfg = TrainConfig(steps=p.steps, batch=p.batch, lr=p.lr, t_start=p.t_start if t0 is None else t0,
+                          t_end=p.t_end if t1 is None else t1, hidden_weight=p.hidden_weight if hw is None else hw,
+                          seed=params.evaldata.seed)
+        student = build(teacher, record["plan"])
+        res = train(student, targets, record["supervised_blocks"], cfg, None)
+        m = measure(student, params, ws)
+        out[name] = {"config": cfg.__dict__, "seconds": res["seconds"],
+                     **{k: m[k] for k in ("kl_mean", "kl_p99", "top1_agreement", "ppl_ratio", "task_retention")}}
+    write_json(ws.distill_dir / "ablation.json", out)
+    return {k: v["kl_mean"] for k, v in out.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tasks.cli import execute, parser
+
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--ablation", action="store_true",
+                   help="after a distill run with the same settings: train the student three ways (KL at T=1; "
+                        "+ temperature schedule; + hidden states) and measure each (artifacts/distill/ablation.json)")
+    args = p.parse_args(argv)
+    return execute(ablation if args.ablation else distill, args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
