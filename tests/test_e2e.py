@@ -175,6 +175,7 @@ def test_report_shows_sensitivity_curve_and_front(run):
     assert set(summary["search"]["front"]) <= {"fp32", *[v["name"] for v in summary["variants"]]}
 
 
+@pytest.mark.slow  # two full scans (2.5 min): a property of the method, in `make test-full`; the DAG run covers the scan
 def test_sensitivity_ranking_is_stable_across_seeds(run):
     """Two disjoint-seeded draws of sensitivity prompts rank the parts alike (Spearman >= 0.8)."""
     from scipy.stats import spearmanr
