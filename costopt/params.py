@@ -284,6 +284,35 @@ class CostParams:
 
 
 @dataclass(frozen=True)
+class CacheParams:
+    """The gateway's semantic cache as the deploy phase starts it (`python -m serving.gateway` flags)."""
+    store_prompts: bool = True  # false: prompt text never reaches L2/L3 (embeddings, a salted hash, answers)
+    ttl_s: float = 86400.0  # seconds an entry may be served
+    l1_capacity: int = 10_000  # entries in memory
+    l2_capacity: int = 100_000  # entries on disk
+    max_false_hit: float = 0.01  # the bound the calibration must prove on held-out pairs (95% upper, exact)
+    embedder_backend: str = "onnx-int8"  # onnx-int8 | onnx | torch (costopt.cache.embed)
+
+    def check(self, where: str) -> None:
+        from costopt.cache.embed import BACKENDS
+
+        if not isinstance(self.store_prompts, bool):
+            raise ParamsError(f"{where}.store_prompts: expected true or false, got {self.store_prompts!r}")
+        _check_number(f"{where}.ttl_s", self.ttl_s, 1, 10 * 365 * 86400)
+        _check_number(f"{where}.l1_capacity", self.l1_capacity, 1, 10**8, integer=True)
+        _check_number(f"{where}.l2_capacity", self.l2_capacity, 1, 10**9, integer=True)
+        _check_number(f"{where}.max_false_hit", self.max_false_hit, 0.001, 0.5)
+        if self.embedder_backend not in BACKENDS:
+            raise ParamsError(f"{where}.embedder_backend: expected one of {list(BACKENDS)}, "
+                              f"got {self.embedder_backend!r}")
+
+    def gateway_flags(self) -> list[str]:
+        return ["--ttl_s", str(self.ttl_s), "--l1_capacity", str(self.l1_capacity), "--l2_capacity",
+                str(self.l2_capacity), "--max_false_hit", str(self.max_false_hit), "--embedder_backend",
+                self.embedder_backend, *([] if self.store_prompts else ["--no_store_prompts"])]
+
+
+@dataclass(frozen=True)
 class ServeParams:
     enabled: bool = True  # deploy the winners on a loopback KServe server and load-test them
     variants: tuple[str, ...] = ("picked", "int8_weight_only")  # served next to fp32 if they passed their
@@ -349,6 +378,7 @@ class Params:
     validate: ValidateParams = field(default_factory=ValidateParams)
     cost: CostParams = field(default_factory=CostParams)
     serve: ServeParams = field(default_factory=ServeParams)
+    cache: CacheParams = field(default_factory=CacheParams)
     version: VersionParams = field(default_factory=VersionParams)
 
     def to_dict(self) -> dict[str, Any]:

@@ -280,7 +280,8 @@ def deploy(params: Any, ws: Any) -> dict[str, Any]:
         if cfg.gateway:  # the same trace through the gateway, its semantic cache on (a fresh L2)
             shutil.rmtree(out_dir / "cache-l2", ignore_errors=True)
             gw_flags = ["--cache_dir", str(out_dir / "cache-l2"),
-                        "--calibration", str(ws.root / ".costopt" / "cache" / "calibration.json")]
+                        "--calibration", str(ws.root / ".costopt" / "cache" / "calibration.json"),
+                        *params.cache.gateway_flags()]
             with start_gateway(ws.root, srv.url, variants, out_dir / "gateway.log", gw_flags) as gw:
                 c = max(cfg.loadtest_concurrency)
                 res = run_load(gw.url, tested, items, concurrency=c, requests=cfg.loadtest_requests)

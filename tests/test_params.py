@@ -36,6 +36,12 @@ def test_project_params_load_in_both_profiles():
     ({"calibrate": {"source": "web"}}, None, "calibrate.source"),
     ({"search": {"precisions": ["int2"]}}, None, "search.precisions"),
     ({"search": {"group_size": 33}}, None, "search.group_size"),
+    ({"cache": {"embedder_backend": "tfidf"}}, None, "cache.embedder_backend"),
+    ({"cache": {"store_prompts": "no"}}, None, "cache.store_prompts"),
+    ({"cache": {"max_false_hit": 0}}, None, "cache.max_false_hit"),
+    ({"distill": {"intermediate_size": 100}}, None, "distill.intermediate_size"),
+    ({"distill": {"hidden_layers": 20}}, None, "distill.hidden_layers"),
+    ({"distill": {"steps": 0}}, None, "distill.steps"),
 ])
 def test_bad_values_name_their_field(section, value, field):
     with pytest.raises(ParamsError) as err:
@@ -92,3 +98,9 @@ def test_calibration_that_cannot_be_met_fails_in_preflight(tmp_path):
         check_calibration(params_from_dict({"calibrate": {"samples": 300}}), ws)
     with pytest.raises(ParamsError, match="calibrate.source: 'logs'"):
         check_calibration(params_from_dict({"calibrate": {"source": "logs"}}), ws)
+
+
+def test_cache_settings_become_the_gateway_flags():
+    flags = params_from_dict({"cache": {"store_prompts": False, "ttl_s": 60}}).cache.gateway_flags()
+    assert "--no_store_prompts" in flags and flags[flags.index("--ttl_s") + 1] == "60"
+    assert "--no_store_prompts" not in params_from_dict({}).cache.gateway_flags(), "prompts are stored by default"
