@@ -148,3 +148,30 @@ def test_resume_continues_where_it_stopped_and_a_corrupt_checkpoint_is_refused(t
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match=str(tmp_path / "checkpoint.pt")):
         train(build(teacher, p), targets, [1], cfg, tmp_path, progress=False)
+
+
+def test_training_rows_never_hold_a_held_out_or_crosscheck_prompt():
+    from costopt.distill.teacher import training_conversations
+    from costopt.evaluation.evaldata import chat_pool, split_prompts
+
+    held, cal = split_prompts(1234, 20, 10)
+    cal = [{**r, "reference": "an answer"} for r in cal]
+    pool = chat_pool(1234)
+    leaked = {"messages": held[3]["messages"]}  # a request-log row that repeats a held-out prompt
+    excluded = [{"messages": [{"role": "user", "content": pool[40][1][0]["content"]}]}]  # "crosscheck"
+    log = [leaked, {"messages": [{"role": "user", "content": "How do I reset my router?"}]}]
+    rows = training_conversations(1234, 30, held, excluded, cal, log, 60)
+    users = [" ".join(m["content"] for m in r["messages"] if m["role"] == "user").lower() for r in rows]
+    banned = {" ".join(m["content"] for m in r["messages"] if m["role"] == "user").lower() for r in held + excluded}
+    assert len(rows) == 60 and not banned & set(users), "a held-out or crosscheck prompt reached training"
+    assert len(set(users)) == len(users), "duplicates"
+    assert [r.get("reference") for r in rows[:10]] == ["an answer"] * 10, "calibration rows first, answers kept"
+    assert users[10] == "how do i reset my router?", "then the request log (the leaked row dropped)"
+
+
+def test_supervised_blocks_are_spread_and_include_the_last():
+    from tasks.distill import supervised_blocks
+
+    assert supervised_blocks(16, 3) == [4, 10, 15]
+    assert supervised_blocks(16, 1) == [15] and supervised_blocks(16, 0) == []
+    assert supervised_blocks(4, 4) == [0, 1, 2, 3]
