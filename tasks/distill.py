@@ -11,8 +11,10 @@ Run it as `python -m tasks.distill`. Steps (`costopt.distill`):
    `.costopt/distill/` (machine state);
 4. the pruned student, untrained, measured against the fp32 reference (every gate metric, 95% CIs);
 5. training (resumes from its checkpoint in `.costopt/distill/run-<settings>/` when interrupted);
-6. the trained student measured the same way; written as a model folder to artifacts/distill/student,
-   with artifacts/distill/distill.json (plan, sizes, both measurements, the loss history, times).
+6. the trained student measured the same way, and its speed next to the teacher's (the benchmark
+   phase's decode and served-cost measurement, both in this run); written as a model folder to
+   artifacts/distill/student, with artifacts/distill/distill.json (plan, sizes, both measurements,
+   the speeds, the loss history, times).
 Skipped (an "enabled": false record) when distill.enabled is false; cached while the teacher, the
 data and the settings are unchanged.
 """
@@ -29,7 +31,7 @@ import torch
 from costopt.params import Params
 from costopt.storage.layout import MissingArtifactError, Workspace, read_json, replace_dir, staging_dir, write_json
 
-FORMAT = 1
+FORMAT = 2  # 2: the speed record
 IMPORTANCE_SEQUENCES = 32
 
 
@@ -89,6 +91,21 @@ def measure(model: Any, params: Params, ws: Workspace) -> dict[str, Any]:
     from tasks.validate import measure_quality
 
     return measure_quality(model, load_reference(params, ws), params.validate.bootstrap)
+
+
+def speed_of(model: Any, tok: Any, name: str, params: Params, ws: Workspace) -> dict[str, Any]:
+    """The benchmark phase's speed record (decode tok/s, the served cost on the torch engine)."""
+    from tqdm import tqdm
+
+    from costopt.evaluation.served import SERVED_MAX_LEN
+    from costopt.evaluation.speed import measure as measure_speed
+    from costopt.runtimes.engine import Engine
+    from tasks.benchmark import held_out_prompts
+
+    cfg = params.benchmark
+    engine = Engine(model, eos_token_ids=[], max_batch=cfg.served_concurrency, max_len=SERVED_MAX_LEN)
+    with tqdm(total=cfg.served_requests, desc=f"speed {name}", unit="req") as bar:
+        return measure_speed(model, tok, held_out_prompts(ws), cfg, params.cost.price_per_hour_usd, name, engine, bar)
 
 
 def distill(params: Params, ws: Workspace) -> dict[str, Any]:
@@ -153,6 +170,9 @@ def distill(params: Params, ws: Workspace) -> dict[str, Any]:
     t_train = time.perf_counter()
     after = measure(student, params, ws)
     t_after = time.perf_counter()
+    speed = {"student": speed_of(student, tok, "student", params, ws),
+             "teacher": speed_of(teacher, tok, "fp32", params, ws)}  # side by side, same engine and trace
+    t_speed = time.perf_counter()
     n_teacher = param_count(teacher)
     stage = staging_dir(out_dir / "student")
     student.save_pretrained(str(stage), safe_serialization=True)
@@ -163,13 +183,18 @@ def distill(params: Params, ws: Workspace) -> dict[str, Any]:
                "param_ratio": param_count(student) / n_teacher, "kept_layers": kept,
                "kl_mean_before": kl_before, "kl_mean_after": kl_after,
                "kl_reduction": kl_before / kl_after if kl_after else None,
-               "top_k_mass": targets.mass, "train_seconds": result["seconds"], "resumed_from": result["resumed_from"]}
+               "top_k_mass": targets.mass, "train_seconds": result["seconds"], "resumed_from": result["resumed_from"],
+               "student_cost_per_1m_requests_usd": speed["student"]["cost_per_1m_requests_usd"],
+               "teacher_cost_per_1m_requests_usd": speed["teacher"]["cost_per_1m_requests_usd"],
+               "cost_ratio": speed["student"]["cost_per_1m_requests_usd"] / speed["teacher"]["cost_per_1m_requests_usd"],
+               "student_decode_tok_s_bs1": speed["student"]["decode_tok_s_bs1"],
+               "teacher_decode_tok_s_bs1": speed["teacher"]["decode_tok_s_bs1"]}
     assert summary["student_params"] == n_student, "the shape check and the built student disagree"
     record = {"identity": identity, "summary": summary, "plan": the_plan, "sources": sources,
               "supervised_blocks": blocks, "teacher_blocks": [kept[j] for j in blocks], "prefix_skipped": skip,
-              "before": before, "after": after, "train": {"config": cfg.__dict__, "history": result["history"]},
+              "before": before, "after": after, "speed": speed, "train": {"config": cfg.__dict__, "history": result["history"]},
               "seconds": {"data": t_data - t0, "targets": t_targets - t_data, "measure_before": t_before - t_targets,
-                          "train": t_train - t_before, "measure_after": t_after - t_train,
+                          "train": t_train - t_before, "measure_after": t_after - t_train, "speed": t_speed - t_after,
                           "total": time.perf_counter() - t0}}
     write_json(record_file, record)
     for old in work.glob("run-*"):  # finished: no checkpoint is needed any more

@@ -271,6 +271,9 @@ def test_distill_builds_a_half_size_student_that_learns_and_refuses_a_shape_the_
         assert all(record[when][m]["ci95"] for m in ("kl_mean", "top1_agreement", "ppl_ratio", "task_retention")), \
             f"every gate metric with its CI ({when})"
     assert record["sources"]["rows"] == 32 and len(record["train"]["history"]) == 8, record["sources"]
+    assert s["student_cost_per_1m_requests_usd"] > 0 and s["teacher_cost_per_1m_requests_usd"] > 0, s
+    assert record["speed"]["student"]["served"]["trace"] == record["speed"]["teacher"]["served"]["trace"], \
+        "student and teacher timed on the same trace"
     from costopt.models.source import load_model_dir
 
     student, _ = load_model_dir(ws / "artifacts" / "distill" / "student")  # a model folder like any other
