@@ -192,7 +192,7 @@ def gateway_part(ws: Workspace, variant: str, n: int, price: float, logs: Path, 
                    "cache": dict(Counter(r.cache for r in res.records))}
             if mode == "cache_on":
                 row["hit_rate"] = sum((r.cache or "").startswith("hit") for r in ok) / max(1, len(ok))
-                row.update(cache_outcome(items, res.records))
+                row.update(cache_outcome(items, res.records, keyed_tenants=False))  # an open gateway
             out[mode] = row
         naive_items = items[: max(8, n // 8)]
         res = run_load(pred.url, "fp32", naive_items, concurrency=1, deadlines=False, progress=True)

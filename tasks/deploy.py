@@ -11,12 +11,13 @@ InferenceServices (infra/); here they are one multi-variant server.
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -247,6 +248,14 @@ def _cache_state(url: str) -> dict[str, Any]:
     return {"enabled": True, "threshold": state["threshold"], "min_phrase_sim": state["min_phrase_sim"]}
 
 
+def _write_records(path: Path, records: Any) -> None:
+    """One JSON line per request of a load run (send time, latency, cache header, answer digest), so a
+    judged cache hit can be traced back to the request it came from."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(asdict(r), sort_keys=True) + "\n" for r in records))
+    tmp.replace(path)
+
+
 def deploy(params: Any, ws: Any) -> dict[str, Any]:
     """Serve the winners (fp32 + the passing `serve.variants`) on loopback, run the short load test on
     the serving trace, stop the server, and write artifacts/serving/serving.json (`deployed`, `serving`)."""
@@ -289,7 +298,9 @@ def deploy(params: Any, ws: Any) -> dict[str, Any]:
                 gw_run = {**summarize(res, price, config), "variant": tested}
                 check_load_test([gw_run], gw.logs(10**7) + srv.logs(10**7))
                 runs.append(gw_run)
-                cache = {**cache_outcome(items, res.records), **_cache_state(gw.url)}
+                cache = {**cache_outcome(items, res.records, keyed_tenants=False),  # an open gateway: one tenant
+                         **_cache_state(gw.url)}
+                _write_records(out_dir / "gateway-requests.jsonl", res.records)  # what the cache judge read
             cal_file = ws.root / ".costopt" / "cache" / "calibration.json"
             if cache.get("enabled") and cal_file.is_file():  # the held pairs' figures and curve, for the report
                 cal = read_json(cal_file)

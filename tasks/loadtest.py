@@ -27,6 +27,7 @@ import json
 import os
 import sys
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -367,32 +368,55 @@ def summarize(result: LoadResult, price_per_hour_usd: float, config: dict[str, A
     return run
 
 
-def cache_outcome(items: Sequence[TraceItem], records: Sequence[RequestRecord]) -> dict[str, Any]:
-    """The gateway's cache on one replay, judged against the trace's own truth: a hit is false when it
-    answers a fresh request (no earlier request means the same) or gives a repeat or paraphrase another
-    answer than its source got (answers compared by digest). Rates with exact (Clopper-Pearson) bounds."""
+def cache_outcome(items: Sequence[TraceItem], records: Sequence[RequestRecord], *,
+                  keyed_tenants: bool = False) -> dict[str, Any]:
+    """The gateway's cache on one replay, judged against the trace's own truth, in the order requests
+    really arrived rather than trace order (at 16 in flight a repeat can reach the gateway before its
+    source, generate, and have the source coalesced onto it).
+
+    A request's meaning group is its source's id (its own when fresh). A hit is false when
+    - it has no possible source: no other request of its group (and tenant, when the gateway keeps
+      tenants apart: `keyed_tenants`, its keyed mode; in open mode every request is one tenant) was sent
+      before the hit was answered, so the cache could only have served another meaning's answer
+      (`unsourced_hits`), or
+    - its answer (by digest) is none of the answers the model generated for its group in this replay.
+    A hit whose group generated nothing in this replay (every member was a hit, e.g. from an earlier
+    replay's entries) cannot be checked: it counts as a hit, not as false, and is reported as
+    `unchecked_hits`. Rates with exact (Clopper-Pearson) bounds."""
     from costopt.cache.calibrate import clopper_pearson, upper_bound
 
-    first_answer: dict[str, str] = {}
-    hits = wrong = fresh_hits = ok = 0
-    for rec in sorted(records, key=lambda r: r.seq):
+    def group(rec: RequestRecord) -> str:
+        it = items[rec.seq % len(items)]
+        return it.source_id or it.id
+
+    def end_s(rec: RequestRecord) -> float:
+        return rec.sent_s + (rec.latency_ms or 0.0) / 1000.0
+
+    generated: dict[str, set[str]] = defaultdict(set)
+    sent: dict[tuple[str, str], list[tuple[float, int]]] = defaultdict(list)
+    for rec in records:
+        sent[(group(rec), rec.tenant if keyed_tenants else "")].append((rec.sent_s, rec.seq))
+        if rec.outcome == "ok" and rec.answer_sha and not (rec.cache or "").startswith("hit"):
+            generated[group(rec)].add(rec.answer_sha)
+    hits = wrong = unsourced = unchecked = ok = 0
+    for rec in records:
         if rec.outcome != "ok":
             continue
         ok += 1
-        it = items[rec.seq % len(items)]
-        group = it.source_id or it.id
-        if (rec.cache or "").startswith("hit"):
-            hits += 1
-            if it.kind == "fresh" and rec.seq < len(items):  # a later cycle of the trace repeats it
-                fresh_hits += 1
-                wrong += 1
-            elif group in first_answer and rec.answer_sha != first_answer[group]:
-                wrong += 1
-        elif group not in first_answer and rec.answer_sha:
-            first_answer[group] = rec.answer_sha
-    return {"hit_rate": hits / ok if ok else 0.0, "hits": hits, "false_hits": wrong, "fresh_hits": fresh_hits,
-            "false_hit_rate": wrong / hits if hits else 0.0, "false_hit_upper95": upper_bound(wrong, hits),
-            "false_hit_ci95": list(clopper_pearson(wrong, hits))}
+        if not (rec.cache or "").startswith("hit"):
+            continue
+        hits += 1
+        g = group(rec)
+        if not any(seq != rec.seq and t <= end_s(rec) for t, seq in sent[(g, rec.tenant if keyed_tenants else "")]):
+            unsourced += 1
+            wrong += 1
+        elif not generated[g]:
+            unchecked += 1
+        elif rec.answer_sha not in generated[g]:
+            wrong += 1
+    return {"hit_rate": hits / ok if ok else 0.0, "hits": hits, "false_hits": wrong, "unsourced_hits": unsourced,
+            "unchecked_hits": unchecked, "false_hit_rate": wrong / hits if hits else 0.0,
+            "false_hit_upper95": upper_bound(wrong, hits), "false_hit_ci95": list(clopper_pearson(wrong, hits))}
 
 
 def serving_section(trace: dict[str, Any], runs: Sequence[dict[str, Any]], **extra: Any) -> dict[str, Any]:

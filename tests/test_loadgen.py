@@ -290,8 +290,9 @@ def test_cli_fails_when_nothing_succeeds(tmp_path, capsys):
 
 
 def test_cache_outcome_judges_hits_against_the_trace():
-    """A hit on a fresh request is false; a repeat or paraphrase served its source's answer is right,
-    another answer is false; misses are not judged; a later cycle of the trace is a repeat."""
+    """Sequential replay: a hit on a fresh request is false; a repeat or paraphrase served an answer the
+    model gave its meaning is right, another answer is false; misses are not judged; a later cycle of
+    the trace is a repeat."""
     from tasks.loadtest import cache_outcome
 
     items = build_trace(60, seed=1234)
@@ -299,24 +300,62 @@ def test_cache_outcome_judges_hits_against_the_trace():
     records, answers = [], {}
     for seq, it in enumerate(items):
         group = it.source_id or it.id
-        rec = RequestRecord(seq=seq, id=it.id, priority=it.priority, tenant=it.tenant, kind=it.kind,
-                            deadline_ms=it.deadline_ms, sent_s=0.0, outcome="ok")
+        rec = RequestRecord(seq=seq, id=it.id, priority=it.priority, tenant="t", kind=it.kind,
+                            deadline_ms=it.deadline_ms, sent_s=float(seq), outcome="ok", latency_ms=100.0)
         if it.kind == "fresh":
             rec.cache, rec.answer_sha = "miss", f"answer-{group}"
             answers[group] = rec.answer_sha
         else:
-            rec.cache, rec.answer_sha = "hit-l1", answers.get(group, "?")
+            rec.cache, rec.answer_sha = "hit-l1", answers[group]
         records.append(rec)
     clean = cache_outcome(items, records)
     hits = sum(it.kind != "fresh" for it in items)
-    assert clean["hits"] == hits and clean["false_hits"] == 0, clean
+    assert clean["hits"] == hits and clean["false_hits"] == 0 and clean["unchecked_hits"] == 0, clean
     assert clean["false_hit_upper95"] < 0.2 and clean["hit_rate"] == pytest.approx(hits / len(items))
     wrong = next(r for r in records if r.cache == "hit-l1")
     wrong.answer_sha = "another answer"
-    fresh = next(r for r in records if src[r.id].kind == "fresh" and r.seq > 0)
+    fresh = next(r for r in records if src[r.id].kind == "fresh" and r.seq > 0
+                 and not any(it.source_id == r.id for it in items))  # nothing else means the same
     fresh.cache = "hit-l2"
     judged = cache_outcome(items, records)
-    assert judged["false_hits"] == 2 and judged["fresh_hits"] == 1, judged
+    assert judged["false_hits"] == 2 and judged["unsourced_hits"] == 1, judged
     cycled = RequestRecord(seq=len(items), id=items[0].id, priority="normal", tenant="t", kind="fresh",
-                           deadline_ms=1, sent_s=0.0, outcome="ok", cache="hit-l1", answer_sha=answers[items[0].id])
+                           deadline_ms=1, sent_s=float(len(items)), outcome="ok", latency_ms=100.0, cache="hit-l1",
+                           answer_sha=answers[items[0].id])
     assert cache_outcome(items, records + [cycled])["false_hits"] == 2, "a second cycle repeats the first"
+
+
+def test_cache_outcome_follows_arrival_order_and_tenants():
+    """Concurrent replay: a repeat sent with its source may generate first and the source be coalesced
+    onto it (a hit with the group's own answer: right); a hit whose only same-meaning request belongs to
+    another tenant of a keyed gateway, or was sent after the hit was answered, had no possible source
+    (false). An open gateway is one tenant: there another tenant's request is a source."""
+    from tasks.loadtest import cache_outcome
+
+    items = build_trace(60, seed=1234)
+    rep = next(it for it in items if it.kind == "repeat")
+    source = next(i for i, it in enumerate(items) if it.id == rep.source_id)
+    r_seq = items.index(rep)
+
+    def rec(seq: int, tenant: str, sent: float, cache: str, answer: str) -> RequestRecord:
+        it = items[seq]
+        return RequestRecord(seq=seq, id=it.id, priority=it.priority, tenant=tenant, kind=it.kind,
+                             deadline_ms=it.deadline_ms, sent_s=sent, outcome="ok", latency_ms=500.0,
+                             cache=cache, answer_sha=answer)
+
+    coalesced = [rec(source, "a", 1.0, "hit-l1", "A"), rec(r_seq, "a", 1.0, "miss", "A")]
+    out = cache_outcome(items, coalesced)
+    assert out["hits"] == 1 and out["false_hits"] == 0, f"the source coalesced onto its repeat is right: {out}"
+    other_tenant = [rec(source, "a", 1.0, "miss", "A"), rec(r_seq, "b", 2.0, "hit-l1", "A")]
+    out = cache_outcome(items, other_tenant, keyed_tenants=True)
+    assert out["false_hits"] == 1 and out["unsourced_hits"] == 1, f"another tenant's request is no source: {out}"
+    out = cache_outcome(items, other_tenant, keyed_tenants=False)
+    assert out["false_hits"] == 0, f"an open gateway serves every label as one tenant: {out}"
+    later = [rec(r_seq, "a", 1.0, "hit-l1", "A"), rec(source, "a", 3.0, "miss", "A")]
+    out = cache_outcome(items, later)
+    assert out["unsourced_hits"] == 1, f"a source sent after the hit was answered is no source: {out}"
+    unchecked = [rec(source, "a", 1.0, "hit-l2", "A"), rec(r_seq, "a", 2.0, "hit-l1", "A")]
+    out = cache_outcome(items, unchecked)
+    assert out["unchecked_hits"] == 1 and out["false_hits"] == 1, f"nothing generated to check against: {out}"
+
+

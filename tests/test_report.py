@@ -303,7 +303,7 @@ def test_the_gateway_cache_run_and_its_curve_are_reported(tmp_path):
               "false_hit_upper95": max(0.0055, (0.6 - t) / 8)} for t in (0.5, 0.6, 0.7, 0.8)]
     held = {"hit_rate": 0.69, "false_hit_rate": 0.0, "false_hit_upper95": 0.0055, "hits": 374, "same": 540,
             "false_hits": 0, "near_misses": 540}
-    cache = {"hit_rate": 0.31, "hits": 5, "false_hits": 0, "fresh_hits": 0, "false_hit_rate": 0.0,
+    cache = {"hit_rate": 0.31, "hits": 5, "false_hits": 0, "unsourced_hits": 0, "false_hit_rate": 0.0,
              "false_hit_upper95": 0.45, "enabled": True, "threshold": 0.51, "min_phrase_sim": 0.85,
              "calibration": {"setting": {"threshold": 0.51, "min_phrase_sim": 0.85}, "max_false_hit": 0.01,
                              "curve": curve, "held": {"overall": held, "kinds": {}}}}
