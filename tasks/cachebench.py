@@ -35,6 +35,7 @@ import numpy as np
 from costopt.storage.layout import Workspace, write_json
 
 CONCURRENCY = 4
+PARTS = ("pairs", "decision", "eviction", "overhead", "embed", "gateway")
 TRACE_SEED = 1234
 
 
@@ -162,7 +163,8 @@ def embed_part(n: int) -> dict[str, Any]:
     return out
 
 
-def gateway_part(ws: Workspace, variant: str, n: int, price: float, logs: Path, calibration: Path) -> dict[str, Any]:
+def gateway_part(ws: Workspace, variant: str, n: int, price: float, logs: Path, calibration: Path,
+                 concurrency: int = CONCURRENCY) -> dict[str, Any]:
     from tasks.deploy import start_gateway, start_server
     from tasks.loadtest import cache_outcome, run_load
     from costopt.workload.trace import build_trace
@@ -170,7 +172,7 @@ def gateway_part(ws: Workspace, variant: str, n: int, price: float, logs: Path, 
     items = build_trace(n, seed=TRACE_SEED)
     kinds = Counter(it.kind for it in items)
     out: dict[str, Any] = {"trace": {"name": "serving-v1", "requests": n, "seed": TRACE_SEED, "kinds": dict(kinds)},
-                           "variant": variant, "concurrency": CONCURRENCY}
+                           "variant": variant, "concurrency": concurrency}
     import shutil
 
     shutil.rmtree(logs / "l2", ignore_errors=True)  # a cold cache: an earlier run's entries would answer this one
@@ -180,7 +182,7 @@ def gateway_part(ws: Workspace, variant: str, n: int, price: float, logs: Path, 
                             ("cache_off", ["--no_cache"])):
             gw = start_gateway(ws.root, pred.url, (variant,), logs / f"gateway-{mode}.log", flags)
             try:
-                res = run_load(gw.url, variant, items, concurrency=CONCURRENCY, deadlines=False, progress=True)
+                res = run_load(gw.url, variant, items, concurrency=concurrency, deadlines=False, progress=True)
             finally:
                 gw.stop()
             ok = [r for r in res.records if r.outcome == "ok"]
@@ -215,12 +217,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant", default="int8_weight_only", help="the variant the gateway fronts")
     p.add_argument("--price", type=float, default=None, help="USD per machine-hour (default: params.yaml's)")
     p.add_argument("--json", type=Path, default=Path("artifacts/cache-bench.json"))
-    p.add_argument("--skip-gateway", action="store_true", help="parts 1-3 only (no servers)")
+    p.add_argument("--parts", default=",".join(PARTS),
+                   help=f"comma-separated parts to run, of {','.join(PARTS)} (default: all)")
+    p.add_argument("--skip-gateway", action="store_true", help="every part but the gateway (no servers)")
+    p.add_argument("--concurrency", type=int, default=CONCURRENCY,
+                   help=f"requests in flight in the gateway part (default {CONCURRENCY})")
     args = p.parse_args(argv)
     if not 0 < args.scale <= 10:
         p.error(f"--scale: expected a number in (0, 10], got {args.scale}")
+    if not 1 <= args.concurrency <= 64:
+        p.error(f"--concurrency: expected an integer in [1, 64], got {args.concurrency}")
+    parts = [x.strip() for x in args.parts.split(",") if x.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown or not parts:
+        p.error(f"--parts: expected some of {','.join(PARTS)}, got {args.parts!r}")
+    if args.skip_gateway:
+        parts = [x for x in parts if x != "gateway"]
     ws = Workspace.from_env(args.workspace)
-    if not args.skip_gateway and not (ws.variant_dir(args.variant) / "spec.json").is_file() and args.variant != "fp32":
+    if "gateway" in parts and not (ws.variant_dir(args.variant) / "spec.json").is_file() and args.variant != "fp32":
         p.error(f"--variant: {args.variant!r} is not a variant of {ws.root} (no spec.json); run make demo or "
                 f"python -m tasks.quantize --variant {args.variant} first")
     from costopt.params import load_params
@@ -234,16 +248,21 @@ def main(argv: list[str] | None = None) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     n = int(200 * args.scale)
     result: dict[str, Any] = {"machine": _machine(), "price_per_hour_usd": price}
-    result["pairs"] = pairs_part(embedder)
-    setting = result["pairs"]["setting"]
     calibration = logs / "calibration.json"  # the gateway calibrates itself at its first start, into this file
     calibration.unlink(missing_ok=True)
-    result["decision"] = decision_part(embedder, setting, int(3000 * args.scale))
-    result["eviction"] = eviction_part(embedder, setting, int(1500 * args.scale))
-    result["overhead"] = overhead_part(embedder, setting, n_entries=1000, n_lookups=200)
-    result["embed"] = embed_part(200)
-    if not args.skip_gateway:
-        result["gateway"] = gateway_part(ws, args.variant, n, price, logs, calibration)
+    if parts != ["gateway"]:  # every part but the gateway's needs the fitted setting
+        result["pairs"] = pairs_part(embedder)
+        setting = result["pairs"]["setting"]
+    if "decision" in parts:
+        result["decision"] = decision_part(embedder, setting, int(3000 * args.scale))
+    if "eviction" in parts:
+        result["eviction"] = eviction_part(embedder, setting, int(1500 * args.scale))
+    if "overhead" in parts:
+        result["overhead"] = overhead_part(embedder, setting, n_entries=1000, n_lookups=200)
+    if "embed" in parts:
+        result["embed"] = embed_part(200)
+    if "gateway" in parts:
+        result["gateway"] = gateway_part(ws, args.variant, n, price, logs, calibration, args.concurrency)
     write_json(out_json, result)
     print(summary(result))
     print(f"\nwritten: {out_json}")
@@ -258,25 +277,31 @@ def _machine() -> str:
 
 
 def summary(r: dict[str, Any]) -> str:
-    held = r["pairs"]["held"]
-    lines = ["pairs (held split):  kind  hit rate  false-hit rate  [95% upper]"]
-    for kind, v in [("overall", held["overall"]), *held["kinds"].items()]:
-        if v["same"]:
-            lines.append(f"  {kind:<11} hits {v['hits']}/{v['same']} = {v['hit_rate']:.3f}")
-        if v["near_misses"]:
-            lines.append(f"  {kind:<11} false hits {v['false_hits']}/{v['near_misses']} = {v['false_hit_rate']:.4f} "
-                         f"[{v['false_hit_upper95']:.4f}]")
-    d = r["decision"]
-    lines.append(f"the rule on a {d['requests']}-request trace (cache alone): hit rate {d['hit_rate']:.3f} "
-                 f"({d['hits_by_kind']}), false hits {d['false_hits']}/{d['hits']} = {d['false_hit_rate']:.4f} "
-                 f"[95% upper {d['false_hit_upper95']:.4f}]")
-    e = r["eviction"]
-    lines.append(f"eviction at capacity {e['capacity']} over {e['requests']} requests: decay hit rate "
-                 f"{e['decay']['hit_rate']:.3f}, LRU {e['lru']['hit_rate']:.3f}")
-    o = r["overhead"]
-    lines.append(f"lookup on a miss ({o['entries']} entries, {o['embedder']}): p50 {o['p50_ms']:.1f} ms, "
-                 f"p99 {o['p99_ms']:.1f} ms")
-    for b, v in r["embed"].items():
+    """The parts that ran, one or a few lines each."""
+    lines: list[str] = []
+    if "pairs" in r:
+        held = r["pairs"]["held"]
+        lines.append("pairs (held split):  kind  hit rate  false-hit rate  [95% upper]")
+        for kind, v in [("overall", held["overall"]), *held["kinds"].items()]:
+            if v["same"]:
+                lines.append(f"  {kind:<11} hits {v['hits']}/{v['same']} = {v['hit_rate']:.3f}")
+            if v["near_misses"]:
+                lines.append(f"  {kind:<11} false hits {v['false_hits']}/{v['near_misses']} = "
+                             f"{v['false_hit_rate']:.4f} [{v['false_hit_upper95']:.4f}]")
+    if "decision" in r:
+        d = r["decision"]
+        lines.append(f"the rule on a {d['requests']}-request trace (cache alone): hit rate {d['hit_rate']:.3f} "
+                     f"({d['hits_by_kind']}), false hits {d['false_hits']}/{d['hits']} = {d['false_hit_rate']:.4f} "
+                     f"[95% upper {d['false_hit_upper95']:.4f}]")
+    if "eviction" in r:
+        e = r["eviction"]
+        lines.append(f"eviction at capacity {e['capacity']} over {e['requests']} requests: decay hit rate "
+                     f"{e['decay']['hit_rate']:.3f}, LRU {e['lru']['hit_rate']:.3f}")
+    if "overhead" in r:
+        o = r["overhead"]
+        lines.append(f"lookup on a miss ({o['entries']} entries, {o['embedder']}): p50 {o['p50_ms']:.1f} ms, "
+                     f"p99 {o['p99_ms']:.1f} ms")
+    for b, v in r.get("embed", {}).items():
         if isinstance(v, dict):
             lines.append(f"  embed one text, {b:<9}: p50 {v['p50_ms']:.1f} ms, p99 {v['p99_ms']:.1f} ms, cosine to "
                          f"torch mean {v['cosine_to_torch_mean']:.4f} min {v['cosine_to_torch_min']:.4f}")
@@ -284,7 +309,8 @@ def summary(r: dict[str, Any]) -> str:
         g = r["gateway"]
         on, off, naive = g["cache_on"], g["cache_off"], g["naive"]
         lines.append(f"gateway ({g['variant']}, c={g['concurrency']}, {g['trace']['requests']} requests): hit rate "
-                     f"{on['hit_rate']:.3f}, false hits {on['false_hits']}/{on['hits']} (95% upper "
+                     f"{on['hit_rate']:.3f}, false hits {on['false_hits']}/{on['hits']} (unsourced "
+                     f"{on['unsourced_hits']}, unchecked {on['unchecked_hits']}; 95% upper "
                      f"{on['false_hit_upper95']:.4f}); cost/1M: on {on['cost_per_1m_requests_usd']:.2f}, off "
                      f"{off['cost_per_1m_requests_usd']:.2f}, naive {naive['cost_per_1m_requests_usd']:.2f} USD")
     return "\n".join(lines)

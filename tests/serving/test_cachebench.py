@@ -1,6 +1,8 @@
 """The cache bench's judge (`tasks.cachebench._replay`): the trace's own truth decides which hits are false."""
 from __future__ import annotations
 
+import pytest
+
 from costopt.workload.trace import TraceItem
 
 RULE = {"threshold": 0.5, "min_phrase_sim": 0.85}
@@ -32,3 +34,14 @@ def test_decision_part_on_a_short_trace_serves_every_repeat(embedder, calibratio
     out = decision_part(embedder, json.loads(calibration_file.read_text())["setting"], 120)
     assert out["hits_by_kind"].get("repeat", 0) == out["kinds"]["repeat"], f"a repeat missed: {out}"
     assert out["false_hits"] == 0, f"the calibrated rule served a wrong answer on the trace: {out}"
+
+
+@pytest.mark.parametrize("argv, field", [(["--parts", "pairs,nonsense"], "--parts"), (["--parts", ","], "--parts"),
+                                          (["--concurrency", "0"], "--concurrency")])
+def test_cli_rejects_bad_parts_and_concurrency(argv, field, capsys):
+    from tasks.cachebench import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and field in err, f"exit {exc.value.code}, stderr: {err}"
