@@ -136,14 +136,20 @@ class QuantizeParams:
     @staticmethod
     def presets() -> dict[str, dict[str, Any]]:
         """Every named preset: the schemes' (torch weights) and the runtimes' own (llama.cpp types)."""
+        from costopt.models.variants import student_presets
         from costopt.quantization.schemes import PRESETS
         from costopt.runtimes.registry import presets as runtime_presets
 
-        return {**PRESETS, **runtime_presets()}
+        teacher = {**PRESETS, **runtime_presets()}
+        return {**teacher, **student_presets(teacher)}
 
     def config(self, name: str) -> dict[str, Any]:
-        """The variant's definition (dict form): its scheme config and/or its runtime."""
+        """The variant's definition (dict form): its scheme config and/or its runtime, and its base."""
         return dict(self.definitions.get(name) or self.presets()[name])
+
+    def student_variants(self) -> list[str]:
+        """The listed variants made from the distilled student (`base: student`)."""
+        return [n for n in self.variants if self.config(n).get("base") == "student"]
 
 
 @dataclass(frozen=True)
@@ -207,11 +213,11 @@ class DistillParams:
     enabled: bool = True  # build and train a student (costopt.distill)
     layers: int = 16  # decoder blocks the student keeps (the teacher's most influential)
     intermediate_size: int = 768  # MLP channels each kept block keeps (the most active)
-    sequences: int = 512  # training sequences: the teacher's answers to project prompts (+ the request log)
+    sequences: int = 256  # training sequences: the teacher's answers to project prompts (+ the request log)
     answer_tokens: int = 48  # the teacher's greedy answer per training prompt, tokens
     max_seq_len: int = 128  # tokens per training sequence
     top_k: int = 32  # teacher log-probs kept per position
-    steps: int = 150  # optimizer steps
+    steps: int = 120  # optimizer steps
     batch: int = 4  # sequences per step
     lr: float = 5e-4  # AdamW peak learning rate (warm-up 10 steps, cosine to a tenth)
     t_start: float = 2.0  # temperature at the first step (cosine schedule down to t_end)
@@ -442,6 +448,10 @@ def params_from_dict(raw: dict[str, Any], profile: str | None = None,
         raise ParamsError(f"{source}: unknown section(s) {unknown}; expected some of {sorted(_SECTIONS)}")
     built = {name: _build(f.default_factory, merged.get(name, {}), f"{source}:{name}")
              for name, f in _SECTIONS.items()}
+    students = built["quantize"].student_variants()
+    if students and not built["distill"].enabled:
+        raise ParamsError(f"{source}:quantize.variants: {students} are made from the distilled student, but "
+                          "distill.enabled is false; enable distillation or drop them")
     return Params(profile=profile, **built)
 
 

@@ -6,6 +6,8 @@ DVC stages and `python -m tasks.<phase>` run). Nothing heavy is imported at pars
 with dynamic task mapping: one quantize -> benchmark -> validate chain per variant.
 
     preflight -> ingest -> evaldata -> [benchmark, reference, sensitivity]
+      -> distill (a student at most half the teacher's size, trained on its outputs; the base of the
+         student* variants)
       -> plan -> quantize[v] -> benchmark_variant[v] -> validate[v]   (mapped over the variants)
       -> calibration_curve (reuses the curve variant quantize built) -> search (mixed precision, cheapest passing variant, Pareto front)
       -> deploy (fp32 + the winners on a loopback KServe server, short load test) -> report -> version
@@ -20,7 +22,9 @@ from airflow.sdk import Param, dag, get_current_context, task
 # costopt.params.QuantizeParams.presets() (the schemes' and the runtimes'), kept light (a test checks they match)
 PRESETS = ["bf16", "int8_weight_only", "int8_dynamic", "int8_static", "int4_rtn_g64", "int4_gptq_g64",
            "int4_awq_g64", "int4_rtn_g32", "int4_gptq_g32", "dynamic_qint8_naive",
-           "gguf_q8_0", "gguf_q6_k", "gguf_q5_k_m", "gguf_q4_k_m", "gguf_q4_0", "gguf_q8_0_fa", "gguf_q6_k_fa"]
+           "gguf_q8_0", "gguf_q6_k", "gguf_q5_k_m", "gguf_q4_k_m", "gguf_q4_0", "gguf_q8_0_fa", "gguf_q6_k_fa",
+           "student", "student_int8_weight_only", "student_int4_gptq_g64", "student_gguf_q8_0", "student_gguf_q8_0_fa",
+           "student_gguf_q4_k_m"]
 FORM_GATES = {"kl_mean_max": {"type": "number", "minimum": 0, "maximum": 20},
               "kl_p99_max": {"type": "number", "minimum": 0, "maximum": 50},
               "top1_agreement_min": {"type": "number", "minimum": 0, "maximum": 1},
@@ -42,6 +46,7 @@ def form_defaults(path: Path = Path(__file__).resolve().parents[1] / "params.yam
                 "definitions": sorted(quantize.get("definitions") or {}),
                 "gates": {k: v for k, v in gates.items() if k in FORM_GATES},
                 "search": bool((raw.get("search") or {})["enabled"]),
+                "distill": bool((raw.get("distill") or {}).get("enabled", True)),
                 "price": (raw.get("cost") or {})["price_per_hour_usd"]}
     except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"{path}: cannot read the form's defaults ({type(exc).__name__}: {exc}); expected "
@@ -97,6 +102,9 @@ def _run(phase_module: str, phase: str, *args):
                                       "name under params.yaml's quantize.definitions"),
         "gates": Param(DEFAULTS["gates"], type="object", properties=FORM_GATES, additionalProperties=False,
                        description="quality gates against fp32; ci_bound: the 95% CI's pessimistic end must pass"),
+        "distill": Param(DEFAULTS["distill"], type="boolean",
+                         description="distill a student (at most half the teacher's size) from the model; the "
+                                     "student* variants are made from it"),
         "mixed_precision_search": Param(DEFAULTS["search"], type="boolean",
                                         description="run the sensitivity scan and search mixed precision"),
         "price_per_hour_usd": Param(DEFAULTS["price"], type="number", exclusiveMinimum=0, maximum=10000,
@@ -131,6 +139,10 @@ def optimize_model():
     @task
     def sensitivity():
         return _run("sensitivity", "sensitivity")
+
+    @task
+    def distill():
+        return _run("distill", "distill")
 
     @task
     def calibration_curve():
@@ -179,7 +191,8 @@ def optimize_model():
     ready = [benchmark(), reference()]
     data >> ready
     names = plan()
-    ready >> names
+    distilled = distill()
+    ready >> distilled >> names  # the student* variants are made from the student
     checked = validate.expand(name=benchmark_variant.expand(name=quantize.expand(name=names)))
     side = [sensitivity(), calibration_curve()]
     checked >> side[1]  # its point at calibrate.samples is the variant quantize built

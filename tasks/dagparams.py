@@ -1,7 +1,7 @@
 """Turn the Airflow form (DAG params) into validated settings and a workspace, for every task.
 
 The form shows the fields a platform engineer changes per run (model, variants, gate thresholds,
-price, profile); everything else comes from `params.yaml`. The merge goes through the same
+distillation on or off, price, profile); everything else comes from `params.yaml`. The merge goes through the same
 validation as the file, so a bad form value fails with the field's name before any work starts.
 """
 from __future__ import annotations
@@ -26,6 +26,8 @@ def overrides_from_form(form: dict[str, Any]) -> dict[str, Any]:
     gates = {k: v for k, v in (form.get("gates") or {}).items() if v is not None}
     if gates:
         over["validate"] = {"gates": gates}
+    if form.get("distill") is not None:
+        over["distill"] = {"enabled": bool(form["distill"])}
     if form.get("mixed_precision_search") is not None:
         over["search"] = {"enabled": bool(form["mixed_precision_search"])}
     if form.get("price_per_hour_usd") is not None:

@@ -212,11 +212,23 @@ def _weights(ws: Any, name: str) -> Path:
     return folder / spec_runtime(read_spec(ws, name))[0].weights_file
 
 
+def _in_place(ws: Any, name: str) -> bool:
+    """The file `name` runs from is here, and so is its base model's config (a student* variant's base is
+    the distilled student, versioned by the distill stage)."""
+    from costopt.models.variants import base_dir, read_spec
+
+    if not _weights(ws, name).is_file():
+        return False
+    if name == "fp32" or not (ws.variant_dir(name) / "spec.json").is_file():
+        return True
+    return (base_dir(ws, read_spec(ws, name).base) / "config.json").is_file()
+
+
 def ensure_local(params: Any, ws: Any, names: Sequence[str]) -> list[str]:
     """Make sure the weights of every variant in `names` are in the workspace: when any is missing, fetch
     the run's versioned outputs (dvc.lock) from the DVC remote on S3 (`tasks.version.pull`). Returns the
     names that had to be fetched; raises DeployError naming what is still missing."""
-    missing = [n for n in names if not _weights(ws, n).is_file()]
+    missing = [n for n in names if not _in_place(ws, n)]
     if not missing:
         return []
     from costopt.storage.s3 import StorageError
@@ -232,7 +244,7 @@ def ensure_local(params: Any, ws: Any, names: Sequence[str]) -> list[str]:
     except (DvcError, StorageError, OSError, ValueError) as exc:
         raise DeployError(f"variants {', '.join(missing)}: no weights in {ws.root}, and fetching them from the "
                           f"DVC remote {params.version.remote} failed: {exc}") from exc
-    still = [str(_weights(ws, n)) for n in missing if not _weights(ws, n).is_file()]
+    still = [f"{_weights(ws, n)} (or its base model)" for n in missing if not _in_place(ws, n)]
     if still:
         raise DeployError(f"after `dvc pull` from {params.version.remote}, still missing: {', '.join(still)}; "
                           f"expected a workspace whose dvc.lock records these variants")

@@ -8,13 +8,16 @@ Run it as `python -m tasks.distill`. Steps (`costopt.distill`):
    `distill.layers` blocks of `distill.intermediate_size` channels (checked against the teacher first:
    a shape it cannot give fails at once, naming the field);
 3. the teacher's targets (top-k log-probs, hidden states at the supervised blocks), computed once into
-   `.costopt/distill/` (machine state);
+   `.costopt/distill/` (machine state), as are the training texts: both are reused while what they are
+   made of is unchanged (a run that only changes the training settings skips straight to training);
 4. the pruned student, untrained, measured against the fp32 reference (every gate metric, 95% CIs);
 5. training (resumes from its checkpoint in `.costopt/distill/run-<settings>/` when interrupted);
-6. the trained student measured the same way, and its speed next to the teacher's (the benchmark
-   phase's decode and served-cost measurement, both in this run); written as a model folder to
-   artifacts/distill/student, with artifacts/distill/distill.json (plan, sizes, both measurements,
-   the speeds, the loss history, times).
+6. the trained student measured the same way, and (`--speed`, the command line's default) its speed
+   next to the teacher's (the benchmark phase's decode and served-cost measurement, both in this run;
+   the DAG leaves it out: its `student*` variants are benchmarked like every other); written as a model
+   folder to artifacts/distill/student (with its fingerprint.json, so variants can name their base),
+   with artifacts/distill/distill.json (plan, sizes, both measurements, the speeds, the loss history,
+   times).
 Skipped (an "enabled": false record) when distill.enabled is false; cached while the teacher, the
 data and the settings are unchanged.
 """
@@ -29,9 +32,10 @@ from typing import Any
 import torch
 
 from costopt.params import Params
+from costopt.models.source import fingerprint_dir
 from costopt.storage.layout import MissingArtifactError, Workspace, read_json, replace_dir, staging_dir, write_json
 
-FORMAT = 2  # 2: the speed record
+FORMAT = 3  # 2: the speed record; 3: speed optional, the student's fingerprint.json, cached texts
 IMPORTANCE_SEQUENCES = 32
 
 
@@ -57,14 +61,51 @@ def _log_rows(params: Params, ws: Workspace) -> list[dict[str, Any]]:
     return rows
 
 
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _cached_json(path: Any, stamp: str) -> Any:
+    """The JSON payload stored at `path` under `stamp`, or None (missing, unreadable or another stamp)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data.get("payload") if isinstance(data, dict) and data.get("stamp") == stamp else None
+
+
+def _store_json(path: Any, stamp: str, payload: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"stamp": stamp, "payload": payload}))
+    tmp.replace(path)
+
+
 def training_texts(params: Params, ws: Workspace, teacher: Any, tok: Any) -> tuple[list[str], dict[str, int]]:
-    """Chat-templated prompt + the teacher's answer for every training row, and where the rows came from."""
+    """Chat-templated prompt + the teacher's answer for every training row, and where the rows came from.
+    Cached in the work folder by what they are made of (teacher, data, request log, sizes)."""
+    p, e = params.distill, params.evaldata
+    log_rows = _log_rows(params, ws)
+    stamp = _digest({"model": read_json(ws.model_dir / "fingerprint.json")["fingerprint"],
+                     "data": read_json(ws.data_dir / "manifest.json").get("files"), "log": log_rows,
+                     "sequences": p.sequences, "answer_tokens": p.answer_tokens, "seed": e.seed,
+                     "held": e.prompts + e.calibration, "format": FORMAT})
+    cache = ws.distill_work_dir / "texts.json"
+    cached = _cached_json(cache, stamp)
+    if cached is not None:
+        return cached["texts"], cached["sources"]
+    texts, sources = _make_texts(params, ws, teacher, tok, log_rows)
+    ws.distill_work_dir.mkdir(parents=True, exist_ok=True)
+    _store_json(cache, stamp, {"texts": texts, "sources": sources})
+    return texts, sources
+
+
+def _make_texts(params: Params, ws: Workspace, teacher: Any, tok: Any,
+                log_rows: list[dict[str, Any]]) -> tuple[list[str], dict[str, int]]:
     from costopt.distill.teacher import training_conversations
     from costopt.evaluation.reference import read_jsonl
     from costopt.runtimes.engine import greedy_answers
 
     p, e = params.distill, params.evaldata
-    log_rows = _log_rows(params, ws)
     rows = training_conversations(e.seed, e.prompts + e.calibration, read_jsonl(ws.data_dir / "prompts.jsonl"),
                                   read_jsonl(ws.data_dir / "crosscheck.jsonl"),
                                   read_jsonl(ws.data_dir / "calibration.jsonl"), log_rows, p.sequences)
@@ -108,7 +149,9 @@ def speed_of(model: Any, tok: Any, name: str, params: Params, ws: Workspace) -> 
         return measure_speed(model, tok, held_out_prompts(ws), cfg, params.cost.price_per_hour_usd, name, engine, bar)
 
 
-def distill(params: Params, ws: Workspace) -> dict[str, Any]:
+def distill(params: Params, ws: Workspace, speed: bool = False) -> dict[str, Any]:
+    """Build, train and measure the student (see the module docstring); `speed`: also time it next to
+    the teacher."""
     from costopt.distill.student import StudentShape, build, check_shape, importance, param_count, plan
     from costopt.distill.teacher import Targets, compute
     from costopt.distill.train import TrainConfig, train
@@ -127,7 +170,7 @@ def distill(params: Params, ws: Workspace) -> dict[str, Any]:
     identity = _identity(params, ws)
     record_file = out_dir / "distill.json"
     if record_file.is_file() and read_json(record_file).get("identity") == identity and \
-            (out_dir / "student" / "config.json").is_file():
+            (out_dir / "student" / "config.json").is_file() and (not speed or read_json(record_file).get("speed")):
         return {"cached": True, **read_json(record_file)["summary"]}
     t0 = time.perf_counter()
     work = ws.distill_work_dir
@@ -142,7 +185,9 @@ def distill(params: Params, ws: Workspace) -> dict[str, Any]:
     t_data = time.perf_counter()
     from safetensors.torch import load_file, save_file
 
-    stamp = {"identity": str(identity), "kept": str(kept), "blocks": str(blocks)}
+    # what the targets are made of, and nothing else: a change of the training settings reuses them
+    stamp = {"texts": _digest(texts), "kept": str(kept), "blocks": str(blocks),
+             "max_seq_len": str(p.max_seq_len), "top_k": str(p.top_k), "format": str(FORMAT)}
     targets = None
     if targets_file.is_file():
         try:
@@ -170,29 +215,35 @@ def distill(params: Params, ws: Workspace) -> dict[str, Any]:
     t_train = time.perf_counter()
     after = measure(student, params, ws)
     t_after = time.perf_counter()
-    speed = {"student": speed_of(student, tok, "student", params, ws),
-             "teacher": speed_of(teacher, tok, "fp32", params, ws)}  # side by side, same engine and trace
+    speeds = None
+    if speed:  # side by side, same engine and trace
+        speeds = {"student": speed_of(student, tok, "student", params, ws),
+                  "teacher": speed_of(teacher, tok, "fp32", params, ws)}
     t_speed = time.perf_counter()
     n_teacher = param_count(teacher)
     stage = staging_dir(out_dir / "student")
     student.save_pretrained(str(stage), safe_serialization=True)
     tok.save_pretrained(str(stage))
+    write_json(stage / "fingerprint.json", {"fingerprint": fingerprint_dir(stage, ("*.safetensors",)),
+                                            "distilled_from": identity["model"]})
     replace_dir(stage, out_dir / "student")
     kl_before, kl_after = before["kl_mean"]["value"], after["kl_mean"]["value"]
     summary = {"student_params": param_count(student), "teacher_params": n_teacher,
                "param_ratio": param_count(student) / n_teacher, "kept_layers": kept,
                "kl_mean_before": kl_before, "kl_mean_after": kl_after,
                "kl_reduction": kl_before / kl_after if kl_after else None,
-               "top_k_mass": targets.mass, "train_seconds": result["seconds"], "resumed_from": result["resumed_from"],
-               "student_cost_per_1m_requests_usd": speed["student"]["cost_per_1m_requests_usd"],
-               "teacher_cost_per_1m_requests_usd": speed["teacher"]["cost_per_1m_requests_usd"],
-               "cost_ratio": speed["student"]["cost_per_1m_requests_usd"] / speed["teacher"]["cost_per_1m_requests_usd"],
-               "student_decode_tok_s_bs1": speed["student"]["decode_tok_s_bs1"],
-               "teacher_decode_tok_s_bs1": speed["teacher"]["decode_tok_s_bs1"]}
+               "top_k_mass": targets.mass, "train_seconds": result["seconds"], "resumed_from": result["resumed_from"]}
+    if speeds:
+        s, t = speeds["student"], speeds["teacher"]
+        summary.update({"student_cost_per_1m_requests_usd": s["cost_per_1m_requests_usd"],
+                        "teacher_cost_per_1m_requests_usd": t["cost_per_1m_requests_usd"],
+                        "cost_ratio": s["cost_per_1m_requests_usd"] / t["cost_per_1m_requests_usd"],
+                        "student_decode_tok_s_bs1": s["decode_tok_s_bs1"],
+                        "teacher_decode_tok_s_bs1": t["decode_tok_s_bs1"]})
     assert summary["student_params"] == n_student, "the shape check and the built student disagree"
     record = {"identity": identity, "summary": summary, "plan": the_plan, "sources": sources,
               "supervised_blocks": blocks, "teacher_blocks": [kept[j] for j in blocks], "prefix_skipped": skip,
-              "before": before, "after": after, "speed": speed, "train": {"config": cfg.__dict__, "history": result["history"]},
+              "before": before, "after": after, "speed": speeds, "train": {"config": cfg.__dict__, "history": result["history"]},
               "seconds": {"data": t_data - t0, "targets": t_targets - t_data, "measure_before": t_before - t_targets,
                           "train": t_train - t_before, "measure_after": t_after - t_train, "speed": t_speed - t_after,
                           "total": time.perf_counter() - t0}}
@@ -252,8 +303,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ablation", action="store_true",
                    help="after a distill run with the same settings: train the student three ways (KL at T=1; "
                         "+ temperature schedule; + hidden states) and measure each (artifacts/distill/ablation.json)")
+    p.add_argument("--no-speed", dest="speed", action="store_false",
+                   help="leave out timing the student next to the teacher (the DAG's way: its student variants "
+                        "are benchmarked like every other)")
     args = p.parse_args(argv)
-    return execute(ablation if args.ablation else distill, args)
+    if args.ablation:
+        return execute(ablation, args)
+    return execute(lambda params, ws: distill(params, ws, speed=args.speed), args, "distill")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""Phase 2, quantize: make one variant (or all) from the fp32 model, through `costopt.quantization.schemes.quantize`.
+"""Phase 2, quantize: make one variant (or all) from its fp32 base, through `costopt.quantization.schemes.quantize`.
+
+A variant's base is the ingested model (`teacher`) or, for `student` and `student_<preset>` (or a
+definition with `base: student`), the distilled student of `tasks.distill`.
 
 Run it as `python -m tasks.quantize [--variant NAME]`; the DAG maps it over quantize.variants. Each
 variant is written as safetensors plus a `spec.json` (the variant spec: scheme, config, calibration
@@ -19,7 +22,7 @@ from costopt.storage.layout import Workspace, read_json, replace_dir, staging_di
 from costopt.models.source import fingerprint_dir, load_model_dir
 from costopt.params import Params, ParamsError
 from costopt.quantization.schemes import SCHEMES, Calibration, SchemeConfig, config_from_dict, quantize, save_variant
-from costopt.models.variants import VariantSpec, clear_failure, record_failure
+from costopt.models.variants import VariantSpec, clear_failure, record_failure, require_base
 from costopt.runtimes.registry import RuntimeFailure, RuntimeUnavailable, VariantDefinition, variant_definition
 
 
@@ -84,11 +87,17 @@ def calibration_set(params: Params, ws: Workspace, tok: Any, samples: int | None
     return Calibration(encode(tok, texts, params.calibrate.max_seq_len, batch=16), source)
 
 
+def _base_fingerprint(folder: Path) -> str:
+    record = folder / "fingerprint.json"
+    return read_json(record)["fingerprint"] if record.is_file() else fingerprint_dir(folder, ("*.safetensors",))
+
+
 def build_variant(name: str, config: SchemeConfig, params: Params, ws: Workspace, folder: Path,
-                  samples: int | None = None, runtime: dict[str, Any] | None = None) -> VariantSpec:
-    """Quantize the fp32 model with `config`, save it into `folder` and return its spec."""
-    base_record = read_json(ws.model_dir / "fingerprint.json")
-    model, tok = load_model_dir(ws.model_dir)
+                  samples: int | None = None, runtime: dict[str, Any] | None = None,
+                  base: str = "teacher") -> VariantSpec:
+    """Quantize the fp32 `base` (teacher or student) with `config`, save it into `folder`, return its spec."""
+    base_folder = require_base(ws, base)
+    model, tok = load_model_dir(base_folder)
     calib = None
     if SCHEMES[config.scheme].calibrated(config):
         calib = calibration_set(params, ws, tok, samples)
@@ -97,32 +106,33 @@ def build_variant(name: str, config: SchemeConfig, params: Params, ws: Workspace
     conf = config.to_dict()
     conf.pop("scheme")
     spec = VariantSpec(
-        name=name, base_model=params.ingest.model, base_fingerprint=base_record["fingerprint"],
+        name=name, base_model=params.ingest.model, base_fingerprint=_base_fingerprint(base_folder),
         precision=SCHEMES[config.scheme].precision, transforms=[{"scheme": config.scheme, "config": conf}],
         artifact=str(ws.variant_dir(name).relative_to(ws.root)), size_bytes=size,
         fingerprint=fingerprint_dir(folder, ("*.safetensors",)), fast_kernel=SCHEMES[config.scheme].fast_kernel,
-        calibration={"source": calib.source, "samples": calib.samples} if calib else None, runtime=runtime)
+        calibration={"source": calib.source, "samples": calib.samples} if calib else None, runtime=runtime,
+        base=base)
     spec.save(folder)
     return spec
 
 
 def export_variant(name: str, definition: VariantDefinition, params: Params, ws: Workspace,
                    folder: Path) -> VariantSpec:
-    """A variant a runtime builds itself from the fp32 weights (llama.cpp's own quant types)."""
+    """A variant a runtime builds itself from the fp32 weights of its base (llama.cpp's own quant types)."""
     runtime, cfg = definition.runtime, definition.runtime_config
     reason = runtime.available()
     if reason:
         raise RuntimeUnavailable(f"variant {name!r}: runtime {runtime.name!r} cannot run here: {reason}")
-    base_record = read_json(ws.model_dir / "fingerprint.json")
+    base_folder = require_base(ws, definition.base)
     folder.mkdir(parents=True, exist_ok=True)
-    info = runtime.export(ws.model_dir, folder, cfg, params.ingest.model)
+    info = runtime.export(base_folder, folder, cfg, params.ingest.model)
     spec = VariantSpec(
-        name=name, base_model=params.ingest.model, base_fingerprint=base_record["fingerprint"],
+        name=name, base_model=params.ingest.model, base_fingerprint=_base_fingerprint(base_folder),
         precision=runtime.precision(cfg) or runtime.name,
         transforms=[{"scheme": f"{runtime.name}_export", "config": cfg.to_dict()}],
         artifact=str(ws.variant_dir(name).relative_to(ws.root)), size_bytes=int(info["size_bytes"]),
         fingerprint=fingerprint_dir(folder, (info["file"],)), fast_kernel=True,
-        runtime=definition.runtime_record())
+        runtime=definition.runtime_record(), base=definition.base)
     spec.save(folder)
     return spec
 
@@ -139,7 +149,7 @@ def quantize_variant(params: Params, ws: Workspace, name: str) -> dict[str, Any]
             spec = export_variant(name, definition, params, ws, stage)
         else:
             spec = build_variant(name, config_from_dict(definition.scheme), params, ws, stage,
-                                 runtime=definition.runtime_record())
+                                 runtime=definition.runtime_record(), base=definition.base)
     except RuntimeFailure as exc:  # this candidate only: recorded with its reason, the run goes on
         import shutil
 

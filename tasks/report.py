@@ -67,6 +67,7 @@ class Inputs:
     sensitivity: dict[str, Any] | None  # artifacts/sensitivity/sensitivity.json, when the search ran it
     curve: dict[str, Any] | None  # artifacts/calibration/curve.json, when configured
     serving: dict[str, Any] | None = None  # artifacts/serving/serving.json, when the deploy phase ran
+    distill: dict[str, Any] | None = None  # artifacts/distill/distill.json, when the distill phase ran
     root: Path = Path(".")  # the workspace root (logs/timings lives under it)
 
 
@@ -108,9 +109,16 @@ def _variant_specs(ws: Workspace, base_fingerprint: str, names: list[str]) -> di
         if _entry(spec, "name", str(path), "quantize") != name:
             raise ReportInputError(f"{path}: name {spec['name']!r} differs from its folder "
                                    f"{name!r}; re-run the quantize phase")
-        if spec.get("base_fingerprint") not in (None, base_fingerprint):
+        expected, where = base_fingerprint, "artifacts/model"
+        if spec.get("base", "teacher") == "student":  # made from the distilled student: its fingerprint
+            student = _load(ws, ws.distill_dir / "student" / "fingerprint.json", "distill")
+            if student.get("distilled_from") != base_fingerprint:
+                raise ReportInputError(f"{ws.distill_dir / 'student'}: distilled from another model than "
+                                       f"artifacts/model ({base_fingerprint[:12]}…); re-run the distill phase")
+            expected, where = student["fingerprint"], "artifacts/distill/student"
+        if spec.get("base_fingerprint") not in (None, expected):
             raise ReportInputError(f"{path}: built from model {spec['base_fingerprint'][:12]}…, but "
-                                   f"artifacts/model is {base_fingerprint[:12]}…; re-run the quantize phase")
+                                   f"{where} is {expected[:12]}…; re-run the quantize phase")
         specs[name] = spec
     if not specs:
         raise ReportInputError(f"{ws.search_dir / 'search.json'}: lists no candidates; re-run the search phase")
@@ -147,6 +155,7 @@ def load_inputs(params: Params, ws: Workspace) -> Inputs:
         sensitivity=_optional(ws.sensitivity_dir / "sensitivity.json"),
         curve=_optional(ws.calibration_dir / "curve.json"),
         serving=_optional(ws.root / "artifacts" / "serving" / "serving.json"),
+        distill=_optional(ws.distill_dir / "distill.json"),
         root=ws.root,
     )
     for name in specs:
@@ -216,7 +225,8 @@ def _baseline_row(inp: Inputs, price: float) -> dict[str, Any]:
     }
 
 
-PHASES = ("preflight", "ingest", "evaldata", "benchmark_baseline", "reference", "sensitivity", "calibration_curve")
+PHASES = ("preflight", "ingest", "evaldata", "benchmark_baseline", "reference", "distill", "sensitivity",
+          "calibration_curve")
 VARIANT_PHASES = ("quantize_variant", "benchmark_variant", "validate_variant")
 
 
@@ -250,7 +260,8 @@ def _variant_row(inp: Inputs, name: str, base: dict[str, Any], price: float) -> 
     speed = _speed(speed_rec, f"artifacts/bench/variants/{name}.json", "benchmark_variants")
     cost = _cost(speed_rec, price)
     return {
-        "name": name, "precision": str(_entry(spec, "precision", where, "quantize")),
+        "name": name, "base": str(spec.get("base", "teacher")),  # teacher: the model; student: the distilled one
+        "precision": str(_entry(spec, "precision", where, "quantize")),
         "runtime": str(speed_rec.get("runtime") or (spec.get("runtime") or {}).get("name") or "torch"),
         "transforms": list(_entry(spec, "transforms", where, "quantize")),
         "size_bytes": size, "size_ratio": _ratio(size, base["size_bytes"]),
@@ -324,6 +335,7 @@ def build_summary(params: Params, inp: Inputs) -> dict[str, Any]:
         "search": _search_section(inp, variants, base),
         "sensitivity": _sensitivity_section(inp.sensitivity),
         "calibration_curve": inp.curve,
+        "distill": distill_section(inp.distill),
         "deployed": (inp.serving or {}).get("deployed", []),  # what the deploy phase served, fingerprints
         "wall_times_s": _wall_times(params, inp.root),  # each phase's last run, seconds (logs/timings)
         # candidates ruled out before they could be gated (runtime missing, export or logits failed)
@@ -334,6 +346,27 @@ def build_summary(params: Params, inp: Inputs) -> dict[str, Any]:
         summary["serving"] = inp.serving["serving"]
         summary["serving_left_out"] = inp.serving.get("left_out", {})
     return summary
+
+
+DISTILL_KEYS = ("kl_mean", "kl_p99", "top1_agreement", "ppl_ratio", "task_retention")
+
+
+def distill_section(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The student against the teacher, before (pruned, untrained) and after distillation: every gate
+    metric with its 95% CI, sizes and times (artifacts/distill/distill.json), or None when off."""
+    if not record:
+        return None
+    s, where = record["summary"], "artifacts/distill/distill.json"
+
+    def metrics(m: dict[str, Any]) -> dict[str, Any]:
+        return {k: {"value": _point(m.get(k), f"{where}: {k}"), "ci95": _ci(m.get(k))} for k in DISTILL_KEYS}
+
+    return {"student_params": s["student_params"], "teacher_params": s["teacher_params"],
+            "param_ratio": s["param_ratio"], "kept_layers": s["kept_layers"],
+            "before": metrics(record["before"]), "after": metrics(record["after"]),
+            "kl_reduction": s.get("kl_reduction"), "sources": record.get("sources"),
+            "steps": (record.get("train") or {}).get("config", {}).get("steps"),
+            "seconds": (record.get("seconds") or {}).get("total")}
 
 
 def _search_section(inp: Inputs, variants: list[dict[str, Any]], base: dict[str, Any]) -> dict[str, Any]:
@@ -512,6 +545,25 @@ def _figures_html(summary: dict[str, Any], figures: dict[str, bytes]) -> str:
     return "\n".join(out)
 
 
+def _distill_html(d: dict[str, Any] | None) -> str:
+    """The student before and after distillation, against the teacher (fp32)."""
+    if not d:
+        return ""
+
+    def cell(m: dict[str, Any], k: str) -> str:
+        v, ci = m[k]["value"], m[k]["ci95"]
+        return f"{_fmt(v)}" + (f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "")
+
+    rows = "".join(f"<tr><td class='l'>{k}</td><td>{cell(d['before'], k)}</td><td>{cell(d['after'], k)}</td></tr>"
+                   for k in DISTILL_KEYS)
+    return (f"<h2>Distillation</h2><p>Student: {d['student_params']:,} parameters ({_fmt(d['param_ratio'], '.3f')}× "
+            f"the teacher), teacher blocks kept {html.escape(str(d['kept_layers']))}; {d['steps']} training "
+            f"steps, {_fmt((d['seconds'] or 0) / 60, '.1f')} min. Distillation divided its KL mean by "
+            f"{_fmt(d['kl_reduction'], '.3g')}. Its variants are the rows named <code>student*</code> above.</p>"
+            f"<table><tr><th class='l'>against the teacher [95% CI]</th><th>pruned, untrained</th>"
+            f"<th>distilled</th></tr>{rows}</table>")
+
+
 def _serving_html(summary: dict[str, Any]) -> str:
     """Deployed variants and the deploy phase's load test, when it ran."""
     esc, serving = html.escape, summary.get("serving")
@@ -613,6 +665,7 @@ per hour / 3600 × machine-seconds per request × 10<sup>6</sup>. Ratios in pare
 <h2>Mixed-precision search</h2>
 {_mixed_html(search)}
 {_figures_html(summary, figures or {})}
+{_distill_html(summary.get("distill"))}
 {_serving_html(summary)}
 {_timings_html(summary)}
 <h2>Gate thresholds</h2>

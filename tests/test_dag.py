@@ -10,7 +10,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 EXPECTED_EDGES = {
     "preflight": {"ingest"}, "ingest": {"evaldata"},
     "evaldata": {"benchmark", "reference", "sensitivity"},
-    "benchmark": {"plan"}, "reference": {"plan"},
+    "benchmark": {"distill"}, "reference": {"distill"}, "distill": {"plan"},
     "plan": {"quantize"}, "quantize": {"benchmark_variant"}, "benchmark_variant": {"validate"},
     "validate": {"search", "calibration_curve"}, "sensitivity": {"search"}, "calibration_curve": {"search"},
     "search": {"deploy"}, "deploy": {"report"}, "report": {"version"}, "version": set(),

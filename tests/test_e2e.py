@@ -25,7 +25,8 @@ SCHEMA = PROJECT / "schemas" / "summary.schema.json"
 pytestmark = pytest.mark.e2e
 # One of each kind the run must handle: weight-only INT8, W8A8, INT4 RTN and calibrated (AWQ), the naive one.
 VARIANTS = ["int8_weight_only", "int8_dynamic", "int4_rtn_g64", "int4_awq_g64", "dynamic_qint8_naive",
-            "gguf_q8_0", "gguf_q4_k_m"]  # the last two: llama.cpp's own types, on the llama.cpp runtime
+            "gguf_q8_0", "gguf_q4_k_m",  # llama.cpp's own types, on the llama.cpp runtime
+            "student", "student_gguf_q8_0"]  # the distilled student, on torch and on llama.cpp
 
 
 def _files(root: Path) -> list[str]:
@@ -253,6 +254,28 @@ def test_bad_input_fails_early_and_keeps_what_is_stored(run):
     assert os.readlink(latest) == before_target, "reports/latest still points at the good run"
     assert digest_tree(ws, ["artifacts", "reports"]) == before, "no stored artifact or report changed"
     assert (ws / "dvc.lock").read_bytes() == lock, "dvc.lock unchanged"
+
+
+def test_student_variants_are_made_from_the_distilled_student(run):
+    """The DAG's distill task made a student; its variants name it as their base (fingerprint and all),
+    are half the teacher's size or less, and were benchmarked and gated like every other variant."""
+    ws = run["ws"]
+    summary = json.loads((ws / "reports" / "latest" / "summary.json").read_text())
+    student_fp = json.loads((ws / "artifacts" / "distill" / "student" / "fingerprint.json").read_text())
+    assert student_fp["distilled_from"] == summary["model_fingerprint"], student_fp
+    rows = {v["name"]: v for v in summary["variants"]}
+    for name in ("student", "student_gguf_q8_0"):
+        spec = json.loads((ws / "artifacts" / "variants" / name / "spec.json").read_text())
+        assert spec["base"] == "student" and spec["base_fingerprint"] == student_fp["fingerprint"], spec
+        row = rows[name]
+        assert row["base"] == "student" and row["size_ratio"] <= 0.5, row
+        assert row["quality"]["kl_mean"] is not None and row["cost_per_1m_requests_usd"] > 0, row
+        assert isinstance(row["gate"]["passed"], bool), row["gate"]
+    assert rows["student_gguf_q8_0"]["runtime"] == "llamacpp" and rows["student"]["runtime"] == "torch", rows
+    d = summary["distill"]
+    assert d["param_ratio"] <= 0.5 and d["after"]["kl_mean"]["value"] < d["before"]["kl_mean"]["value"], d
+    assert all(d["after"][k]["ci95"] for k in ("kl_mean", "top1_agreement", "task_retention")), d["after"]
+    assert "Distillation" in (ws / "reports" / "latest" / "report.html").read_text()
 
 
 def test_distill_builds_a_half_size_student_that_learns_and_refuses_a_shape_the_teacher_cannot_give(run):

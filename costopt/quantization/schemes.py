@@ -7,6 +7,8 @@ Named presets (`PRESETS`) are the variants users pick by name; `quantize.definit
 adds more.
 
 Schemes:
+- `fp32`: the weights as they are (the identity), so a base other than the ingested model, such as
+  the distilled student, is a variant like any other.
 - `bf16`: every weight and activation in bfloat16.
 - `int8_weight_only`: symmetric per-output-channel INT8 weights (embedding and tied LM head too), fp32
   activations, on the native INT8 kernel (`costopt.kernels.ops`).
@@ -74,6 +76,11 @@ def _choice(scheme: str, name: str, value: Any, allowed: tuple) -> None:
 def _group(scheme: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 2 or value % 2:
         raise SchemeError(f"{scheme}.group_size: expected an even integer >= 2, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Fp32Config(SchemeConfig):
+    scheme = "fp32"
 
 
 @dataclass(frozen=True)
@@ -360,10 +367,15 @@ def _bf16(model: nn.Module, cfg: Bf16Config, calib: Calibration | None) -> nn.Mo
     return model
 
 
+def _identity(model: nn.Module, cfg: Fp32Config, calib: Calibration | None) -> nn.Module:
+    return model
+
+
 def _naive(model: nn.Module, cfg: DynamicQint8NaiveConfig, calib: Calibration | None) -> nn.Module:
     return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
 
 
+register(Scheme("fp32", Fp32Config, "fp32", _identity, True))
 register(Scheme("bf16", Bf16Config, "bf16", _bf16, True))
 register(Scheme("int8_weight_only", Int8WeightOnlyConfig, "int8", _int8_weight_only, True))
 register(Scheme("int8_dynamic", Int8DynamicConfig, "int8", _int8_dynamic, True, skeleton=_skeleton))

@@ -69,6 +69,7 @@ class VariantDefinition:
     scheme: dict[str, Any] | None  # {"scheme": ..., **config} for costopt.quantization.schemes, or None
     runtime: Runtime
     runtime_config: RuntimeConfig
+    base: str = "teacher"  # costopt.models.variants.BASES: the ingested model, or the distilled student
 
     def runtime_record(self) -> dict[str, Any]:
         return {"name": self.runtime.name, "config": self.runtime_config.to_dict()}
@@ -79,7 +80,13 @@ def variant_definition(data: dict[str, Any]) -> VariantDefinition:
 
     Raises RuntimeConfigError for runtime fields and SchemeError (costopt.quantization.schemes) for the
     scheme's, each naming the field."""
+    from costopt.models.variants import BASES
+
     data = dict(data)
+    base = data.pop("base", "teacher")
+    if base not in BASES:
+        raise RuntimeConfigError(f"base: expected one of {list(BASES)} (the ingested model, or the distilled "
+                                 f"student), got {base!r}")
     name = data.pop("runtime", DEFAULT_RUNTIME)
     if not isinstance(name, str):
         raise RuntimeConfigError(f"runtime: expected a runtime name, got {name!r}")
@@ -98,7 +105,7 @@ def variant_definition(data: dict[str, Any]) -> VariantDefinition:
         config_from_dict(scheme)
     elif runtime.reads_torch_weights:
         raise RuntimeConfigError(f"{name}: expected a 'scheme' (the weights this runtime runs), got only {own}")
-    return VariantDefinition(scheme, runtime, config)
+    return VariantDefinition(scheme, runtime, config, base)
 
 
 def spec_runtime(spec: Any) -> tuple[Runtime, RuntimeConfig]:
