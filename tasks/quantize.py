@@ -125,7 +125,8 @@ def export_variant(name: str, definition: VariantDefinition, params: Params, ws:
         raise RuntimeUnavailable(f"variant {name!r}: runtime {runtime.name!r} cannot run here: {reason}")
     base_folder = require_base(ws, definition.base)
     folder.mkdir(parents=True, exist_ok=True)
-    info = runtime.export(base_folder, folder, cfg, params.ingest.model)
+    # the original model's source (its GGUF's metadata) only for its own weights: a student has other hparams
+    info = runtime.export(base_folder, folder, cfg, params.ingest.model if definition.base == "teacher" else None)
     spec = VariantSpec(
         name=name, base_model=params.ingest.model, base_fingerprint=_base_fingerprint(base_folder),
         precision=runtime.precision(cfg) or runtime.name,

@@ -50,10 +50,14 @@ def available() -> str | None:
     return None
 
 
-def _source_gguf(base_model: str) -> Path | None:
-    """The original GGUF when the model came from one: its tokenizer and metadata are reused."""
+def _source_gguf(base_model: str | None) -> Path | None:
+    """The original GGUF when the model came from one: its tokenizer and metadata are reused. None for
+    weights that are not that model's (the distilled student: other hparams), whose metadata is built
+    from their own config.json and tokenizer."""
     from costopt.models.source import ModelSourceError, resolve_source
 
+    if not base_model:
+        return None
     try:
         src = resolve_source(base_model)
     except ModelSourceError:
@@ -61,7 +65,7 @@ def _source_gguf(base_model: str) -> Path | None:
     return Path(src.path) / src.gguf_file if src.kind == "gguf" and src.gguf_file else None
 
 
-def export(source_dir: Path, out_dir: Path, config: LlamaCppConfig, base_model: str) -> dict[str, Any]:
+def export(source_dir: Path, out_dir: Path, config: LlamaCppConfig, base_model: str | None) -> dict[str, Any]:
     """Write `out_dir/model.gguf` of type `config.qtype` from the fp32 safetensors in `source_dir`."""
     from costopt.runtimes.llamacpp import export_gguf
 
