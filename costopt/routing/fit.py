@@ -1,0 +1,100 @@
+"""Fitting a tier's escalation threshold to a quality target, and judging routed answers.
+
+The quality of a routed answer is its **agreement** with the reference tier (the best passing one):
+the share of its tokens that the reference, teacher-forced on the same answer, would itself have
+chosen greedily. Tokens the reference generated agree by construction; a cheap tier's accepted token
+agrees when it is the reference's argmax at that position. Retention is this agreement pooled over
+prompts (a ratio of sums), with a 95% bootstrap interval over prompts; a tier's threshold is the
+lowest (so the most traffic stays cheap) whose interval's lower end still meets its share of the
+target.
+
+Per prompt, a cheap tier contributes its greedy answer's token probabilities, whether the reference
+agrees with each token, and the reference's own answer length (to count the tokens the reference
+would add after an escalation). With N-1 tiers below the reference, each gets an equal share of the
+allowed disagreement (1 - target) / (N - 1), so the chain as a whole keeps the target (checked end to
+end on prompts the fit did not see, `tasks.route`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from costopt.evaluation.metrics import Estimate, bootstrap_ci, ratio_of_sums
+
+GRID = tuple(round(x, 3) for x in np.linspace(0.0, 1.0, 201))  # thresholds tried, 0.005 apart
+
+
+@dataclass(frozen=True)
+class TierSample:
+    """One prompt's answer from one cheap tier, judged by the reference."""
+    probs: Sequence[float]  # the tier's probability of each token it generated (greedy), in order
+    agree: Sequence[bool]  # the reference's teacher-forced argmax equals that token
+    reference_len: int  # tokens of the reference's own greedy answer to the prompt
+
+    def __post_init__(self) -> None:
+        if len(self.probs) != len(self.agree):
+            raise ValueError(f"TierSample: {len(self.probs)} probabilities but {len(self.agree)} agreement flags")
+
+
+def first_below(probs: Sequence[float], threshold: float) -> int:
+    """The index of the first token whose probability is under `threshold` (the router's escalation
+    point), or len(probs) when none is."""
+    for i, p in enumerate(probs):
+        if p < threshold:
+            return i
+    return len(probs)
+
+
+def outcome(sample: TierSample, threshold: float) -> tuple[int, int, bool]:
+    """(disagreeing tokens, routed answer length, stayed on this tier) for one prompt at `threshold`."""
+    e = first_below(sample.probs, threshold)
+    stayed = e == len(sample.probs)
+    wrong = sum(1 for a in sample.agree[:e] if not a)
+    length = len(sample.probs) if stayed else max(sample.reference_len, e)
+    return wrong, max(length, 1), stayed
+
+
+def retention(samples: Sequence[TierSample], threshold: float, resamples: int = 1000,
+              seed: int = 0) -> tuple[Estimate, float]:
+    """(agreement with the reference, pooled over prompts, with its 95% CI; share of prompts that
+    stayed on the tier) at `threshold`."""
+    rows = np.array([outcome(s, threshold) for s in samples], dtype=float).reshape(-1, 3)
+    good, length, stayed = rows[:, 1] - rows[:, 0], rows[:, 1], rows[:, 2]
+    point = ratio_of_sums(good, length)
+    if resamples <= 0:
+        return Estimate(point, point, point), float(stayed.mean()) if len(rows) else 0.0
+    lo, hi = bootstrap_ci(lambda i: ratio_of_sums(good[i], length[i]), len(rows), resamples, seed)
+    return Estimate(point, lo, hi), float(stayed.mean()) if len(rows) else 0.0
+
+
+def fit_threshold(samples: Sequence[TierSample], target: float, resamples: int = 1000,
+                  grid: Sequence[float] = GRID) -> dict[str, Any]:
+    """The lowest threshold whose retention's 95% lower bound is at least `target`, and the curve
+    (threshold, retention with CI, share staying) at every tenth grid point. At threshold 1 every
+    prompt escalates on its first token, so a threshold always exists; `useful` says whether any
+    prompt stays on the tier."""
+    if not samples:
+        raise ValueError("fit_threshold: no samples; expected one per fit prompt")
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"fit_threshold: target must be in (0, 1], got {target!r}")
+    curve, chosen = [], None
+    for k, t in enumerate(grid):
+        point, stay = retention(samples, t, 0)
+        if k % 10 == 0 or k == len(grid) - 1 or (chosen is None and point.value >= target):
+            est, stay = retention(samples, t, resamples)  # the bound only where it can matter or is shown
+            if k % 10 == 0 or k == len(grid) - 1:
+                curve.append({"threshold": t, "retention": est.to_dict(), "stay": stay})
+            if chosen is None and est.lo >= target:
+                chosen = {"threshold": t, "retention": est.to_dict(), "stay": stay}
+    if chosen is None:  # even escalating at once misses: only when the reference disagrees with itself
+        chosen = {"threshold": 1.0, **{k: curve[-1][k] for k in ("retention", "stay")}}
+    return {**chosen, "target": target, "useful": chosen["stay"] > 0, "curve": curve}
+
+
+def tier_targets(target: float, cheap_tiers: int) -> float:
+    """Each cheap tier's share of the allowed disagreement: 1 - (1 - target) / cheap_tiers."""
+    if cheap_tiers < 1:
+        raise ValueError(f"tier_targets: expected at least one tier below the reference, got {cheap_tiers}")
+    return 1.0 - (1.0 - target) / cheap_tiers
