@@ -249,6 +249,33 @@ class DistillParams:
 
 
 @dataclass(frozen=True)
+class RouteParams:
+    enabled: bool = True  # fit the precision router's thresholds (tasks.route) and deploy it in the gateway
+    model: str = "routed"  # the name clients ask for to be routed
+    tiers: tuple[str, ...] = ()  # variants cheapest first, the last the reference; empty: chosen (tasks.route)
+    max_tiers: int = 3  # tiers when chosen: the reference (the search's pick) and the cheapest below it
+    retention_target: float = 0.97  # routed answers' token agreement with the reference, 95% lower bound
+    prompts: int = 200  # held-out prompts used, half to fit the thresholds and half to judge the router
+    bootstrap: int = 1000  # resamples for the 95% intervals
+
+    def check(self, where: str) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ParamsError(f"{where}.enabled: expected true or false, got {self.enabled!r}")
+        if not isinstance(self.model, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.model):
+            raise ParamsError(f"{where}.model: expected a model name (letters, digits, _ . -), got {self.model!r}")
+        if not all(isinstance(t, str) and t for t in self.tiers) or len(set(self.tiers)) != len(self.tiers):
+            raise ParamsError(f"{where}.tiers: expected unique variant names, cheapest first, got {list(self.tiers)}")
+        if len(self.tiers) == 1:
+            raise ParamsError(f"{where}.tiers: expected at least two tiers (or none: chosen), got {list(self.tiers)}")
+        if self.model in self.tiers:
+            raise ParamsError(f"{where}.model: {self.model!r} is also a tier; pick another routed name")
+        _check_number(f"{where}.max_tiers", self.max_tiers, 2, 8, integer=True)
+        _check_number(f"{where}.retention_target", self.retention_target, 0.5, 1.0)
+        _check_number(f"{where}.prompts", self.prompts, 4, 100_000, integer=True)
+        _check_number(f"{where}.bootstrap", self.bootstrap, 100, 100_000, integer=True)
+
+
+@dataclass(frozen=True)
 class Gates:
     kl_mean_max: float = 0.02  # nats/token
     kl_p99_max: float = 0.5  # nats/token
@@ -381,6 +408,7 @@ class Params:
     calibrate: CalibrateParams = field(default_factory=CalibrateParams)
     search: SearchParams = field(default_factory=SearchParams)
     distill: DistillParams = field(default_factory=DistillParams)
+    route: RouteParams = field(default_factory=RouteParams)
     validate: ValidateParams = field(default_factory=ValidateParams)
     cost: CostParams = field(default_factory=CostParams)
     serve: ServeParams = field(default_factory=ServeParams)

@@ -10,6 +10,7 @@ with dynamic task mapping: one quantize -> benchmark -> validate chain per varia
          student* variants)
       -> plan -> quantize[v] -> benchmark_variant[v] -> validate[v]   (mapped over the variants)
       -> calibration_curve (reuses the curve variant quantize built) -> search (mixed precision, cheapest passing variant, Pareto front)
+      -> route (the precision router's tiers and thresholds, fitted and judged on held-out prompts)
       -> deploy (fp32 + the winners on a loopback KServe server, short load test) -> report -> version
 """
 from __future__ import annotations
@@ -174,6 +175,10 @@ def optimize_model():
     def search():
         return _run("search", "search")
 
+    @task
+    def route():
+        return _run("route", "route")
+
     @task(**STORAGE_RETRIES)  # pulls missing weights from the remote
     def deploy():
         return _run("deploy", "deploy")
@@ -199,7 +204,7 @@ def optimize_model():
     data >> side[0]
     found = search()
     [checked, *side] >> found
-    found >> deploy() >> report() >> version()
+    found >> route() >> deploy() >> report() >> version()
 
 
 optimize_model()

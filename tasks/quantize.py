@@ -139,9 +139,12 @@ def export_variant(name: str, definition: VariantDefinition, params: Params, ws:
 
 
 def quantize_variant(params: Params, ws: Workspace, name: str) -> dict[str, Any]:
-    """Build one named variant of quantize.variants into artifacts/variants/<name>/."""
-    if name not in params.quantize.variants:
-        raise ParamsError(f"variant {name!r}: not in quantize.variants {list(params.quantize.variants)}")
+    """Build one named variant (a preset or a quantize.definitions entry, listed in quantize.variants or
+    not: a variant can be built by hand) into artifacts/variants/<name>/."""
+    known = {**params.quantize.presets(), **params.quantize.definitions}
+    if name not in known:
+        raise ParamsError(f"variant {name!r}: not a preset or a quantize.definitions entry; expected one of "
+                          f"{sorted(known)}")
     definition = variant_definition(params.quantize.config(name))
     final = ws.variant_dir(name)
     stage = staging_dir(final)

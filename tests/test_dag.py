@@ -13,7 +13,7 @@ EXPECTED_EDGES = {
     "benchmark": {"distill"}, "reference": {"distill"}, "distill": {"plan"},
     "plan": {"quantize"}, "quantize": {"benchmark_variant"}, "benchmark_variant": {"validate"},
     "validate": {"search", "calibration_curve"}, "sensitivity": {"search"}, "calibration_curve": {"search"},
-    "search": {"deploy"}, "deploy": {"report"}, "report": {"version"}, "version": set(),
+    "search": {"route"}, "route": {"deploy"}, "deploy": {"report"}, "report": {"version"}, "version": set(),
 }
 MAPPED = {"quantize", "benchmark_variant", "validate"}  # dynamic task mapping over the variants
 

@@ -137,7 +137,7 @@ class RouteResult:
     tiers: list[str] = field(default_factory=list)  # every tier that contributed a token (or finished), in order
     per_tier_tokens: dict[str, int] = field(default_factory=dict)
     escalations: list[dict[str, Any]] = field(default_factory=list)  # {"from", "to", "at", "prob"}
-    skipped: list[dict[str, Any]] = field(default_factory=list)  # {"tier", "reason"}: down or overloaded
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # {"tier", "to", "reason", "at"}: down or overloaded
     finish_reason: str = "length"
 
     @property
@@ -184,7 +184,8 @@ async def route(config: RouterConfig, prompt_ids: Sequence[int], max_tokens: int
         except TierUnavailable as exc:
             if last:
                 raise
-            result.skipped.append({"tier": tier.name, "reason": str(exc), "at": len(result.token_ids)})
+            result.skipped.append({"tier": tier.name, "to": config.tiers[i + 1].name, "reason": str(exc),
+                                   "at": len(result.token_ids)})
             _log.warning("router: tier %s skipped (%s); %s continues", tier.name, exc, config.tiers[i + 1].name)
             i += 1
             continue
