@@ -10,6 +10,10 @@
   naming the loadable ones rather than KServe's 503.
 - A body-size guard for every route (413 naming the limit).
 
+Log-probabilities (`logprobs`, chat's `top_logprobs`) and token ids (`return_token_ids`, and a completion
+`prompt` given as ids) follow `serving.protocol`'s shapes; each streamed chunk carries those of its own
+tokens. A request that asks for none of them is answered exactly as before they existed.
+
 Errors are OpenAI-shaped JSON (`{"error": {"message", "type", "param", "code"}}`) with a 4xx status for
 anything the client can fix; a full queue is 429 with `Retry-After`.
 """
@@ -27,12 +31,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from serving import metrics
 from serving.admission import DeadlineExceeded, Priority, QueueFull, WouldMissDeadline
-from serving.driver import EngineFault
+from serving.driver import EngineFault, Generation
 from costopt.runtimes.engine import SamplingParams
 from serving.library import ModelLibrary
-from serving.model import VariantModel
-from serving.protocol import (ApiError, ChatRequest, ChunkMaker, CompletionRequest, chat_response,
-                              completion_response, lone_surrogate, parse)
+from serving.model import Piece, VariantModel
+from serving.protocol import (ApiError, ChatRequest, ChunkMaker, CompletionRequest, chat_logprobs, chat_response,
+                              completion_logprobs, completion_response, lone_surrogate, parse)
 from serving.reqlog import RequestLog
 from serving.tenants import Guard, TenantKeys
 
@@ -162,6 +166,8 @@ class OpenAIRoutes:
             if chat:
                 log["prompt"] = [m.model_dump() for m in req.messages]
                 ids = model.encode_chat(log["prompt"])
+            elif req.token_ids() is not None:  # used as they are: no BOS, no template
+                log["prompt"] = ids = model.check_token_ids(req.token_ids(), "prompt")
             else:
                 log["prompt"] = req.text()
                 ids = model.encode_text(log["prompt"])
@@ -170,7 +176,7 @@ class OpenAIRoutes:
             wanted = req.wanted_tokens(min(opts.default_max_tokens, opts.max_tokens_limit))
             model.check_lengths(ids, wanted, "messages" if chat else "prompt")
             sampling = SamplingParams(max_new_tokens=wanted, temperature=req.temperature, top_p=req.top_p,
-                                      seed=req.seed)
+                                      seed=req.seed, logprobs=req.logprobs_k())
             try:
                 if deadline_s is not None:  # the deadline counts from arrival: parsing and tokenizing took some
                     deadline_s = max(1e-3, deadline_s - (time.monotonic() - t0))
@@ -185,14 +191,17 @@ class OpenAIRoutes:
             pieces = model.stream(gen, req.stops())
             first = await self._first(pieces)
             if req.stream:
-                return StreamingResponse(self._sse(model, req, chat, gen, first, pieces, log, t0),
+                return StreamingResponse(self._sse(model, req, chat, gen, ids, first, pieces, log, t0),
                                          media_type="text/event-stream", headers=_served_by(model))
             try:
-                text = first[0] + "".join([d async for d, _ in pieces])
+                got = [first] + [p async for p in pieces]
             except EngineFault as exc:
                 raise ApiError(500, str(exc), type_="server_error") from None
             build = chat_response if chat else completion_response
-            body = build(req.model, text, gen.finish_reason or "stop", len(ids), len(gen.tokens))
+            whole = Piece("".join(p.text for p in got), None, range(got[-1].tokens.stop),
+                          tuple(o for p in got for o in p.offsets))
+            body = build(req.model, whole.text, gen.finish_reason or "stop", len(ids), len(gen.tokens),
+                         **_token_fields(model, req, gen, whole, ids))
             self._done(log, t0, gen, "ok", 200)
             return JSONResponse(body, headers=_served_by(model))
         except ApiError as exc:
@@ -203,7 +212,7 @@ class OpenAIRoutes:
             return error_response(exc)
 
     @staticmethod
-    async def _first(pieces: AsyncIterator[tuple[str, str | None]]) -> tuple[str, str | None]:
+    async def _first(pieces: AsyncIterator[Piece]) -> Piece:
         """The first piece, so queueing errors become a status code before any byte is streamed."""
         try:
             return await pieces.__anext__()
@@ -216,13 +225,14 @@ class OpenAIRoutes:
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None
 
-    async def _sse(self, model: VariantModel, req: Any, chat: bool, gen: Any, first: tuple[str, str | None],
-                   pieces: AsyncIterator, log: dict, t0: float) -> AsyncIterator[bytes]:
+    async def _sse(self, model: VariantModel, req: Any, chat: bool, gen: Any, prompt_ids: list[int], first: Piece,
+                   pieces: AsyncIterator[Piece], log: dict, t0: float) -> AsyncIterator[bytes]:
         maker, outcome = ChunkMaker(req.model, chat), "cancelled"
         try:
-            yield _event(maker.chunk(first[0], first[1], first=True))
-            async for delta, finish in pieces:
-                yield _event(maker.chunk(delta, finish))
+            yield _event(maker.chunk(first.text, first.finish, first=True,
+                                     **_token_fields(model, req, gen, first, prompt_ids)))
+            async for p in pieces:
+                yield _event(maker.chunk(p.text, p.finish, **_token_fields(model, req, gen, p)))
             if req.include_usage():
                 yield _event(maker.usage_chunk(log["prompt_tokens"], len(gen.tokens)))
             yield b"data: [DONE]\n\n"
@@ -254,6 +264,21 @@ class OpenAIRoutes:
                               completion_tokens=0 if gen is None else len(gen.tokens),
                               latency_ms=latency * 1000, outcome=outcome,
                               finish_reason=None if gen is None else gen.finish_reason, status=status)
+
+
+def _token_fields(model: VariantModel, req: ChatRequest | CompletionRequest, gen: Generation, piece: Piece,
+                  prompt_ids: list[int] | None = None) -> dict[str, Any]:
+    """The logprobs and token-id fields a request asked for, for `piece`'s tokens (none asked: {}, so the
+    choice is what it always was); `prompt_ids` for the first chunk or the whole answer only."""
+    fields: dict[str, Any] = {}
+    if req.logprobs_k() >= 0:
+        entries = model.log_entries(gen, piece.tokens, piece.offsets)
+        fields["logprobs"] = chat_logprobs(entries) if isinstance(req, ChatRequest) else completion_logprobs(entries)
+    if req.return_token_ids:
+        fields["token_ids"] = gen.tokens[piece.tokens.start:piece.tokens.stop]
+        if prompt_ids is not None:
+            fields["prompt_token_ids"] = list(prompt_ids)
+    return fields
 
 
 def _served_by(model: VariantModel) -> dict[str, str]:

@@ -41,6 +41,7 @@ from typing import Any, AsyncIterator, Callable, Sequence
 
 from serving.admission import Admission, Priority, Ticket
 from costopt.runtimes.engine import Engine, SamplingParams, StepEvent
+from costopt.runtimes.slots import TokenLogprobs
 
 
 _log = logging.getLogger(__name__)
@@ -62,7 +63,8 @@ class EngineFault(RuntimeError):
 
 @dataclass(eq=False)
 class Generation:
-    """One request's progress: token ids arrive on `queue`; the last item is its finish reason or an error."""
+    """One request's progress: token ids arrive on `queue`; the last item is its finish reason or an error.
+    `tokens` (and `logprobs`, for a request that asked) hold every token delivered so far."""
 
     prompt_ids: list[int]
     params: SamplingParams
@@ -73,6 +75,7 @@ class Generation:
     started: float | None = None  # monotonic s when it joined the batch
     first_token: float | None = None  # monotonic s of its first token
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # tokens[i]'s, when params.logprobs >= 0
     finish_reason: str | None = None
     error: BaseException | None = None
     cancelled: bool = False
@@ -302,6 +305,8 @@ class EngineLoop:
             if ev.token_id is not None:
                 gen.first_token = gen.first_token or now
                 gen.tokens.append(ev.token_id)
+                if ev.logprobs is not None:  # before the id is queued: a reader of tokens[i] finds logprobs[i]
+                    gen.logprobs.append(ev.logprobs)
                 gen.queue.put_nowait(ev.token_id)
             if ev.finish_reason is not None:
                 del self._live[ev.seq_id]

@@ -10,7 +10,12 @@ and yields text as tokens come.
 
     model = VariantModel("int8_weight_only", ServeOptions(workspace=Path(".")))
     model.load()
-    async for delta, finish in model.generate(model.encode_chat(messages), SamplingParams(...)): ...
+    gen = model.submit(model.encode_chat(messages), SamplingParams(...), priority=None, deadline_s=None)
+    async for piece in model.stream(gen): ...  # Piece(text, finish, tokens, offsets)
+
+A piece's `tokens` are the answer's tokens consumed since the previous piece (indices into
+`gen.tokens`); `log_entries` turns them into the logprobs responses' entries (their bytes come from the
+byte-level BPE alphabet, so a token that is part of a UTF-8 character keeps its exact bytes).
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, NamedTuple, Sequence
 
 import kserve
 from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
@@ -29,7 +34,7 @@ from serving.admission import Admission, AdmissionConfig, Priority
 from serving.driver import EngineLoop, Generation, calibrate
 from costopt.runtimes.engine import Engine, SamplingParams
 from costopt.runtimes.slots import DEFAULT_PREFIX_CACHE
-from serving.protocol import ApiError, lone_surrogate, printable
+from serving.protocol import ApiError, LogprobEntry, lone_surrogate, printable
 
 BASELINE = "fp32"  # the ingested model, served as is
 
@@ -78,6 +83,48 @@ def load_engine(options: ServeOptions, name: str) -> tuple[Any, Any, str]:
     return engine, tok, runtime.name
 
 
+class Piece(NamedTuple):
+    """One piece of a streamed answer: new text, the finish reason (last piece only), and the answer's
+    tokens consumed since the previous piece with each one's character offset in the answer's text."""
+    text: str
+    finish: str | None
+    tokens: range  # indices into Generation.tokens
+    offsets: tuple[int, ...]  # len(tokens) of them
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, character -> byte: printable bytes stand for themselves, the
+    others for 256 + their rank (what `tokenizers`' ByteLevel pre-tokenizer writes tokens in)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    others = [b for b in range(256) if b not in keep]
+    return {chr(b): b for b in keep} | {chr(256 + i): b for i, b in enumerate(others)}
+
+
+class TokenBytes:
+    """A token id's exact bytes: a byte-level BPE token's own bytes (even part of a UTF-8 character);
+    for other tokenizers, the UTF-8 of the token decoded alone. Cached: the vocabulary is small."""
+
+    def __init__(self, tok: Any) -> None:
+        self.tok, self._cache = tok, {}
+        self._alphabet = _byte_level_alphabet() if _is_byte_level(tok) else None
+
+    def __call__(self, token_id: int) -> bytes:
+        got = self._cache.get(token_id)
+        if got is None:
+            piece = self.tok.convert_ids_to_tokens(token_id)
+            if self._alphabet is not None and piece and all(c in self._alphabet for c in piece):
+                got = bytes(self._alphabet[c] for c in piece)
+            else:
+                got = self.tok.decode([token_id]).encode("utf-8", "backslashreplace")
+            self._cache[token_id] = got
+        return got
+
+
+def _is_byte_level(tok: Any) -> bool:
+    """Whether a (fast) tokenizer writes its tokens in the byte-level alphabet (GPT-2 style BPE)."""
+    return type(getattr(getattr(tok, "backend_tokenizer", None), "decoder", None)).__name__ == "ByteLevel"
+
+
 class Detokenizer:
     """Token ids in, new text out; holds back a trailing partial UTF-8 character."""
 
@@ -101,6 +148,7 @@ class VariantModel(kserve.Model):
         self.tokenizer: Any = None
         self.info: dict[str, Any] = {}
         self.library: Any = None  # the ModelLibrary serving it: v2 infer resubmits through it on a hot switch
+        self.token_bytes: TokenBytes | None = None
 
     def load(self) -> bool:
         import torch
@@ -108,6 +156,7 @@ class VariantModel(kserve.Model):
         torch.set_num_threads(self.options.threads)
         t0 = time.perf_counter()
         engine, self.tokenizer, runtime = load_engine(self.options, self.name)
+        self.token_bytes = TokenBytes(self.tokenizer)
         admission = Admission(self.options.admission)
         calibrate(engine, admission)
         self.loop = EngineLoop(engine, admission, self.name, on_step=self._observe_step)
@@ -129,6 +178,15 @@ class VariantModel(kserve.Model):
 
     def encode_text(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def check_token_ids(self, ids: Sequence[int], field_name: str) -> list[int]:
+        """A prompt given as token ids, used as it is: each id must be in the model's vocabulary."""
+        vocab = self.loop.engine.vocab_size
+        bad = next((i for i, t in enumerate(ids) if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ApiError(400, f"{field_name}: token id {ids[bad]} at index {bad} is outside the vocabulary; "
+                                f"ids must be in [0, {vocab})", param=field_name)
+        return list(ids)
 
     def check_lengths(self, prompt_ids: Sequence[int], max_tokens: int, field_name: str) -> None:
         """400s naming the field and the limit, before anything is queued."""
@@ -167,29 +225,48 @@ class VariantModel(kserve.Model):
         if self.loop is not None and not self._replaced():
             metrics.observe_queue(self.name, self.loop.admission.queued(), self.loop.running_by_priority()[0])
 
-    async def stream(self, gen: Generation, stops: Sequence[str] = ()) -> AsyncIterator[tuple[str, str | None]]:
-        """(text delta, None)... then ("", finish_reason). Stop strings end the answer before them."""
+    async def stream(self, gen: Generation, stops: Sequence[str] = ()) -> AsyncIterator[Piece]:
+        """Piece(text delta, None, ...)... then Piece("", finish_reason, ...). Stop strings end the answer
+        before them (its tokens end with the one that completed the stop string)."""
         detok, held = Detokenizer(self.tokenizer), ""
         keep = max((len(s) for s in stops), default=1) - 1  # chars that may be a stop string's start
+        sent, offsets = 0, []  # tokens handed out in pieces; offsets of those consumed since
+
+        def piece(text: str, finish: str | None = None) -> Piece:
+            nonlocal sent, offsets
+            out = Piece(text, finish, range(sent, sent + len(offsets)), tuple(offsets))
+            sent, offsets = out.tokens.stop, []
+            return out
+
         try:
             async for token_id in gen:
+                offsets.append(len(detok.text))
                 held += detok.push(token_id)
                 cut = min((i for i in (held.find(s) for s in stops) if i >= 0), default=-1)
                 if cut >= 0:
                     if held[:cut]:
-                        yield held[:cut], None
+                        yield piece(held[:cut])
                     self.loop.cancel(gen)
                     gen.finish_reason = "stop"
-                    yield "", "stop"
+                    yield piece("", "stop")
                     return
                 if len(held) > keep:
                     out, held = held[:len(held) - keep], held[len(held) - keep:]
-                    yield out, None
+                    yield piece(out)
             if held:
-                yield held, None
-            yield "", "length" if gen.finish_reason == "length" else "stop"
+                yield piece(held)
+            yield piece("", "length" if gen.finish_reason == "length" else "stop")
         finally:
             self.loop.cancel(gen)  # no-op unless the client went away mid-answer
+
+    def log_entries(self, gen: Generation, tokens: range, offsets: Sequence[int]) -> list[LogprobEntry]:
+        """The logprobs entries of `gen`'s tokens at `tokens` (a request that asked for log-probs)."""
+        name, out = self.token_bytes, []
+        for i, offset in zip(tokens, offsets):
+            lp = gen.logprobs[i]
+            out.append(LogprobEntry(name(gen.tokens[i]), lp.logprob, lp.entropy,
+                                    tuple((name(t), v) for t, v in lp.top), offset))
+        return out
 
     async def predict(self, payload: InferRequest | dict, headers: dict[str, str] | None = None,
                       response_headers: dict[str, str] | None = None) -> InferResponse:
@@ -230,7 +307,7 @@ class VariantModel(kserve.Model):
                 gens.append(self._submit_serving(ids, sampling, priority))
             outs = []
             for model, gen in gens:
-                outs.append("".join([d async for d, _ in model.stream(gen)]))
+                outs.append("".join([p.text async for p in model.stream(gen)]))
         except BaseException:  # a 429 for prompt k, or the client gone: the others stop using compute
             for model, gen in gens:
                 model.loop.cancel(gen)

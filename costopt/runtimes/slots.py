@@ -24,6 +24,12 @@ The interface the server drives: add, cancel, pause, resume, clear, step (one de
 token of every row plus the newcomers' prompts) -> StepEvents. Greedy at temperature 0; otherwise a
 per-request seeded generator, so a sequence's tokens never depend on its batch mates. Not thread-safe:
 the driver calls everything from one thread.
+
+Log-probabilities (`SamplingParams.logprobs >= 0`): the step computes, for the rows that asked only,
+log_softmax of the row's logits in float32 over the whole vocabulary: the model's own distribution
+(temperature 1, no top-p), whatever the request samples with. Each of those rows' StepEvents carries the
+chosen token's log-prob, the distribution's entropy and its k most likely tokens (`TokenLogprobs`);
+a step with no such row does no extra work.
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ from typing import Any, Hashable, NamedTuple, Sequence
 import torch
 
 FINISH_REASONS = ("stop", "length", "cancelled")
+MAX_TOP_LOGPROBS = 20  # most alternatives a step reports per token (OpenAI's chat limit; the server allows 5)
 DEFAULT_PREFIX_CACHE = 8  # prompts kept for reuse by engines that can (the server's --prefix_cache default)
 
 
@@ -43,6 +50,7 @@ class SamplingParams:
     top_p: float = 1.0  # nucleus mass kept, in (0, 1]
     seed: int | None = None  # per-request generator: output independent of batch mates; None = random
     stop_token_ids: tuple[int, ...] = ()  # in addition to the engine's EOS ids
+    logprobs: int = -1  # -1 = off; 0 = the chosen token's log-prob and entropy; k = also the top k tokens
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -55,7 +63,17 @@ class SamplingParams:
             raise ValueError(f"seed: {self.seed!r}; must be None or an integer in [0, 2**63)")
         if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids: {self.stop_token_ids!r}; must be non-negative token ids")
+        if type(self.logprobs) is not int or not -1 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs: {self.logprobs!r}; must be an integer in [-1, {MAX_TOP_LOGPROBS}] "
+                             f"(-1 = off, 0 = the chosen token only, k = also the k most likely)")
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+
+
+class TokenLogprobs(NamedTuple):
+    """One generated token under the distribution it was chosen from (raw logits, float32, temperature 1)."""
+    logprob: float  # log-prob of the chosen token, nats
+    entropy: float  # of the whole next-token distribution, nats
+    top: tuple[tuple[int, float], ...]  # the k most likely (token id, log-prob), most likely first
 
 
 @dataclass(frozen=True)
@@ -63,6 +81,7 @@ class StepEvent:
     seq_id: Hashable
     token_id: int | None  # the new token (EOS/stop ids included); None when cancelled
     finish_reason: str | None  # None while running, else one of FINISH_REASONS
+    logprobs: TokenLogprobs | None = None  # only for a sequence whose params ask for them
 
 
 @dataclass(eq=False, slots=True)
@@ -281,13 +300,15 @@ class SlotEngine:
         for j, s in enumerate(new):
             s.length = len(s.prompt) - 1  # the +1 below counts the prompt's last token
             self._prefix_keep(s.prompt, n_dec + j)  # before any row moves: the slot holds exactly the prompt
+        tokens = self._choose(logits)
+        scored = self._logprobs(logits, tokens)  # {row: TokenLogprobs} of the rows that asked
         finished = []
-        for i, (s, tok) in enumerate(zip(self._rows, self._choose(logits))):
+        for i, (s, tok) in enumerate(zip(self._rows, tokens)):
             s.length += 1
             s.generated += 1
             s.last = tok
             reason = "stop" if tok in s.stops else "length" if s.generated >= s.params.max_new_tokens else None
-            events.append(StepEvent(s.seq_id, tok, reason))
+            events.append(StepEvent(s.seq_id, tok, reason, scored.get(i)))
             if reason is not None:
                 finished.append(i)
         for i in reversed(finished):  # descending, so every row moved by _free_row is a live one
@@ -358,6 +379,22 @@ class SlotEngine:
                 except RuntimeError:  # non-finite logits: this row goes greedy, its batch mates never fail
                     pass
         return tokens
+
+    def _logprobs(self, logits: Any, tokens: list[int]) -> dict[int, TokenLogprobs]:
+        """log_softmax over the full vocabulary, in float32, for the rows whose params ask for log-probs."""
+        rows = [i for i, s in enumerate(self._rows) if s.params.logprobs >= 0]
+        if not rows:
+            return {}
+        lp = torch.log_softmax(torch.as_tensor(logits[rows]).float(), dim=-1)  # [len(rows), vocab]
+        chosen = lp.gather(1, torch.tensor([[tokens[i]] for i in rows])).squeeze(1).tolist()
+        entropy = torch.special.entr(lp.exp()).sum(-1).tolist()  # -sum p log p; a p of 0 adds 0
+        top = lp.topk(max(self._rows[i].params.logprobs for i in rows), dim=-1)  # sorted, most likely first
+        top_lp, top_id = top.values.tolist(), top.indices.tolist()  # [len(rows), k] each
+        out = {}
+        for j, i in enumerate(rows):
+            k = self._rows[i].params.logprobs
+            out[i] = TokenLogprobs(chosen[j], entropy[j], tuple(zip(top_id[j][:k], top_lp[j][:k])))
+        return out
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
