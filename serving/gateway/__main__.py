@@ -7,6 +7,11 @@ The cache's hit rule comes from `--calibration` (default WORKSPACE/.costopt/cach
 made at first start from the project's labeled pairs when missing (`costopt.cache.calibrate`). If the
 embedding model cannot load, or no setting proves the false-hit bound, the gateway serves without the
 cache and says why in its log and on `/v2/health/ready`.
+
+Precision routing (`serving.gateway.routing`): `--router FILE` (the route phase's
+artifacts/route/router.json) routes requests for `--router_model` (default `routed`) across its tiers,
+cheapest first; without a usable file, `--router_fallback VARIANT` sends all of them to that variant
+(logged), and with neither there is no routed model.
 """
 from __future__ import annotations
 
@@ -54,6 +59,11 @@ parser.add_argument("--keys", type=Path, default=None, help="tenant keys file (a
 parser.add_argument("--admin_key_file", type=Path, default=None, help="admin key file (as for python -m serving)")
 parser.add_argument("--allow_open", action="store_true", help="open routes on a --host beyond loopback")
 parser.add_argument("--max_body_bytes", type=int, default=1 << 20, help="largest request body")
+parser.add_argument("--router", type=Path, default=None,
+                    help="the precision router's tiers and thresholds (artifacts/route/router.json)")
+parser.add_argument("--router_model", default="routed", help="the model name clients ask for to be routed")
+parser.add_argument("--router_fallback", default=None,
+                    help="the variant every routed request goes to when --router is missing or unusable")
 
 _log = logging.getLogger("costopt.gateway")
 
@@ -125,6 +135,31 @@ def build_cache(args: argparse.Namespace, workspace: Path) -> tuple[Any, str]:
     return cache, ""
 
 
+def build_routing(args: argparse.Namespace, workspace: Path) -> Any:
+    """The routed model's `Routing`, or None (no router file and no fallback); says what it set up."""
+    from serving.gateway.routing import Routing, load_router
+
+    if args.router is None and not args.router_fallback:
+        return None
+    config, how = load_router(args.router, args.router_model, args.router_fallback)
+    if config is None:
+        _say(f"WARNING: no routed model: {how}")
+        return None
+    from transformers import AutoTokenizer
+
+    model_dir = workspace / "artifacts" / "model"
+    try:
+        tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        _say(f"WARNING: no routed model: the tokenizer in {model_dir} does not load ({exc})")
+        return None
+    unknown = [t.name for t in config.tiers if t.name not in args.variants]
+    if unknown:
+        parser.error(f"--router {args.router}: tiers {unknown} are not among --variants {args.variants}")
+    _say(f"routing {config.model!r}: {how}" if len(config.tiers) > 1 else f"WARNING: routing {config.model!r}: {how}")
+    return Routing(config, tok)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     workspace = args.workspace.resolve()
@@ -151,7 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     if cache is None:
         _say(f"WARNING: serving WITHOUT the semantic cache: {why}")
     layer = CacheLayer(cache, fingerprint, why, keyed_tenants=keys is not None)
-    register(model_server.app, layer, Upstream(args.predictor_url), args.max_body_bytes, keys, admin)
+    routing = build_routing(args, workspace)
+    register(model_server.app, layer, Upstream(args.predictor_url), args.max_body_bytes, keys, admin, routing)
     _say(f"admin key from {admin_from}; predictor {args.predictor_url}")
     bind_to(args.host)
     config = PredictorConfig(predictor_host=url.netloc, predictor_protocol="v2",

@@ -27,6 +27,12 @@ from costopt.cache.store import CacheKey, Hit, SemanticCache, normalize_prompt
 from serving.protocol import ChunkMaker, chat_response, completion_response
 
 OPEN_TENANT = "open"
+def asks_logprobs(body: dict[str, Any]) -> bool:
+    """Chat's `logprobs: true` or `top_logprobs`, or a completion's `logprobs: k` (0 included)."""
+    lp = body.get("logprobs")
+    return (lp is not None and lp is not False) or body.get("top_logprobs") is not None
+
+
 _KEY_FIELDS = ("max_tokens", "max_completion_tokens", "stop", "response_format", "logit_bias")
 
 
@@ -111,6 +117,8 @@ class CacheLayer:
             return None, "temperature is not 0"
         if int(body.get("n", 1)) != 1:
             return None, "more than one choice"
+        if asks_logprobs(body) or body.get("return_token_ids"):
+            return None, "log-probs or token ids asked for (a cached answer has neither)"
         tenant = tenant if self.keyed_tenants and tenant else OPEN_TENANT
         params = tuple(sorted((k, json.dumps(body[k], sort_keys=True)) for k in _KEY_FIELDS if k in body))
         params += (("endpoint", "chat" if chat else "completions"),)
@@ -121,6 +129,8 @@ class CacheLayer:
             prompt, context = messages[-1]["content"], json.dumps(messages[:-1], sort_keys=True, ensure_ascii=False)
         else:
             prompt = body["prompt"] if isinstance(body["prompt"], str) else body["prompt"][0]
+            if not isinstance(prompt, str):
+                return None, "the prompt is token ids (the cache matches text)"
             context = ""
         if not prompt.strip():
             return None, "empty prompt"

@@ -26,8 +26,8 @@ from kserve import Model
 from prometheus_client import Counter, Histogram
 
 from serving.api import BodyLimit, _json, error_response
-from serving.gateway.cachelayer import (CacheLayer, CacheRequest, StreamCollector, answer_from_body, replay_events,
-                                        reply)
+from serving.gateway.cachelayer import (Answer, CacheLayer, CacheRequest, StreamCollector, answer_from_body,
+                                        replay_events, reply)
 from serving.protocol import ApiError, ChatRequest, CompletionRequest, parse
 from serving.tenants import ADMIN_TENANT, Guard, TenantKeys
 
@@ -76,9 +76,12 @@ def _unreachable(upstream: Upstream, exc: Exception) -> ApiError:
                     type_="server_error")
 
 
+DEFAULT_MAX_TOKENS = 128  # a chat request without max_tokens (the predictor's own default, serving.model)
+
+
 class GatewayRoutes:
-    def __init__(self, layer: CacheLayer, upstream: Upstream) -> None:
-        self.layer, self.upstream = layer, upstream
+    def __init__(self, layer: CacheLayer, upstream: Upstream, routing: Any = None) -> None:
+        self.layer, self.upstream, self.routing = layer, upstream, routing  # routing: serving.gateway.routing.Routing
 
     async def chat(self, request: Request) -> Response:
         return await self._serve(request, chat=True)
@@ -107,6 +110,10 @@ class GatewayRoutes:
         except ApiError as exc:
             return error_response(exc)
         try:
+            if self.routing is not None and body.get("model") == self.routing.config.model:
+                if float(body.get("temperature", 1.0)) == 0.0:
+                    return await self._routed(request, body, plan, chat)
+                body = {**body, "model": self.routing.config.reference.name}  # not greedy: the reference whole
             if body.get("stream"):
                 return await self._stream(request, path, body, plan)  # releases when the stream ends
             return await self._plain(request, path, body, plan, chat)
@@ -114,6 +121,36 @@ class GatewayRoutes:
             if plan is not None:
                 self.layer.release(plan)
             return error_response(exc)
+
+    async def _routed(self, request: Request, body: dict, plan: CacheRequest | None, chat: bool) -> Response:
+        """A greedy request for the routed model: across the tiers (serving.gateway.routing); a whole
+        answer is stored in the cache like any other."""
+        from serving.gateway.routing import HttpTiers
+
+        routing = self.routing
+        routing.check(body)
+        req = parse(ChatRequest if chat else CompletionRequest, body)
+        max_tokens = req.wanted_tokens(DEFAULT_MAX_TOKENS)
+        tiers = HttpTiers(self.upstream.client, self.upstream.headers(request))
+        outcome = "miss" if plan is not None else "bypass"
+        CACHE_RESULTS.labels(routing.config.model, outcome).inc()
+
+        async def on_done(text: str, result: Any, prompt_tokens: int) -> None:
+            if plan is None:
+                return
+            try:
+                if result is not None:
+                    await self.layer.store(plan, Answer(text=text, finish_reason=result.finish_reason,
+                                                        prompt_tokens=prompt_tokens,
+                                                        completion_tokens=len(result.token_ids),
+                                                        variant=",".join(result.tiers), done=True))
+            finally:
+                self.layer.release(plan)
+
+        headers = {"x-costopt-cache": outcome}
+        if body.get("stream"):
+            return await routing.stream(body, chat, max_tokens, tiers, on_done, headers)
+        return await routing.answer(body, chat, max_tokens, tiers, on_done, headers)
 
     async def _coalesce(self, plan: CacheRequest) -> bool:
         """True: this request leads (generates, then releases). False: an identical one was generating and
@@ -199,7 +236,13 @@ class GatewayRoutes:
             r = await self.upstream.client.get("/openai/v1/models", headers=self.upstream.headers(request))
         except httpx.HTTPError as exc:
             return error_response(_unreachable(self.upstream, exc))
-        return Response(r.content, status_code=r.status_code, media_type="application/json")
+        if r.status_code != 200 or self.routing is None:
+            return Response(r.content, status_code=r.status_code, media_type="application/json")
+        listing = r.json()
+        listing.setdefault("data", []).append({"id": self.routing.config.model, "object": "model", "created": 0,
+                                               "owned_by": "costopt", "costopt_tiers":
+                                               [t.name for t in self.routing.config.tiers]})
+        return JSONResponse(listing)
 
     async def purge(self, request: Request) -> Response:
         tenant = request.headers.get("x-costopt-tenant") or ""
@@ -236,8 +279,8 @@ async def _iterate(events: Any) -> AsyncIterator[bytes]:
 
 
 def register(app: FastAPI, layer: CacheLayer, upstream: Upstream, max_body_bytes: int, keys: TenantKeys | None,
-             admin: str) -> None:
-    routes = GatewayRoutes(layer, upstream)
+             admin: str, routing: Any = None) -> None:
+    routes = GatewayRoutes(layer, upstream, routing)
     router = APIRouter()
     router.add_api_route("/openai/v1/chat/completions", routes.chat, methods=["POST"], tags=["OpenAI"])
     router.add_api_route("/openai/v1/completions", routes.completions, methods=["POST"], tags=["OpenAI"])

@@ -191,3 +191,16 @@ def test_identical_requests_in_flight_are_generated_once(gateway):
     assert outcomes == ["hit-l1", "hit-l1", "hit-l1", "miss"], outcomes
     texts = {r.json()["choices"][0]["message"]["content"] for r in replies}
     assert len(texts) == 1, f"every waiting request got the one generated answer: {texts}"
+
+
+def test_token_id_prompts_and_log_probs_bypass_the_cache(gateway, workspace):
+    """The cache matches text and replays no log-probs: such requests go to the predictor, uncached."""
+    ids = gateway.http.post("/openai/v1/completions", headers={"Authorization": f"Bearer {ALPHA}"}, json={
+        "model": "fp32", "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0,
+        "return_token_ids": True})
+    assert ids.status_code == 200 and ids.headers["x-costopt-cache"] == "bypass", (ids.status_code, ids.text)
+    prompt = ids.json()["choices"][0]["prompt_token_ids"]
+    for body in ({"prompt": prompt}, {"prompt": "The capital of France is", "logprobs": 0}):
+        r = gateway.http.post("/openai/v1/completions", headers={"Authorization": f"Bearer {ALPHA}"},
+                              json={"model": "fp32", "max_tokens": 4, "temperature": 0, **body})
+        assert r.status_code == 200 and r.headers["x-costopt-cache"] == "bypass", (body, r.status_code, r.text)
