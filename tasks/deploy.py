@@ -191,6 +191,39 @@ def choose_variants(params: Any, ws: Any) -> tuple[list[str], dict[str, str]]:
     return chosen, left_out
 
 
+def router_tiers(params: Any, ws: Any) -> tuple[Path | None, list[str]]:
+    """(the route phase's router file, its tiers) when routing is on and the file exists, else (None, [])."""
+    from costopt.routing.router import RouterConfig, RouterConfigError
+    from costopt.storage.layout import read_json
+
+    path = ws.root / "artifacts" / "route" / "router.json"
+    if not params.route.enabled or not path.is_file():
+        return None, []
+    try:
+        return path, [t.name for t in RouterConfig.from_dict(read_json(path)).tiers]
+    except (ValueError, RouterConfigError) as exc:
+        raise DeployError(f"{path}: not a usable router ({exc}); re-run the route phase") from exc
+
+
+def _routing_section(items: Any, res: Any, route_record: dict[str, Any], reference: str, run: dict[str, Any],
+                     off: dict[str, Any] | None) -> dict[str, Any]:
+    """The summary's `serving.routing`: the routed load run (which tiers answered, by the responses'
+    headers) next to the reference alone, and the route phase's judged retention."""
+    ok = [r for r in res.records if r.outcome == "ok"]
+    last = [(r.variant or "").split(",")[-1] for r in ok]
+    judge = route_record.get("judge") or {}
+    retention = judge.get("retention") or {}
+    return {"tiers": [t["name"] for t in route_record["router"]["tiers"]],
+            "thresholds": [t["threshold"] for t in route_record["router"]["tiers"]],
+            "requests": len(ok), "cheap_share": sum(v != reference for v in last) / len(ok) if ok else 0.0,
+            "finished_on": {v: last.count(v) for v in sorted(set(last))},
+            "escalation_rate": sum(bool(r.escalations) for r in ok) / len(ok) if ok else 0.0,
+            "quality_retention": retention.get("value"), "retention_lower95": (retention.get("ci95") or [None])[0],
+            "judged_on": judge.get("requests"),
+            "cost_per_1m_requests_usd": run.get("cost_per_1m_requests_usd"),
+            "cost_per_1m_requests_usd_reference_alone": (off or {}).get("cost_per_1m_requests_usd")}
+
+
 def _fingerprint(ws: Any, name: str) -> str:
     from costopt.storage.layout import read_json
 
@@ -282,7 +315,9 @@ def deploy(params: Any, ws: Any) -> dict[str, Any]:
         write_json(out_dir / "serving.json", result)
         return result
     variants, left_out = choose_variants(params, ws)
-    fetched = ensure_local(params, ws, variants)
+    router_file, tiers = router_tiers(params, ws)
+    served = [*variants, *[t for t in tiers if t not in variants]]  # the router's tiers load beside the winners
+    fetched = ensure_local(params, ws, served)
     items = build_trace(max(cfg.loadtest_requests, 16), cfg.trace_seed)
     flags = ["--max_batch", str(cfg.max_batch), "--max_wait_ms", str(cfg.max_wait_ms),
              "--max_queue", str(cfg.max_queue), "--reserved_high", str(cfg.reserved_high),
@@ -291,7 +326,10 @@ def deploy(params: Any, ws: Any) -> dict[str, Any]:
     picked = read_json(ws.search_dir / "search.json").get("picked")
     tested = picked if picked in variants else variants[-1]  # the search's pick when it serves, else the last
     cache: dict[str, Any] | None = None
-    with start_server(ws.root, variants, out_dir / "server.log", flags) as srv:
+    routing: dict[str, Any] | None = None
+    route_flags = (["--router", str(router_file), "--router_model", params.route.model,
+                    "--router_fallback", picked] if router_file is not None and picked else [])
+    with start_server(ws.root, served, out_dir / "server.log", flags) as srv:
         for c in cfg.loadtest_concurrency:
             for name in dict.fromkeys([tested, "fp32"]):  # the pick (or the last winner), then fp32
                 res = run_load(srv.url, name, items, concurrency=c, requests=cfg.loadtest_requests)
@@ -303,7 +341,7 @@ def deploy(params: Any, ws: Any) -> dict[str, Any]:
             gw_flags = ["--cache_dir", str(out_dir / "cache-l2"),
                         "--calibration", str(ws.root / ".costopt" / "cache" / "calibration.json"),
                         *params.cache.gateway_flags()]
-            with start_gateway(ws.root, srv.url, variants, out_dir / "gateway.log", gw_flags) as gw:
+            with start_gateway(ws.root, srv.url, served, out_dir / "gateway.log", [*gw_flags, *route_flags]) as gw:
                 c = max(cfg.loadtest_concurrency)
                 res = run_load(gw.url, tested, items, concurrency=c, requests=cfg.loadtest_requests)
                 config = {"batching": True, "cache": True, "routing": False, "variants": [tested], "gateway": True}
@@ -313,6 +351,20 @@ def deploy(params: Any, ws: Any) -> dict[str, Any]:
                 cache = {**cache_outcome(items, res.records, keyed_tenants=False),  # an open gateway: one tenant
                          **_cache_state(gw.url)}
                 _write_records(out_dir / "gateway-requests.jsonl", res.records)  # what the cache judge read
+        if route_flags:  # the same trace for the routed model, cache off: what routing alone saves
+            with start_gateway(ws.root, srv.url, served, out_dir / "gateway-routed.log",
+                               ["--no_cache", *route_flags]) as gw:
+                c = max(cfg.loadtest_concurrency)
+                res = run_load(gw.url, params.route.model, items, concurrency=c, requests=cfg.loadtest_requests)
+                config = {"batching": True, "cache": False, "routing": True, "variants": tiers, "gateway": True}
+                routed_run = {**summarize(res, price, config), "variant": params.route.model}
+                check_load_test([routed_run], gw.logs(10**7) + srv.logs(10**7))
+                runs.append(routed_run)
+                off = next((r for r in runs if r["variant"] == tested and r.get("concurrency") == c
+                            and not r["config"].get("gateway")), None)
+                routing = _routing_section(items, res, read_json(ws.root / "artifacts" / "route" / "route.json"),
+                                           tiers[-1], routed_run, off)
+        if cfg.gateway and cache is not None:
             cal_file = ws.root / ".costopt" / "cache" / "calibration.json"
             if cache.get("enabled") and cal_file.is_file():  # the held pairs' figures and curve, for the report
                 cal = read_json(cal_file)
@@ -330,7 +382,7 @@ def deploy(params: Any, ws: Any) -> dict[str, Any]:
         "fetched_from_remote": fetched,  # variants whose weights came from the DVC remote for this deploy
         "serving": serving_section(trace_meta(items), runs, naive_cost_per_1m_requests_usd=naive,
                                    optimized_cost_per_1m_requests_usd=min(costs) if costs else None,
-                                   **({"cache": cache} if cache else {})),
+                                   **({"cache": cache} if cache else {}), **({"routing": routing} if routing else {})),
     }
     write_json(out_dir / "serving.json", result)
     return {"deployed": variants, "left_out": left_out, "runs": len(runs), "fetched_from_remote": fetched}

@@ -66,6 +66,8 @@ class RequestRecord:
     error: str | None = None
     cache: str | None = None  # the gateway's x-costopt-cache (hit-l1|hit-l2|hit-l3|miss|bypass); None direct
     answer_sha: str | None = None  # sha256 of the answer text (plain responses), to check cached answers
+    variant: str | None = None  # x-costopt-variant: the variant, or the routed tiers that answered, in order
+    escalations: int | None = None  # x-costopt-escalations: times a routed request moved up a tier
 
     @property
     def deadline_met(self) -> bool:
@@ -156,6 +158,9 @@ async def _exchange(client: httpx.AsyncClient, url: str, body: dict[str, Any], h
                     rec: RequestRecord, start: float) -> None:
     async with client.stream("POST", url, json=body, headers=headers) as resp:
         rec.status, rec.cache = resp.status_code, resp.headers.get("x-costopt-cache")
+        rec.variant = resp.headers.get("x-costopt-variant")
+        esc = resp.headers.get("x-costopt-escalations")
+        rec.escalations = int(esc) if esc is not None and esc.isdigit() else None
         if not resp.is_success:
             text = (await resp.aread()).decode(errors="replace")[:ERROR_TEXT_CHARS]
             rec.outcome = "rejected" if resp.status_code == 429 else "error"

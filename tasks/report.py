@@ -575,7 +575,9 @@ def _serving_html(summary: dict[str, Any]) -> str:
     heads = ["variant", "concurrency", "req/s", "tok/s", "p50 ms", "p95 ms", "p99 ms", "errors", "rejected",
              "cost / 1M req USD"]
     rows = "".join(f"<tr><td>{esc(', '.join(r['config']['variants']))}"
-                   f"{' <span class=ci>via gateway, cache on</span>' if r['config'].get('cache') else ''}</td>" + "".join(
+                   f"{' <span class=ci>via gateway, cache on</span>' if r['config'].get('cache') else ''}"
+                   f"{' <span class=ci>routed by the gateway, cheapest first</span>' if r['config'].get('routing') else ''}"
+                   f"</td>" + "".join(
         f"<td>{esc(_fmt(v))}</td>" for v in (r["concurrency"], r["throughput_req_s"], r["throughput_tok_s"],
         r["p50_ms"], r["p95_ms"], r["p99_ms"], r["errors"], r["rejected"], r.get("cost_per_1m_requests_usd")))
         + "</tr>" for r in serving["runs"])
@@ -585,7 +587,24 @@ def _serving_html(summary: dict[str, Any]) -> str:
 <p class="ci">Load test: trace {esc(str(trace["name"]))} ({trace["requests"]} requests), closed loop. Naive path
 (fp32, batch 1): {_fmt(serving.get("naive_cost_per_1m_requests_usd"))} USD per 1M requests; served:
 {_fmt(serving.get("optimized_cost_per_1m_requests_usd"))}.</p>
-<table><tr>{"".join(f"<th>{h}</th>" for h in heads)}</tr>{rows}</table>{_cache_html(serving.get("cache"))}"""
+<table><tr>{"".join(f"<th>{h}</th>" for h in heads)}</tr>{rows}</table>{_cache_html(serving.get("cache"))}
+{_routing_html(serving.get("routing"))}"""
+
+
+def _routing_html(routing: dict[str, Any] | None) -> str:
+    """The precision router: tiers, the share that finished cheaper, retention and cost on and off."""
+    if not routing:
+        return ""
+    tiers = ", ".join(f"{html.escape(n)}" + (f" (threshold {_fmt(t, '.3f')})" if t is not None else " (reference)")
+                      for n, t in zip(routing["tiers"], routing["thresholds"]))
+    return (f"<p>Precision routing (model <code>routed</code>): tiers {tiers}. Through the gateway "
+            f"{_fmt(routing['cheap_share'], '.3f')} of {routing['requests']} requests finished on a cheaper tier "
+            f"(escalation rate {_fmt(routing['escalation_rate'], '.3f')}); cost per 1M requests "
+            f"{_fmt(routing.get('cost_per_1m_requests_usd'))} USD routed against "
+            f"{_fmt(routing.get('cost_per_1m_requests_usd_reference_alone'))} for the reference alone. Retention of "
+            f"routed answers (token agreement with the reference, judged on {routing.get('judged_on')} held-out "
+            f"prompts): {_fmt(routing.get('quality_retention'), '.4f')}, 95% lower bound "
+            f"{_fmt(routing.get('retention_lower95'), '.4f')}.</p>")
 
 
 def _cache_html(cache: dict[str, Any] | None) -> str:

@@ -149,6 +149,33 @@ def test_deploy_serves_the_winners_and_load_tests_them(run):
     assert cache["calibration"]["held"]["overall"]["false_hit_upper95"] <= 0.01, "the calibration proved its bound"
 
 
+def test_the_router_is_fitted_judged_and_served_through_the_gateway(run):
+    """The route task chose tiers cheapest first ending at the pick, fitted a threshold per cheap tier on
+    half the held-out prompts and judged the router on the other half; deploy loaded it into the gateway
+    and replayed the trace for the routed model, every request answered."""
+    ws = run["ws"]
+    summary = json.loads((ws / "reports" / "latest" / "summary.json").read_text())
+    record = json.loads((ws / "artifacts" / "route" / "route.json").read_text())
+    picked = summary["search"]["picked"]
+    if not picked:
+        assert record["enabled"] is False and "gates" in record["reason"], record
+        return
+    tiers = record["router"]["tiers"]
+    assert tiers[-1]["name"] == picked and tiers[-1]["threshold"] is None, tiers
+    costs = [t["cost_per_1m_requests_usd"] for t in tiers]
+    assert costs == sorted(costs), f"cheapest first: {tiers}"
+    assert all(0 <= t["threshold"] <= 1 for t in tiers[:-1]), tiers
+    judge = record["judge"]
+    assert judge["requests"] == record["judge_prompts"] and sum(judge["finished_on"].values()) == judge["requests"]
+    lo, hi = judge["retention"]["ci95"]
+    assert 0 <= lo <= judge["retention"]["value"] <= hi <= 1, judge["retention"]
+    routing = summary["serving"]["routing"]
+    routed = [r for r in summary["serving"]["runs"] if r["config"]["routing"]]
+    assert len(routed) == 1 and routed[0]["errors"] == 0 and routed[0]["ok"] >= 1, routed
+    assert 0 <= routing["cheap_share"] <= 1 and routing["tiers"] == [t["name"] for t in tiers], routing
+    assert set(routing["finished_on"]) <= {t["name"] for t in tiers}, routing["finished_on"]
+
+
 def test_gate_keeps_the_naive_one_liner_out(run):
     summary = json.loads((run["ws"] / "reports" / "latest" / "summary.json").read_text())
     rows = {v["name"]: v for v in summary["variants"]}
