@@ -194,7 +194,7 @@ def judge(params: Params, config: Any, prompts: list[list[int]], engines: dict[s
     from costopt.routing.local import LocalTiers, route_all
 
     ref = config.reference.name
-    local = LocalTiers(engines)
+    local = LocalTiers({t.name: engines[t.name] for t in config.tiers})  # a dropped tier is not asked
     with tqdm(total=len(prompts), desc="route (held-out)", unit="req") as bar:
         results = asyncio.run(route_all(config, prompts, max_new, local, concurrency=16, progress=bar))
     alone = _generate(engines[ref], prompts, max_new)
@@ -222,7 +222,7 @@ def judge(params: Params, config: Any, prompts: list[list[int]], engines: dict[s
     exact = np.array([a == b for a, (b, _) in zip(answers, alone)], dtype=float)
     per_token = {t.name: t.cost_per_1m_requests_usd / max(1.0, float(np.mean([len(b) for b, _ in alone])))
                  for t in config.tiers}  # USD per 1M requests, per answer token
-    routed_cost = float(sum(per_token[name] * k for name, k in local.tokens.items())) / n
+    routed_cost = float(sum(per_token[t.name] * local.tokens.get(t.name, 0) for t in config.tiers)) / n
     return {
         "requests": n,
         "finished_on": {t.name: int(sum(r.finished_on == t.name for r in results)) for t in config.tiers},
