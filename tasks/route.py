@@ -291,7 +291,7 @@ def route(params: Params, ws: Workspace) -> dict[str, Any]:
         fits = fit(params, ws, tiers, prompts[:half], engines, scorers[tiers[-1]["name"]], max_new)
         record["fits"] = fits
         kept = [(t, f) for t, f in zip(tiers[:-1], fits) if f["useful"]]
-        record["dropped"] = [f["tier"] for f in fits if not f["useful"]]  # no prompt could stay on them
+        record["dropped"] = [f["tier"] for f in fits if not f["useful"]]  # would generate too few tokens to pay
         config = RouterConfig(cfg.model, tuple(
             [Tier(t["name"], t["cost_per_1m_requests_usd"], f["threshold"]) for t, f in kept]
             + [Tier(tiers[-1]["name"], tiers[-1]["cost_per_1m_requests_usd"], None)]),

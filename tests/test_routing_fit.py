@@ -13,9 +13,9 @@ def test_first_below_is_the_routers_escalation_point():
 
 def test_outcome_counts_the_accepted_tokens_that_disagree_and_the_routed_length():
     s = TierSample(probs=[0.9, 0.9, 0.2, 0.9], agree=[True, False, False, True], reference_len=6)
-    assert outcome(s, 0.5) == (1, 6, False), "escalates at 2: one accepted token disagrees; the reference adds 4"
-    assert outcome(s, 0.1) == (2, 4, True), "stays: both disagreeing tokens are in the answer"
-    assert outcome(s, 0.95) == (0, 6, False), "escalates at once: the reference's own answer"
+    assert outcome(s, 0.5) == (1, 6, False, 2), "escalates at 2: one accepted token disagrees; the reference adds 4"
+    assert outcome(s, 0.1) == (2, 4, True, 4), "stays: both disagreeing tokens are in the answer"
+    assert outcome(s, 0.95) == (0, 6, False, 0), "escalates at once: the reference's own answer"
 
 
 def test_fit_finds_the_threshold_that_separates_confident_right_from_unsure_wrong():
@@ -26,14 +26,15 @@ def test_fit_finds_the_threshold_that_separates_confident_right_from_unsure_wron
     fit = fit_threshold(confident + unsure, target=0.99, resamples=300)
     assert 0.35 < fit["threshold"] <= 0.65, fit["threshold"]
     assert fit["stay"] == pytest.approx(0.6) and fit["useful"], fit
-    est, _ = retention(confident + unsure, fit["threshold"], 300)
+    est, _, share = retention(confident + unsure, fit["threshold"], 300)
+    assert share == pytest.approx((60 * 4 + 40 * 1) / (60 * 4 + 40 * 3)), "tokens the tier generated, of all"
     assert est.lo >= 0.99 and est.value == pytest.approx(1.0), est
 
 
 def test_an_unreachable_target_escalates_everything_and_says_the_tier_is_useless():
     wrong = [TierSample([0.99, 0.99], [False, False], 2) for _ in range(20)]
     fit = fit_threshold(wrong, target=0.97, resamples=100)
-    assert fit["stay"] == 0.0 and not fit["useful"], fit
+    assert fit["stay"] == 0.0 and fit["token_share"] == 0.0 and not fit["useful"], fit
 
 
 def test_each_cheap_tier_gets_an_equal_share_of_the_allowed_disagreement():

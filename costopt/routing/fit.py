@@ -23,6 +23,7 @@ import numpy as np
 
 from costopt.evaluation.metrics import Estimate, bootstrap_ci, ratio_of_sums
 
+MIN_TOKEN_SHARE = 0.05  # a tier generating less of the routed tokens is dropped (fit_threshold)
 GRID = tuple(round(x, 3) for x in np.linspace(0.0, 1.0, 201))  # thresholds tried, 0.005 apart
 
 
@@ -47,50 +48,55 @@ def first_below(probs: Sequence[float], threshold: float) -> int:
     return len(probs)
 
 
-def outcome(sample: TierSample, threshold: float) -> tuple[int, int, bool]:
-    """(disagreeing tokens, routed answer length, stayed on this tier) for one prompt at `threshold`."""
+def outcome(sample: TierSample, threshold: float) -> tuple[int, int, bool, int]:
+    """(disagreeing tokens, routed answer length, stayed on this tier, tokens this tier contributed) for
+    one prompt at `threshold`."""
     e = first_below(sample.probs, threshold)
     stayed = e == len(sample.probs)
     wrong = sum(1 for a in sample.agree[:e] if not a)
     length = len(sample.probs) if stayed else max(sample.reference_len, e)
-    return wrong, max(length, 1), stayed
+    return wrong, max(length, 1), stayed, e
 
 
 def retention(samples: Sequence[TierSample], threshold: float, resamples: int = 1000,
-              seed: int = 0) -> tuple[Estimate, float]:
+              seed: int = 0) -> tuple[Estimate, float, float]:
     """(agreement with the reference, pooled over prompts, with its 95% CI; share of prompts that
-    stayed on the tier) at `threshold`."""
-    rows = np.array([outcome(s, threshold) for s in samples], dtype=float).reshape(-1, 3)
+    stayed on the tier; share of the routed answers' tokens this tier generated) at `threshold`."""
+    rows = np.array([outcome(s, threshold) for s in samples], dtype=float).reshape(-1, 4)
     good, length, stayed = rows[:, 1] - rows[:, 0], rows[:, 1], rows[:, 2]
     point = ratio_of_sums(good, length)
+    stay = float(stayed.mean()) if len(rows) else 0.0
+    tokens = ratio_of_sums(rows[:, 3], length) if len(rows) else 0.0
     if resamples <= 0:
-        return Estimate(point, point, point), float(stayed.mean()) if len(rows) else 0.0
+        return Estimate(point, point, point), stay, tokens
     lo, hi = bootstrap_ci(lambda i: ratio_of_sums(good[i], length[i]), len(rows), resamples, seed)
-    return Estimate(point, lo, hi), float(stayed.mean()) if len(rows) else 0.0
+    return Estimate(point, lo, hi), stay, tokens
 
 
 def fit_threshold(samples: Sequence[TierSample], target: float, resamples: int = 1000,
                   grid: Sequence[float] = GRID) -> dict[str, Any]:
     """The lowest threshold whose retention's 95% lower bound is at least `target`, and the curve
-    (threshold, retention with CI, share staying) at every tenth grid point. At threshold 1 every
-    prompt escalates on its first token, so a threshold always exists; `useful` says whether any
-    prompt stays on the tier."""
+    (threshold, retention with CI, share staying, share of tokens) at every tenth grid point. At
+    threshold 1 every prompt escalates on its first token, so a threshold always exists. `useful`: the
+    tier would generate at least MIN_TOKEN_SHARE of the routed tokens (below that, its attempts cost
+    more than they save: every request pays its prefill and the next tier's)."""
     if not samples:
         raise ValueError("fit_threshold: no samples; expected one per fit prompt")
     if not 0.0 < target <= 1.0:
         raise ValueError(f"fit_threshold: target must be in (0, 1], got {target!r}")
     curve, chosen = [], None
     for k, t in enumerate(grid):
-        point, stay = retention(samples, t, 0)
+        point, stay, tokens = retention(samples, t, 0)
         if k % 10 == 0 or k == len(grid) - 1 or (chosen is None and point.value >= target):
-            est, stay = retention(samples, t, resamples)  # the bound only where it can matter or is shown
+            est, stay, tokens = retention(samples, t, resamples)  # the bound only where it matters or is shown
+            row = {"threshold": t, "retention": est.to_dict(), "stay": stay, "token_share": tokens}
             if k % 10 == 0 or k == len(grid) - 1:
-                curve.append({"threshold": t, "retention": est.to_dict(), "stay": stay})
+                curve.append(row)
             if chosen is None and est.lo >= target:
-                chosen = {"threshold": t, "retention": est.to_dict(), "stay": stay}
+                chosen = row
     if chosen is None:  # even escalating at once misses: only when the reference disagrees with itself
-        chosen = {"threshold": 1.0, **{k: curve[-1][k] for k in ("retention", "stay")}}
-    return {**chosen, "target": target, "useful": chosen["stay"] > 0, "curve": curve}
+        chosen = dict(curve[-1])
+    return {**chosen, "target": target, "useful": chosen["token_share"] >= MIN_TOKEN_SHARE, "curve": curve}
 
 
 def tier_targets(target: float, cheap_tiers: int) -> float:
