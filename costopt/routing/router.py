@@ -40,7 +40,12 @@ class RouterConfigError(ValueError):
 
 
 class TierUnavailable(Exception):
-    """The tier did not answer (down, overloaded, or broke off): the router skips to the next one."""
+    """The tier did not answer (down, overloaded, or broke off): the router skips to the next one.
+    `status`: the HTTP status it refused with, when it did (429: overloaded or a deadline it would miss)."""
+
+    def __init__(self, message: str, status: int | None = None, retry_after: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.retry_after = status, retry_after
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -66,11 +67,23 @@ class HttpTiers:
 
     def __init__(self, client: httpx.AsyncClient, headers: dict[str, str]) -> None:
         self.client, self.headers = client, headers
+        self.t0 = time.monotonic()
+
+    def _headers(self) -> dict[str, str]:
+        """The client's headers; its deadline shortened by the time already spent on earlier tiers."""
+        out = dict(self.headers)
+        if "x-costopt-deadline-ms" in out:
+            try:
+                left = float(out["x-costopt-deadline-ms"]) - (time.monotonic() - self.t0) * 1e3
+                out["x-costopt-deadline-ms"] = str(max(1, int(left)))
+            except ValueError:
+                pass  # the predictor answers a malformed deadline with its own 400
+        return out
 
     async def generate(self, tier: str, ids: list[int], max_new: int) -> AsyncIterator[Token | Finish]:
         body = {"model": tier, "prompt": ids, "max_tokens": max_new, "temperature": 0, "stream": True,
                 "logprobs": 0, "return_token_ids": True}
-        req = self.client.build_request("POST", "/openai/v1/completions", json=body, headers=self.headers)
+        req = self.client.build_request("POST", "/openai/v1/completions", json=body, headers=self._headers())
         try:
             r = await self.client.send(req, stream=True)
         except httpx.HTTPError as exc:
@@ -81,7 +94,8 @@ class HttpTiers:
                 content = await r.aread()
                 if r.status_code in UNAVAILABLE or r.status_code >= 500:
                     SKIPS.labels(tier).inc()
-                    raise TierUnavailable(f"{tier}: HTTP {r.status_code}")
+                    raise TierUnavailable(f"{tier}: HTTP {r.status_code}", status=r.status_code,
+                                          retry_after=r.headers.get("retry-after"))
                 raise _as_error(r.status_code, content)
             async for line in r.aiter_lines():
                 if not line.startswith("data: "):
@@ -165,7 +179,11 @@ class Routing:
             result = await route(self.config, ids, max_tokens, tiers.generate)
             self._count(result)
             text = self.tok.decode(result.token_ids, skip_special_tokens=True)
-        except TierUnavailable as exc:
+        except TierUnavailable as exc:  # the last tier refused or failed
+            if exc.status == 429:  # overloaded, or a deadline it would miss: the client may retry
+                raise ApiError(429, f"model: every tier of {self.config.model!r} is overloaded or would miss the "
+                                    f"deadline; the last: {exc}", type_="rate_limit_error",
+                               headers={"retry-after": exc.retry_after} if exc.retry_after else None) from None
             raise ApiError(502, f"model: every tier of {self.config.model!r} failed; the last: {exc}",
                            type_="server_error") from None
         finally:
