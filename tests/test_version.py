@@ -44,6 +44,8 @@ FAKE_OUTPUTS = {
     "artifacts/search/search.json": b'{"picked": null}\n',
     "artifacts/search/data_docs/index.html": b"<html></html>\n",
     "artifacts/serving/serving.json": b'{"deployed": []}\n',
+    "artifacts/distill/distill.json": b'{"enabled": false}\n',
+    "artifacts/route/route.json": b'{"enabled": false}\n',
     "reports/r1/summary.json": b'{"run_id": "r1"}\n',
     "reports/r1/report.html": b"<html>r1</html>\n",
 }
