@@ -23,7 +23,6 @@ with only the reference tier (everything to the best passing tier) when no cheap
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 import numpy as np
@@ -76,15 +75,13 @@ def choose_tiers(params: Params, ws: Workspace) -> tuple[list[dict[str, Any]], s
     ref = row(picked)
     if ref is None:
         return [], f"the pick {picked!r} has no benchmark record"
-    cheaper = [r for n in dict.fromkeys(params.quantize.variants) if n != picked
+    from costopt.search.frontier import pareto_front
+
+    cheaper = {n: r for n in dict.fromkeys(params.quantize.variants) if n != picked
                for r in [row(n)] if r is not None and r["kl_mean"] is not None
-               and r["cost_per_1m_requests_usd"] < ref["cost_per_1m_requests_usd"]]
-    front = [r for r in cheaper if not any(o["cost_per_1m_requests_usd"] <= r["cost_per_1m_requests_usd"]
-                                           and o["kl_mean"] <= r["kl_mean"] and o is not r
-                                           and (o["cost_per_1m_requests_usd"], o["kl_mean"])
-                                           != (r["cost_per_1m_requests_usd"], r["kl_mean"]) for o in cheaper)]
-    front.sort(key=lambda r: r["cost_per_1m_requests_usd"])
-    return [*front[: params.route.max_tiers - 1], ref], None
+               and r["cost_per_1m_requests_usd"] < ref["cost_per_1m_requests_usd"]}
+    front = pareto_front([(n, r["cost_per_1m_requests_usd"], r["kl_mean"]) for n, r in cheaper.items()])
+    return [*[cheaper[n] for n in front[: params.route.max_tiers - 1]], ref], None
 
 
 def _prompts(params: Params, ws: Workspace, tok: Any) -> list[list[int]]:
@@ -112,32 +109,21 @@ def _engine(ws: Workspace, name: str, eos: list[int], max_batch: int, max_len: i
 
 def _generate(engine: Any, prompts: list[list[int]], max_new: int) -> list[tuple[list[int], list[float]]]:
     """Greedy answers (tokens, each token's probability), the engine kept full."""
-    from costopt.routing.local import LocalTiers
+    from costopt.routing.local import LocalTiers, pumped
     from costopt.routing.router import Finish
 
     tiers = LocalTiers({"t": engine})
 
-    async def run() -> list[tuple[list[int], list[float]]]:
-        stop = asyncio.Event()
-        pump = asyncio.create_task(tiers.pump(stop))
-        gate = asyncio.Semaphore(engine.max_batch)
+    async def one(ids: list[int]) -> tuple[list[int], list[float]]:
+        toks, probs = [], []
+        async for ev in tiers.generate("t", ids, max_new):
+            if isinstance(ev, Finish):
+                break
+            toks.append(ev.id)
+            probs.append(ev.prob)
+        return toks, probs
 
-        async def one(ids: list[int]) -> tuple[list[int], list[float]]:
-            async with gate:
-                toks, probs = [], []
-                async for ev in tiers.generate("t", ids, max_new):
-                    if isinstance(ev, Finish):
-                        break
-                    toks.append(ev.id)
-                    probs.append(ev.prob)
-                return toks, probs
-        try:
-            return await asyncio.gather(*(one(p) for p in prompts))
-        finally:
-            stop.set()
-            await pump
-
-    return asyncio.run(run())
+    return asyncio.run(pumped(tiers, [lambda ids=p: one(ids) for p in prompts], engine.max_batch))
 
 
 def _teacher_forced(scorer: Any, prompts: list[list[int]], answers: list[list[int]], batch: int = 8) -> list[Any]:

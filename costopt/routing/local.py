@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 
 from costopt.routing.router import Finish, Token
 
@@ -70,24 +70,32 @@ class LocalTiers:
                 await asyncio.sleep(0.001)
 
 
+async def pumped(tiers: LocalTiers, jobs: Sequence[Callable[[], Awaitable[Any]]], concurrency: int) -> list[Any]:
+    """Every job's result, `concurrency` at once, while the pump steps the engines."""
+    stop = asyncio.Event()
+    pump = asyncio.create_task(tiers.pump(stop))
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(job: Callable[[], Awaitable[Any]]) -> Any:
+        async with gate:
+            return await job()
+
+    try:
+        return await asyncio.gather(*(one(j) for j in jobs))
+    finally:
+        stop.set()
+        await pump
+
+
 async def route_all(config: Any, prompts: Sequence[Sequence[int]], max_tokens: int, tiers: LocalTiers,
                     concurrency: int = 16, progress: Any = None) -> list[Any]:
     """The router's result for every prompt, `concurrency` requests at once over the local engines."""
     from costopt.routing.router import route
 
-    stop = asyncio.Event()
-    pump = asyncio.create_task(tiers.pump(stop))
-    gate = asyncio.Semaphore(concurrency)
-
     async def one(ids: Sequence[int]) -> Any:
-        async with gate:
-            result = await route(config, list(ids), max_tokens, tiers.generate)
-            if progress is not None:
-                progress.update(1)
-            return result
+        result = await route(config, list(ids), max_tokens, tiers.generate)
+        if progress is not None:
+            progress.update(1)
+        return result
 
-    try:
-        return await asyncio.gather(*(one(p) for p in prompts))
-    finally:
-        stop.set()
-        await pump
+    return await pumped(tiers, [lambda ids=p: one(ids) for p in prompts], concurrency)
