@@ -27,7 +27,7 @@ from costopt.quantization.schemes import SCHEMES, config_from_dict, quantize
 
 
 def _kl(model: Any, ref: Any, prompts: int, resamples: int) -> dict[str, Any]:
-    from tasks.validate import Tally, compare_prompts
+    from costopt.evaluation.quality import Tally, compare_prompts
 
     tally = Tally()
     compare_prompts(model, ref, tally, limit=prompts)

@@ -129,7 +129,7 @@ def supervised_blocks(layers: int, n: int) -> list[int]:
 def measure(model: Any, params: Params, ws: Workspace) -> dict[str, Any]:
     """Every gate metric against the fp32 reference, with 95% CIs (the validate phase's measurement)."""
     from costopt.evaluation.reference import load_reference
-    from tasks.validate import measure_quality
+    from costopt.evaluation.quality import measure_quality
 
     return measure_quality(model, load_reference(params, ws), params.validate.bootstrap)
 

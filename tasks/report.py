@@ -284,7 +284,7 @@ CROSSCHECK_KEYS = ("kl_mean", "kl_p99", "top1_agreement")
 
 
 def _crosscheck(record: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A variant's quality on the second held-out set (tasks.validate.measure_crosscheck), or None."""
+    """A variant's quality on the second held-out set (costopt.evaluation.quality.measure_crosscheck), or None."""
     if not record:
         return None
     where = "quality.json: crosscheck"

@@ -1,7 +1,8 @@
 """Phase 5, validate: one variant against the stored fp32 reference, then its quality gates.
 
 Run it as `python -m tasks.validate [--variant NAME]` (all of quantize.variants without the flag);
-the DAG maps it over the variants. Metrics (costopt.evaluation.metrics), each with a 95% bootstrap CI:
+the DAG maps it over the variants. Metrics (measured by costopt.evaluation.quality), each with a 95%
+bootstrap CI:
 - KL mean and p99, top-1 agreement: teacher-forced over held-out chat prompts followed by the fp32
   model's own answer, at every real (non-pad) position after the prefix all prompts share (the chat
   template's system block); fp32 is read from artifacts/reference (tasks.reference). The same three
@@ -14,134 +15,14 @@ artifacts/quality/variants/<name>.json (its Data Docs next to it), so variants v
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable
-
-import numpy as np
-import torch
-from tqdm import tqdm
+from typing import Any
 
 from costopt.storage.layout import Workspace, write_json
-from costopt.evaluation.metrics import (Estimate, Reference, accuracy_and_retention, mean_over_units, ppl_ratio,
-                                        quantile_over_units, token_nll)
-from costopt.evaluation.sequential import INTERIM_LEVEL, PROMPT_METRICS, Stop, failed_for_sure, fails, look_points
-from costopt.params import Gates, Params
+from costopt.evaluation.quality import measure_crosscheck, measure_quality
+from costopt.params import Params
 from costopt.models.variants import read_failure, record_failure
 from costopt.runtimes.registry import RuntimeFailure, load_scorer
-from costopt.evaluation.reference import PromptSet, Ref, batches, load_reference, logits, read_jsonl, task_correct
-
-
-@dataclass
-class Tally:
-    """Per-sequence accumulators for one variant."""
-    kl_sum: list[float] = field(default_factory=list)
-    kl_tokens: list[np.ndarray] = field(default_factory=list)
-    top1_sum: list[float] = field(default_factory=list)
-    count: list[float] = field(default_factory=list)
-    nll_sum: list[float] = field(default_factory=list)
-    nll_count: list[float] = field(default_factory=list)
-
-
-def compare_prompts(model: Any, ref: Ref, tally: Tally, limit: int | None = None,
-                    stop_after: Callable[[int, int], bool] | None = None, prompts: PromptSet | None = None) -> None:
-    """KL and top-1 against the stored fp32 reference at every real position past the shared prefix,
-    over `prompts` (default: the first held-out set).
-
-    `stop_after(done, total)` is asked after each batch (counts of batches); True ends the scoring there."""
-    pset = prompts or ref.prompt_set()
-    row = 0
-    encs = list(batches(ref.tok, pset.texts[:limit] if limit else pset.texts, ref.max_len))
-    for done, enc in enumerate(tqdm(encs, desc=f"validate {pset.name}", unit="batch", leave=False), 1):
-        mask = enc["attention_mask"].bool()  # [B, T]
-        mask[:, :pset.skip] = False
-        out = logits(model, enc)[mask]  # [N, V]
-        n = out.shape[0]
-        part = Reference(ref.logits(row, row + n, pset))
-        kl, top1 = part.kl(out).double(), part.top1_match(out)  # [N]
-        lengths = mask.sum(dim=1).tolist()
-        start = 0
-        for length in lengths:
-            tally.kl_sum.append(float(kl[start:start + length].sum()))
-            tally.kl_tokens.append(kl[start:start + length].numpy())
-            tally.top1_sum.append(float(top1[start:start + length].sum()))
-            tally.count.append(float(length))
-            start += length
-        row += n
-        if stop_after is not None and done < len(encs) and stop_after(done, len(encs)):
-            return
-    if limit is None and row != pset.hidden.shape[0]:
-        raise RuntimeError(f"reference has {pset.hidden.shape[0]} {pset.name} positions, this run {row}: "
-                           "the reference is stale; rerun the reference phase")
-
-
-def passage_nll(model: Any, ref: Ref, tally: Tally) -> None:
-    for enc in tqdm(list(batches(ref.tok, ref.passages, ref.max_len)), desc="validate perplexity",
-                    unit="batch", leave=False):
-        ids, mask = enc["input_ids"], enc["attention_mask"].bool()
-        nll = token_nll(logits(model, enc)[:, :-1], ids[:, 1:])  # [B, T-1]
-        valid = mask[:, 1:]
-        for b in range(ids.shape[0]):
-            tally.nll_sum.append(float(nll[b][valid[b]].sum()))
-            tally.nll_count.append(float(valid[b].sum()))
-
-
-def _prompt_estimates(tally: Tally, resamples: int, level: float = 0.95) -> dict[str, Estimate]:
-    return {"kl_mean": mean_over_units(tally.kl_sum, tally.count, resamples, level=level),
-            "kl_p99": quantile_over_units(tally.kl_tokens, 0.99, resamples, level=level),
-            "top1_agreement": mean_over_units(tally.top1_sum, tally.count, resamples, level=level)}
-
-
-def _interim(tally: Tally, resamples: int, gates: Gates, total: int, stops: list[Stop]) -> Callable[[int, int], bool]:
-    """The interim look of costopt.evaluation.sequential: stop once a prompt gate fails at 99.9%."""
-    def stop_after(done: int, batches_total: int) -> bool:
-        if done not in look_points(batches_total):
-            return False
-        for metric, est in _prompt_estimates(tally, resamples, INTERIM_LEVEL).items():
-            if failed_for_sure(metric, est.lo, est.hi, gates):
-                stops.append(Stop(metric, est.lo, est.hi, INTERIM_LEVEL, len(tally.count), total))
-                return True
-        return False
-    return stop_after
-
-
-def measure_quality(model: Any, ref: Ref, resamples: int, gates: Gates | None = None) -> dict[str, Any]:
-    """Every quality metric of `model` against the fp32 reference, as {"value", "ci95"} entries.
-
-    With `gates`, validation stops as soon as the verdict is decided fail (costopt.evaluation.sequential):
-    the metrics not measured are None and `sequential` says where and why it stopped."""
-    tally, stops = Tally(), []
-    stop_after = _interim(tally, resamples, gates, len(ref.texts), stops) if gates is not None else None
-    compare_prompts(model, ref, tally, stop_after=stop_after)
-    est = {k: v.to_dict() for k, v in _prompt_estimates(tally, resamples).items()}
-    failed = [m for m in PROMPT_METRICS if gates is not None and fails(m, est[m], gates)]
-    if stops or failed:
-        unmeasured = {"value": None, "ci95": None}
-        why = (stops[0].to_dict(gates) if stops else
-               {"stopped": True, "metric": failed[0], "prompts": len(tally.count), "of": len(ref.texts),
-                "reason": f"stopped after the prompts: {failed[0]} fails its gate on the full prompt set, so "
-                          "perplexity and tasks cannot change the verdict"})
-        return {**est, "ppl_ratio": unmeasured, "task_accuracy": unmeasured, "task_retention": unmeasured,
-                "sequential": why}
-    passage_nll(model, ref, tally)
-    correct = task_correct(model, ref.tok, ref.items)
-    ppl, _, _ = ppl_ratio(ref.nll_sum, tally.nll_sum, tally.nll_count, resamples)
-    accuracy, retention = accuracy_and_retention(ref.correct, correct, resamples)
-    est.update({"ppl_ratio": ppl.to_dict(), "task_accuracy": accuracy.to_dict(),
-                "task_retention": retention.to_dict()})
-    if gates is not None:
-        est["sequential"] = {"stopped": False, "prompts": len(tally.count), "of": len(ref.texts)}
-    return est
-
-
-def measure_crosscheck(model: Any, ref: Ref, resamples: int) -> dict[str, Any] | None:
-    """KL mean and p99 and top-1 agreement on the second held-out set (short factual questions written
-    unlike the calibration prompts), with 95% CIs; reported next to the first set, not gated."""
-    if ref.crosscheck is None:
-        return None
-    tally = Tally()
-    compare_prompts(model, ref, tally, prompts=ref.crosscheck)
-    return {**{k: v.to_dict() for k, v in _prompt_estimates(tally, resamples).items()},
-            "prompts": len(tally.count), "tokens": int(sum(tally.count))}
+from costopt.evaluation.reference import load_reference
 
 
 def gate_one(name: str, metrics: dict[str, Any], params: Params, docs_dir) -> dict[str, Any]:

@@ -307,7 +307,7 @@ def test_reference_and_validate_measure_the_crosscheck_set(tiny_workspace):
     from costopt.models.source import load_model_dir
     from tasks.evaldata import evaldata
     from tasks.reference import reference
-    from tasks.validate import measure_crosscheck
+    from costopt.evaluation.quality import measure_crosscheck
 
     ws = tiny_workspace
     params = Params(evaldata=EvalDataParams(prompts=4, crosscheck=5, ppl_texts=2, calibration=2, task_items=20,

@@ -13,7 +13,7 @@ import torch
 from costopt.evaluation.reference import Ref
 from costopt.evaluation.sequential import failed_for_sure, fails, look_points
 from costopt.params import Gates
-from tasks.validate import measure_quality
+from costopt.evaluation.quality import measure_quality
 
 VOCAB, HIDDEN = 64, 8
 
