@@ -35,7 +35,7 @@ def _kl(model: Any, ref: Any, prompts: int, resamples: int) -> dict[str, Any]:
 
 
 def calibration_curve(params: Params, ws: Workspace) -> dict[str, Any]:
-    from tasks.quantize import calibration_rows, calibration_set
+    from costopt.quantization.calibset import calibration_rows, calibration_set
     from costopt.evaluation.reference import load_reference
 
     cfg = params.calibrate

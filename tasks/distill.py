@@ -47,18 +47,11 @@ def _identity(params: Params, ws: Workspace) -> dict[str, Any]:
 
 
 def _log_rows(params: Params, ws: Workspace) -> list[dict[str, Any]]:
-    from costopt.evaluation.reference import read_jsonl
+    """The serving request log's conversations (`calibrate.logs`), [] when there is no log."""
+    from costopt.quantization.calibset import request_log_rows
 
     path = ws.root / params.calibrate.logs
-    if not path.is_file():
-        return []
-    rows = []
-    for r in read_jsonl(path):
-        if isinstance(r.get("messages"), list):
-            rows.append({"messages": r["messages"]})
-        elif isinstance(r.get("prompt"), str):
-            rows.append({"messages": [{"role": "user", "content": r["prompt"]}]})
-    return rows
+    return [{"messages": r["messages"]} for r in request_log_rows(path)] if path.is_file() else []
 
 
 def _digest(obj: Any) -> str:

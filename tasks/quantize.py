@@ -14,77 +14,16 @@ calibration prompts. Either way it must be non-empty and disjoint from the held-
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from costopt.storage.layout import Workspace, read_json, replace_dir, staging_dir
 from costopt.models.source import fingerprint_dir, load_model_dir
 from costopt.params import Params, ParamsError
-from costopt.quantization.schemes import SCHEMES, Calibration, SchemeConfig, config_from_dict, quantize, save_variant
+from costopt.quantization.calibset import calibration_set
+from costopt.quantization.schemes import SCHEMES, SchemeConfig, config_from_dict, quantize, save_variant
 from costopt.models.variants import VariantSpec, clear_failure, record_failure, require_base
 from costopt.runtimes.registry import RuntimeFailure, RuntimeUnavailable, VariantDefinition, variant_definition
-
-
-def _log_rows(path: Path) -> list[dict[str, Any]]:
-    """Prompts from a serving request log: JSONL rows with a "prompt" text or chat "messages"."""
-    rows = []
-    with open(path) as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ParamsError(f"calibrate.logs: {path} line {n}: not JSON ({exc.msg})") from exc
-            if isinstance(rec.get("messages"), list):
-                rows.append({"id": f"log{n}", "messages": rec["messages"]})
-            elif isinstance(rec.get("prompt"), str) and rec["prompt"].strip():
-                rows.append({"id": f"log{n}", "messages": [{"role": "user", "content": rec["prompt"]}]})
-    return rows
-
-
-def calibration_rows(params: Params, ws: Workspace, samples: int | None = None) -> tuple[list[dict[str, Any]], str]:
-    """(calibration conversations, source): the first `samples` (default calibrate.samples), checked
-    non-empty and disjoint from both held-out prompt sets."""
-    from costopt.evaluation.evaldata import check_disjoint
-    from costopt.evaluation.reference import read_jsonl
-
-    cfg = params.calibrate
-    logs = (ws.root / cfg.logs) if cfg.logs else None
-    rows, source = [], "prompts"
-    if cfg.source in ("auto", "logs") and logs is not None and logs.is_file():
-        rows, source = _log_rows(logs), "logs"
-    if cfg.source == "logs" and not rows:
-        raise ParamsError(f"calibrate.source: 'logs' but {logs} is missing or holds no prompt text "
-                          "(serving writes prompts only where configured)")
-    if not rows:
-        rows, source = read_jsonl(ws.data_dir / "calibration.jsonl"), "prompts"
-    want = samples or cfg.samples
-    rows = rows[-want:] if source == "logs" else rows[:want]  # logs: the latest traffic
-    if not rows:
-        raise ParamsError(f"calibrate: the calibration set from {source} is empty; expected at least one prompt")
-    held = read_jsonl(ws.data_dir / "prompts.jsonl")
-    if (ws.data_dir / "crosscheck.jsonl").is_file():  # the second held-out set (evaldata generator 3 on)
-        held += read_jsonl(ws.data_dir / "crosscheck.jsonl")
-    try:
-        check_disjoint(held, rows)
-    except ValueError as exc:
-        raise ParamsError(f"calibrate ({source}): {exc}") from exc
-    return rows, source
-
-
-def calibration_set(params: Params, ws: Workspace, tok: Any, samples: int | None = None) -> Calibration:
-    """The tokenized calibration set (first `samples` rows, default calibrate.samples)."""
-    from costopt.quantization.capture import encode
-    from costopt.evaluation.reference import prompt_texts
-
-    rows, source = calibration_rows(params, ws, samples)
-    texts = prompt_texts(tok, rows)  # chat template + the fp32 answer where evaldata made one
-    # Every position counts, the system block every request shares included: its first tokens carry
-    # the model's massive activations (attention sinks), and leaving them out of the statistics made
-    # GPTQ's KL 4x worse on the built-in model (measured: 0.58 vs 0.15 nats/token).
-    return Calibration(encode(tok, texts, params.calibrate.max_seq_len, batch=16), source)
 
 
 def _base_fingerprint(folder: Path) -> str:

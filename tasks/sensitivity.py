@@ -21,7 +21,7 @@ from costopt.params import Params
 def sensitivity_batches(params: Params, ws: Workspace, tok: Any, seed: int) -> tuple[list, int]:
     """Tokenized sensitivity prompts (a seeded draw from the calibration set) and the shared-prefix length."""
     from costopt.quantization.capture import encode
-    from tasks.quantize import calibration_rows
+    from costopt.quantization.calibset import calibration_rows
     from costopt.evaluation.reference import prompt_texts, shared_prefix_len
 
     rows, _ = calibration_rows(params, ws)

@@ -6,7 +6,7 @@ import pytest
 
 from costopt.storage.layout import Workspace
 from costopt.params import ParamsError, params_from_dict
-from tasks.quantize import calibration_rows
+from costopt.quantization.calibset import calibration_rows
 
 
 def _jsonl(path, rows):
