@@ -256,6 +256,7 @@ class RouteParams:
     max_tiers: int = 3  # tiers when chosen: the reference (the search's pick) and the cheapest below it
     retention_target: float = 0.97  # routed answers' token agreement with the reference, 95% lower bound
     prompts: int = 200  # held-out prompts used, half to fit the thresholds and half to judge the router
+    task_items: int = 360  # labeled items whose generated answers judge the router's task accuracy (0: none)
     bootstrap: int = 1000  # resamples for the 95% intervals
 
     def check(self, where: str) -> None:
@@ -272,6 +273,7 @@ class RouteParams:
         _check_number(f"{where}.max_tiers", self.max_tiers, 2, 8, integer=True)
         _check_number(f"{where}.retention_target", self.retention_target, 0.5, 1.0)
         _check_number(f"{where}.prompts", self.prompts, 4, 100_000, integer=True)
+        _check_number(f"{where}.task_items", self.task_items, 0, 100_000, integer=True)
         _check_number(f"{where}.bootstrap", self.bootstrap, 100, 100_000, integer=True)
 
 

@@ -604,7 +604,11 @@ def _routing_html(routing: dict[str, Any] | None) -> str:
             f"{_fmt(routing.get('cost_per_1m_requests_usd_reference_alone'))} for the reference alone. Retention of "
             f"routed answers (token agreement with the reference, judged on {routing.get('judged_on')} held-out "
             f"prompts): {_fmt(routing.get('quality_retention'), '.4f')}, 95% lower bound "
-            f"{_fmt(routing.get('retention_lower95'), '.4f')}.</p>")
+            f"{_fmt(routing.get('retention_lower95'), '.4f')}"
+            + (f"; task accuracy retention on {routing['task_items']} labeled items (generated answers): "
+               f"{_fmt(routing.get('task_retention'), '.4f')}, 95% lower bound "
+               f"{_fmt(routing.get('task_retention_lower95'), '.4f')}" if routing.get("task_items") else "")
+            + ".</p>")
 
 
 def _cache_html(cache: dict[str, Any] | None) -> str:

@@ -30,7 +30,8 @@ import numpy as np
 from costopt.params import Params, ParamsError
 from costopt.storage.layout import Workspace, read_json, write_json
 
-FORMAT = 1
+FORMAT = 2  # 2: the judge's task accuracy on the labeled set
+TASK_TOKENS = 8  # new tokens per labeled item: every answer of the labeled set is a word or a number
 
 
 class RouteError(ParamsError):
@@ -228,6 +229,40 @@ def judge(params: Params, config: Any, prompts: list[list[int]], engines: dict[s
     }
 
 
+def judge_tasks(params: Params, config: Any, items: list[dict[str, Any]], tok: Any, engines: dict[str, Any],
+                max_new: int = TASK_TOKENS) -> dict[str, Any]:
+    """Task accuracy of routed answers on the labeled set against the reference tier alone: each item's
+    context as a completion prompt, the answer generated greedily (the router's tiers and escalations as
+    for chat prompts) and right when it starts with the item's answer (`generated_correct`); retention is
+    routed accuracy over the reference's, with a paired bootstrap interval over items."""
+    from tqdm import tqdm
+
+    from costopt.evaluation.metrics import Estimate, bootstrap_ci, ratio_of_sums
+    from costopt.evaluation.taskscore import generated_correct
+    from costopt.routing.local import LocalTiers, route_all
+
+    ref = config.reference.name
+    prompts = [list(tok(it["context"], add_special_tokens=True)["input_ids"]) for it in items]
+    local = LocalTiers({t.name: engines[t.name] for t in config.tiers})
+    with tqdm(total=len(prompts), desc="route (labeled set)", unit="item") as bar:
+        results = asyncio.run(route_all(config, prompts, max_new, local, concurrency=16, progress=bar))
+    alone = _generate(engines[ref], prompts, max_new)
+    routed = np.array([generated_correct(tok.decode(r.token_ids), it) for r, it in zip(results, items)], dtype=float)
+    base = np.array([generated_correct(tok.decode(a), it) for (a, _), it in zip(alone, items)], dtype=float)
+    n, boot = len(items), params.route.bootstrap
+    lo, hi = bootstrap_ci(lambda i: ratio_of_sums(routed[i], base[i]), n, boot, seed=3)
+    acc_lo, acc_hi = bootstrap_ci(lambda i: float(routed[i].mean()), n, boot, seed=4)
+    ref_lo, ref_hi = bootstrap_ci(lambda i: float(base[i].mean()), n, boot, seed=5)
+    cheaper = float(np.mean([r.finished_on != ref for r in results]))
+    return {"items": n, "max_tokens": max_new,
+            "accuracy_routed": Estimate(float(routed.mean()), acc_lo, acc_hi).to_dict(),
+            "accuracy_reference": Estimate(float(base.mean()), ref_lo, ref_hi).to_dict(),
+            "retention": Estimate(ratio_of_sums(routed, base), lo, hi).to_dict(),
+            "same_verdict": float((routed == base).mean()), "finished_cheaper": cheaper,
+            "note": "generated answers (greedy, the first word judged), not the validate phase's "
+                    "log-likelihood ranking of the choices"}
+
+
 def _owners(result: Any, first: str) -> list[str]:
     """The tier that generated each token of a routed answer (escalations and skips hand over at "at")."""
     out: list[str] = []
@@ -284,6 +319,11 @@ def route(params: Params, ws: Workspace) -> dict[str, Any]:
             {"retention_target": cfg.retention_target, "fit_prompts": half})
     record["router"] = config.to_dict()
     record["judge"] = judge(params, config, prompts[half:], engines, scorers, max_new)
+    if cfg.task_items:
+        from costopt.evaluation.reference import read_jsonl
+
+        items = read_jsonl(ws.data_dir / "tasks.jsonl")[: cfg.task_items]
+        record["judge"]["tasks"] = judge_tasks(params, config, items, tok, engines) if items else None
     write_json(out / "route.json", record)
     write_json(out / "router.json", config.to_dict())
     j = record["judge"]

@@ -42,6 +42,8 @@ def test_project_params_load_in_both_profiles():
     ({"distill": {"intermediate_size": 100}}, None, "distill.intermediate_size"),
     ({"distill": {"hidden_layers": 20}}, None, "distill.hidden_layers"),
     ({"distill": {"steps": 0}}, None, "distill.steps"),
+    ({"route": {"task_items": -1}}, None, "route.task_items"),
+    ({"route": {"retention_target": 2}}, None, "route.retention_target"),
 ])
 def test_bad_values_name_their_field(section, value, field):
     with pytest.raises(ParamsError) as err:

@@ -104,3 +104,47 @@ def test_owners_follow_escalations_and_skips():
     r = RouteResult(token_ids=list(range(6)), escalations=[{"from": "a", "to": "b", "at": 2, "prob": 0.1}],
                     skipped=[{"tier": "b", "to": "c", "reason": "503", "at": 4}])
     assert _owners(r, "a") == ["a", "a", "b", "b", "c", "c"]
+
+
+def test_a_generated_answer_is_right_when_its_first_word_is_the_answer():
+    from costopt.evaluation.taskscore import generated_correct
+
+    item = {"context": "Question: What is 5 plus 7?\nAnswer:", "choices": [" 13", " 12", " 1"], "answer": 1}
+    assert generated_correct(" 12\nQuestion: What", item)
+    assert generated_correct("12.", item)
+    assert not generated_correct(" 123", item), "a longer number is not the answer"
+    assert not generated_correct(" 1", item)
+    assert not generated_correct(" The answer is 12", item), "only the first word counts"
+    assert generated_correct(" PARIS is", {"choices": [" Paris", " Rome"], "answer": 0})
+
+
+class _WordTok:
+    """Token k is the word "w<k>": enough of a tokenizer for the labeled-set judge."""
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [int(w[1:]) for w in text.split()]}
+
+    def decode(self, ids):
+        return "".join(f" w{i}" for i in ids)
+
+
+def test_the_labeled_set_judge_compares_routed_answers_with_the_reference_alone():
+    from costopt.params import params_from_dict
+    from tasks.route import judge_tasks
+
+    cheap, best = _llama(1), _llama(2)
+    engines = {"cheap": _engine(cheap), "best": _engine(best)}
+    params = params_from_dict({"route": {"bootstrap": 200}})
+    # each item's answer is the reference's own first token, so the reference alone scores 1.0
+    items = [{"context": " ".join(f"w{i}" for i in p), "choices": [f" w{_solo(best, p, 1)[0]}", " w95"],
+              "answer": 0} for p in PROMPTS]
+    cheap_right = [_solo(cheap, p, 1)[0] == _solo(best, p, 1)[0] for p in PROMPTS]
+    stay = RouterConfig("routed", (Tier("cheap", 1.0, 0.0), Tier("best", 2.0, None)))
+    out = judge_tasks(params, stay, items, _WordTok(), engines, max_new=3)
+    assert out["accuracy_reference"]["value"] == 1.0
+    assert out["accuracy_routed"]["value"] == pytest.approx(sum(cheap_right) / len(PROMPTS))
+    assert out["retention"]["value"] == pytest.approx(sum(cheap_right) / len(PROMPTS))
+    assert out["finished_cheaper"] == 1.0
+    up = RouterConfig("routed", (Tier("cheap", 1.0, 1.0), Tier("best", 2.0, None)))  # escalates at once
+    out = judge_tasks(params, up, items, _WordTok(), engines, max_new=3)
+    assert out["retention"]["value"] == 1.0 and out["finished_cheaper"] == 0.0

@@ -129,3 +129,15 @@ def chance_accuracy(items: Sequence[dict]) -> float:
     if not items:
         raise ValueError("taskscore: chance_accuracy needs at least one item")
     return sum(1.0 / len(item["choices"]) for item in items) / len(items)
+
+
+def generated_correct(text: str, item: dict) -> bool:
+    """Whether a generated continuation of the item's context answers it: its first word (after spaces)
+    is the right choice, case-insensitive, the choice not merely a prefix of a longer word or number
+    (" 1" does not answer " 12"). For judging generated answers, where `predict` ranks given choices."""
+    answer = item["choices"][item["answer"]].strip().lower()
+    said = text.lstrip().lower()
+    if not answer or not said.startswith(answer):
+        return False
+    rest = said[len(answer):]
+    return not rest or not rest[0].isalnum()
