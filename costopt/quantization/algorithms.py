@@ -357,9 +357,11 @@ def smoothquant_scales(act_absmax: torch.Tensor, w: torch.Tensor, alpha: float) 
 
 
 def w8a8_error(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor,
-               quantize_act: Callable[[torch.Tensor], torch.Tensor] = static_int8_act) -> float:
-    """Mean squared error of y = x w^T against W8A8 with smoothing s: quantize_act(x / s) @ int8_rows(w * s)^T."""
-    y = x @ w.T  # [T, N]
+               quantize_act: Callable[[torch.Tensor], torch.Tensor] = static_int8_act,
+               y: torch.Tensor | None = None) -> float:
+    """Mean squared error of y = x w^T against W8A8 with smoothing s: quantize_act(x / s) @ int8_rows(w * s)^T.
+    `y`: x w^T when the caller already has it (it is the same for every s)."""
+    y = x @ w.T if y is None else y  # [T, N]
     y_hat = quantize_act(x / s) @ int8_rows(w * s[None, :]).T
     return float((y - y_hat).pow(2).mean())
 
@@ -377,11 +379,12 @@ def best_smoothing(x: torch.Tensor, w: torch.Tensor, alphas: tuple[float, ...] =
         raise ValueError(f"x: expected calibration rows [T, {w.shape[1]}], got shape {list(x.shape)}")
     x, w = x.detach().float(), w.detach().float()
     act_absmax = x.abs().amax(dim=0)  # [K]
+    y = x @ w.T  # [T, N]: the float output every alpha is compared with, computed once
     errors: dict[float, float] = {}
     best = (0.0, torch.ones(w.shape[1]), math.inf)
     for alpha in sorted({0.0, *(float(a) for a in alphas)}):
         s = smoothquant_scales(act_absmax, w, alpha)
-        errors[alpha] = w8a8_error(x, w, s, quantize_act)
+        errors[alpha] = w8a8_error(x, w, s, quantize_act, y)
         if errors[alpha] < best[2]:
             best = (alpha, s, errors[alpha])
     return best[0], best[1], errors
