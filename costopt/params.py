@@ -156,9 +156,9 @@ class QuantizeParams:
 class CalibrateParams:
     source: str = "auto"  # auto: serving logs when they hold prompts, else the project's prompts
     logs: str = "logs/requests.jsonl"  # serving request log (JSONL with a "prompt" text field)
-    samples: int = 128  # calibration sequences used by GPTQ/AWQ/static INT8
+    samples: int = 64  # calibration sequences used by GPTQ/AWQ/static INT8
     max_seq_len: int = 128  # tokens per calibration sequence
-    curve: tuple[int, ...] = (16, 64, 128)  # calibration sizes of the KL-vs-size curve in the report
+    curve: tuple[int, ...] = (16, 32, 64)  # calibration sizes of the KL-vs-size curve in the report
     curve_variant: str = "int4_gptq_g64"  # the calibrated variant the curve re-fits ("" = no curve)
     curve_prompts: int = 64  # held-out prompts the curve's KL is measured on
 
@@ -300,9 +300,12 @@ class Gates:
 class ValidateParams:
     bootstrap: int = 1000  # resamples for 95% CIs
     max_seq_len: int = 128  # tokens per teacher-forced sequence
+    early_pass: bool = True  # stop scoring prompts once every prompt gate passes at 99.9% (sequential.py)
     gates: Gates = field(default_factory=Gates)
 
     def check(self, where: str) -> None:
+        if not isinstance(self.early_pass, bool):
+            raise ParamsError(f"{where}.early_pass: expected true or false, got {self.early_pass!r}")
         _check_number(f"{where}.bootstrap", self.bootstrap, 10, 100_000, integer=True)
         _check_number(f"{where}.max_seq_len", self.max_seq_len, 8, 8192, integer=True)
         self.gates.check(f"{where}.gates")
@@ -358,7 +361,7 @@ class ServeParams:
     reserved_high: int = 4  # batch slots only high-priority requests may use
     log_prompts: bool = False  # write prompt text into the request log (calibrate.logs) for calibration
     loadtest_requests: int = 32  # requests per load-test point in the demo (make bench runs longer)
-    loadtest_concurrency: tuple[int, ...] = (4, 16)  # closed-loop concurrencies the demo measures
+    loadtest_concurrency: tuple[int, ...] = (16,)  # closed-loop concurrencies the demo measures
     trace_seed: int = 11  # the serving trace is a pure function of this seed
     gateway: bool = True  # also replay the trace through the gateway (python -m serving.gateway, semantic cache)
 

@@ -1,7 +1,7 @@
 """Phase 3b, calibration_curve: how a calibrated variant's KL changes with the calibration-set size.
 
 Run it as `python -m tasks.calibcurve`. Re-fits `calibrate.curve_variant` (a GPTQ, AWQ or static INT8
-variant) on the first n calibration samples for each n in `calibrate.curve` (16/64/128 by default) and
+variant) on the first n calibration samples for each n in `calibrate.curve` (16/32/64 by default) and
 measures its KL mean (95% CI) on the first `calibrate.curve_prompts` held-out prompts against the
 stored fp32 reference. For INT4 schemes the same config with round-to-nearest (no calibration) is
 measured too, as the floor the calibration has to beat. Writes artifacts/calibration/curve.json;
@@ -9,8 +9,8 @@ an "enabled": false record when no curve is configured.
 
 It runs after the quantize phase: the point at n = calibrate.samples is the curve variant that phase
 built (same config, same calibration rows; its spec says so), read back rather than fitted again
-(`"reused"` in the point). In the full-profile demo that fit is the dearest one (GPTQ on 128 samples,
-83 s of the phase's 340 s when every size was fitted here); a size the variant was not built with is
+(`"reused"` in the point). In the full-profile demo that fit is the dearest one (GPTQ on 128 samples
+was 83 s of the phase's 340 s when every size was fitted here); a size the variant was not built with is
 fitted as before.
 """
 from __future__ import annotations

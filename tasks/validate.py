@@ -40,7 +40,8 @@ def validate_variant(params: Params, ws: Workspace, name: str) -> dict[str, Any]
     ref = load_reference(params, ws)
     try:
         model, _ = load_scorer(ws, name)
-        metrics = measure_quality(model, ref, params.validate.bootstrap, params.validate.gates)
+        metrics = measure_quality(model, ref, params.validate.bootstrap, params.validate.gates,
+                                  params.validate.early_pass)
         crosscheck = measure_crosscheck(model, ref, params.validate.bootstrap)
     except RuntimeFailure as exc:  # e.g. non-finite logits from the runtime: never a silently wrong model
         return record_failure(ws, name, "validate", exc)

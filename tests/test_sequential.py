@@ -1,4 +1,5 @@
-"""Sequential validation: a decided failure stops early, a pass is always measured in full.
+"""Sequential validation: a decided failure stops early; a decided pass stops the prompts early and is
+measured in full on the passages and tasks (or on everything, with early_pass off).
 
 A fake model on a character tokenizer: the fp32 reference is the uniform distribution (zero hidden
 states), so a model returning zero logits matches it exactly (KL 0) and a peaked one is far off.
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from costopt.evaluation.reference import Ref
-from costopt.evaluation.sequential import failed_for_sure, fails, look_points
+from costopt.evaluation.sequential import failed_for_sure, fails, look_points, passed_for_sure
 from costopt.params import Gates
 from costopt.evaluation.quality import measure_quality
 
@@ -72,12 +73,40 @@ def test_a_clear_failure_stops_at_the_first_look_and_skips_the_rest():
     assert model.calls == 2, f"2 prompt batches of 8 scored, no passages or tasks: {model.calls} forwards"
 
 
-def test_a_pass_is_always_measured_in_full():
+def test_a_clear_pass_stops_the_prompts_at_the_first_look_and_measures_the_rest():
     ref, model = make_ref(), FakeModel(peaked=False)
     m = measure_quality(model, ref, resamples=200, gates=Gates())
-    assert m["sequential"] == {"stopped": False, "prompts": 64, "of": 64}, m["sequential"]
+    seq = m["sequential"]
+    assert seq["stopped"] and seq["decided"] == "pass" and seq["prompts"] == 16 and seq["of"] == 64, seq
+    assert "every prompt gate passes at 99.9%" in seq["reason"], seq["reason"]
     assert m["kl_mean"]["value"] == pytest.approx(0.0, abs=1e-6), "zero logits equal the uniform reference"
     assert m["task_retention"]["value"] is not None and m["ppl_ratio"]["value"] is not None, "all measured"
+
+
+def test_with_early_pass_off_a_pass_is_measured_in_full():
+    ref, model = make_ref(), FakeModel(peaked=False)
+    m = measure_quality(model, ref, resamples=200, gates=Gates(), early_pass=False)
+    assert m["sequential"] == {"stopped": False, "prompts": 64, "of": 64}, m["sequential"]
+    assert m["task_retention"]["value"] is not None and m["ppl_ratio"]["value"] is not None, "all measured"
+
+
+class NoisyModel(FakeModel):
+    """A spike whose height follows the input token, so the KL varies from token to token."""
+
+    def __call__(self, input_ids, attention_mask=None):
+        self.calls += 1
+        out = torch.zeros(*input_ids.shape, VOCAB)
+        out[..., 1] = (input_ids % 5).float()
+        return SimpleNamespace(logits=out)
+
+
+def test_an_undecided_variant_scores_every_prompt():
+    """A gate at the variant's own full-set KL: its interval straddles the bound at every look."""
+    ref = make_ref()
+    full = measure_quality(NoisyModel(peaked=True), ref, resamples=200)["kl_mean"]["value"]
+    m = measure_quality(NoisyModel(peaked=True), ref, resamples=200, gates=Gates(kl_mean_max=full, kl_p99_max=100,
+                                                                              top1_agreement_min=0.0))
+    assert m["sequential"]["prompts"] == 64, m["sequential"]
 
 
 def test_without_gates_nothing_stops():
@@ -92,6 +121,15 @@ def test_failed_for_sure_needs_the_whole_interval_past_the_bound():
     assert not failed_for_sure("kl_mean", 0.01, 0.05, g), "an interval straddling the max is undecided"
     assert failed_for_sure("top1_agreement", 0.5, 0.9, g), "the whole interval below the min fails"
     assert not failed_for_sure("top1_agreement", 0.9, 0.95, g), "straddling the min is undecided"
+
+
+def test_passed_for_sure_needs_the_whole_interval_on_the_passing_side():
+    g = Gates()
+    assert passed_for_sure("kl_mean", 0.001, 0.01, g)
+    assert not passed_for_sure("kl_mean", 0.01, 0.03, g), "straddling the max is undecided"
+    assert passed_for_sure("top1_agreement", 0.95, 0.99, g)
+    assert not passed_for_sure("top1_agreement", 0.9, 0.95, g)
+    assert not passed_for_sure("kl_mean", float("nan"), 0.01, g)
 
 
 def test_final_prompt_gate_uses_the_configured_statistic():

@@ -21,7 +21,8 @@ from tqdm import tqdm
 from costopt.evaluation.metrics import (Estimate, Reference, accuracy_and_retention, mean_over_units, ppl_ratio,
                                         quantile_over_units, token_nll)
 from costopt.evaluation.reference import PromptSet, Ref, batches, logits, task_correct
-from costopt.evaluation.sequential import INTERIM_LEVEL, PROMPT_METRICS, Stop, failed_for_sure, fails, look_points
+from costopt.evaluation.sequential import (INTERIM_LEVEL, PROMPT_METRICS, Stop, failed_for_sure, fails, look_points,
+                                           passed_for_sure)
 from costopt.params import Gates
 
 
@@ -85,26 +86,40 @@ def _prompt_estimates(tally: Tally, resamples: int, level: float = 0.95) -> dict
             "top1_agreement": mean_over_units(tally.top1_sum, tally.count, resamples, level=level)}
 
 
-def _interim(tally: Tally, resamples: int, gates: Gates, total: int, stops: list[Stop]) -> Callable[[int, int], bool]:
-    """The interim look of costopt.evaluation.sequential: stop once a prompt gate fails at 99.9%."""
+def _interim(tally: Tally, resamples: int, gates: Gates, total: int, stops: list[Stop],
+             passes: list[dict[str, Any]], early_pass: bool) -> Callable[[int, int], bool]:
+    """The interim look of costopt.evaluation.sequential: stop the prompts once a prompt gate fails at
+    99.9% (`stops`), or, with `early_pass`, once every prompt gate passes at 99.9% (`passes`)."""
     def stop_after(done: int, batches_total: int) -> bool:
         if done not in look_points(batches_total):
             return False
-        for metric, est in _prompt_estimates(tally, resamples, INTERIM_LEVEL).items():
+        estimates = _prompt_estimates(tally, resamples, INTERIM_LEVEL)
+        for metric, est in estimates.items():
             if failed_for_sure(metric, est.lo, est.hi, gates):
                 stops.append(Stop(metric, est.lo, est.hi, INTERIM_LEVEL, len(tally.count), total))
                 return True
+        if early_pass and all(passed_for_sure(m, e.lo, e.hi, gates) for m, e in estimates.items()):
+            cis = ", ".join(f"{m} [{e.lo:.4g}, {e.hi:.4g}]" for m, e in estimates.items())
+            passes.append({"stopped": True, "decided": "pass", "prompts": len(tally.count), "of": total,
+                           "level": INTERIM_LEVEL,
+                           "reason": f"prompt scoring stopped early: every prompt gate passes at 99.9% after "
+                                     f"{len(tally.count)} of {total} prompts ({cis}); passages and task items "
+                                     f"measured in full"})
+            return True
         return False
     return stop_after
 
 
-def measure_quality(model: Any, ref: Ref, resamples: int, gates: Gates | None = None) -> dict[str, Any]:
+def measure_quality(model: Any, ref: Ref, resamples: int, gates: Gates | None = None,
+                    early_pass: bool = True) -> dict[str, Any]:
     """Every quality metric of `model` against the fp32 reference, as {"value", "ci95"} entries.
 
     With `gates`, validation stops as soon as the verdict is decided fail (costopt.evaluation.sequential):
-    the metrics not measured are None and `sequential` says where and why it stopped."""
-    tally, stops = Tally(), []
-    stop_after = _interim(tally, resamples, gates, len(ref.texts), stops) if gates is not None else None
+    the metrics not measured are None and `sequential` says where and why it stopped. With `early_pass`
+    too, the prompt scoring also stops once every prompt gate has passed for sure."""
+    tally, stops, passes = Tally(), [], []
+    stop_after = (_interim(tally, resamples, gates, len(ref.texts), stops, passes, early_pass)
+                  if gates is not None else None)
     compare_prompts(model, ref, tally, stop_after=stop_after)
     est = {k: v.to_dict() for k, v in _prompt_estimates(tally, resamples).items()}
     failed = [m for m in PROMPT_METRICS if gates is not None and fails(m, est[m], gates)]
@@ -123,7 +138,8 @@ def measure_quality(model: Any, ref: Ref, resamples: int, gates: Gates | None = 
     est.update({"ppl_ratio": ppl.to_dict(), "task_accuracy": accuracy.to_dict(),
                 "task_retention": retention.to_dict()})
     if gates is not None:
-        est["sequential"] = {"stopped": False, "prompts": len(tally.count), "of": len(ref.texts)}
+        est["sequential"] = passes[0] if passes else {"stopped": False, "prompts": len(tally.count),
+                                                      "of": len(ref.texts)}
     return est
 
 

@@ -8,8 +8,12 @@ whole 99.9% interval lies on the failing side cannot pass with more data (Haybit
 looks at a far stricter level leave the final 95% test's error rate essentially unchanged), so the
 variant fails there and the rest of its prompts, passages and task items are skipped. After the last
 prompt the prompt gates are final; if one fails under the configured statistic, the verdict is fail
-whatever the other metrics say, so they are skipped too. A variant that passes is always measured
-in full: early stopping only ever saves work on a decided failure.
+whatever the other metrics say, so they are skipped too. Symmetrically, when at a look every prompt
+metric's whole 99.9% interval lies on the passing side (`passed_for_sure`), more prompts cannot turn
+those gates (`validate.early_pass`, on by default): prompt scoring stops there and the passages and
+task items, whose gates are still open, are measured in full. The prompt metrics of such a variant
+are then estimated on the prompts scored (at least a quarter of the set; the record says how many),
+so their intervals are wider than a full pass would give.
 
 Why our own rule rather than a library: the decision needs the same bootstrap CIs the gates use
 (`costopt.evaluation.metrics`), at a few fixed looks; a general sequential-testing package would test
@@ -57,6 +61,14 @@ def failed_for_sure(metric: str, lo: float, hi: float, gates: Any) -> bool:
     if math.isnan(lo) or math.isnan(hi):
         return False
     return lo > bound if gate.op == "<=" else hi < bound
+
+
+def passed_for_sure(metric: str, lo: float, hi: float, gates: Any) -> bool:
+    """True when the whole interval [lo, hi] lies on the passing side of the metric's gate."""
+    gate, bound = _gate(metric), _gate(metric).bound(gates)
+    if math.isnan(lo) or math.isnan(hi):
+        return False
+    return hi <= bound if gate.op == "<=" else lo >= bound
 
 
 def fails(metric: str, entry: dict[str, Any], gates: Any) -> bool:
