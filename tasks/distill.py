@@ -256,8 +256,9 @@ ABLATIONS = {  # name -> (t_start, t_end, hidden_weight): what each of the seed'
 def ablation(params: Params, ws: Workspace) -> dict[str, Any]:
     """The same pruned student and targets trained three ways (KL at T = 1; KL with the temperature
     schedule; schedule + hidden-state loss), each measured against the fp32 reference. Needs a finished
-    `python -m tasks.distill` with the same settings (its targets and plan). Writes
-    artifacts/distill/ablation.json."""
+    `python -m tasks.distill` with the same settings (its targets and plan); the way that run trained
+    (the defaults: schedule + hidden states) is read from its record, not trained again (training is
+    deterministic). Writes artifacts/distill/ablation.json."""
     from costopt.distill.student import build
     from costopt.distill.teacher import Targets
     from costopt.distill.train import TrainConfig, train
@@ -280,10 +281,13 @@ def ablation(params: Params, ws: Workspace) -> dict[str, Any]:
         cfg = TrainConfig(steps=p.steps, batch=p.batch, lr=p.lr, t_start=p.t_start if t0 is None else t0,
                           t_end=p.t_end if t1 is None else t1, hidden_weight=p.hidden_weight if hw is None else hw,
                           seed=params.evaldata.seed)
-        student = build(teacher, record["plan"])
-        res = train(student, targets, record["supervised_blocks"], cfg, None)
-        m = measure(student, params, ws)
-        out[name] = {"config": cfg.__dict__, "seconds": res["seconds"],
+        if cfg.__dict__ == record["train"]["config"]:  # the distill run itself: training is deterministic
+            m, seconds, reused = record["after"], record["summary"]["train_seconds"], True
+        else:
+            student = build(teacher, record["plan"])
+            res = train(student, targets, record["supervised_blocks"], cfg, None)
+            m, seconds, reused = measure(student, params, ws), res["seconds"], False
+        out[name] = {"config": cfg.__dict__, "seconds": seconds, "reused_distill_run": reused,
                      **{k: m[k] for k in ("kl_mean", "kl_p99", "top1_agreement", "ppl_ratio", "task_retention")}}
     write_json(ws.distill_dir / "ablation.json", out)
     return {k: v["kl_mean"] for k, v in out.items()}

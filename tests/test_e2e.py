@@ -330,6 +330,14 @@ def test_distill_builds_a_half_size_student_that_learns_and_refuses_a_shape_the_
     assert student.config.num_hidden_layers == 16 and student.config.intermediate_size == 768
     again = subprocess.run(cmd, cwd=PROJECT, capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0 and '"cached": true' in again.stdout, again.stdout[-2000:]
+    abl = subprocess.run([*cmd, "--ablation"], cwd=PROJECT, capture_output=True, text=True, env=env, timeout=1200)
+    assert abl.returncode == 0, abl.stderr[-3000:]
+    ablation = json.loads((ws / "artifacts" / "distill" / "ablation.json").read_text())
+    default = ablation["kl_schedule_hidden"]
+    assert default["reused_distill_run"] and default["kl_mean"] == record["after"]["kl_mean"], default
+    for name in ("kl_only", "kl_temperature_schedule"):  # trained and measured here
+        assert not ablation[name]["reused_distill_run"] and ablation[name]["kl_mean"]["ci95"], ablation[name]
+    assert ablation["kl_only"]["config"]["hidden_weight"] == 0 and ablation["kl_only"]["config"]["t_start"] == 1
     before = digest_tree(ws, ["artifacts/distill"])
     bad = ws / "bad-distill.yaml"
     params = yaml.safe_load((ws / "params.yaml").read_text())
