@@ -8,13 +8,16 @@ Run it as `python -m tasks.route` (the DAG's `route` task, after the search). St
    (`costopt.routing.fit`): the tier's greedy answers with its token probabilities, each token judged
    by the reference teacher-forced on the same answer, and the lowest threshold whose retention (token
    agreement with the reference) has a 95% lower bound at or above the tier's share of
-   `route.retention_target`;
-3. the other half judges the router itself: the real router (`costopt.routing.router`) over the
+   `route.retention_target`; and the same on the first half of `route.task_items` labeled items for
+   task accuracy (generated answers, `costopt.routing.fit.fit_task_threshold`): the higher of the two
+   thresholds is kept;
+3. the other halves judge the router itself: the real router (`costopt.routing.router`) over the
    tiers' own engines, many requests at once (`costopt.routing.local`); per request, which tiers
    answered, the escalations, and the routed answer's agreement with and KL to the reference
    (teacher-forced, each token under the tier that generated it), against the reference answering
    alone; the cost per 1M requests with routing on (each tier's served cost per token, times the
-   tokens it generated, dropped ones included; an escalation's prefill is not counted) and off;
+   tokens it generated, dropped ones included; an escalation's prefill is not counted) and off; and
+   the routed task accuracy on the labeled items the fit did not see, against the reference alone;
 4. writes artifacts/route/router.json (what the gateway loads) and artifacts/route/route.json (the
    tiers, the fits with their curves, the judgement).
 Skipped (a record saying why) when route.enabled is false or no variant passed its gates; a router
@@ -30,7 +33,7 @@ import numpy as np
 from costopt.params import Params, ParamsError
 from costopt.storage.layout import Workspace, read_json, write_json
 
-FORMAT = 2  # 2: the judge's task accuracy on the labeled set
+FORMAT = 3  # 2: the judge's task accuracy on the labeled set; 3: thresholds fitted on task accuracy too
 TASK_TOKENS = 8  # new tokens per labeled item: every answer of the labeled set is a word or a number
 
 
@@ -155,20 +158,58 @@ def _agreement(ref_lp: Any, answer: list[int]) -> list[bool]:
     return (ref_lp.argmax(-1) == torch.tensor(answer, dtype=torch.long)).tolist() if answer else []
 
 
+def _task_prompts(items: list[dict[str, Any]], tok: Any) -> list[list[int]]:
+    """Each labeled item's context as a completion prompt (tokenized as the validate phase scores it)."""
+    return [list(tok(it["context"], add_special_tokens=True)["input_ids"]) for it in items]
+
+
+def _task_samples(engine: Any, ref_right: list[bool], items: list[dict[str, Any]], prompts: list[list[int]],
+                  tok: Any) -> list[Any]:
+    """One cheap tier's `TaskSample` per labeled item: its greedy answer's probabilities, how many of its
+    tokens settle the verdict, and both verdicts."""
+    from costopt.evaluation.taskscore import generated_correct
+    from costopt.routing.fit import TaskSample, judged_tokens
+
+    out = []
+    for (toks, probs), it, ref_ok in zip(_generate(engine, prompts, TASK_TOKENS), items, ref_right):
+        texts = [tok.decode(toks[:k]) for k in range(1, len(toks) + 1)]
+        out.append(TaskSample(probs, judged_tokens(texts, it["choices"][it["answer"]]),
+                              generated_correct(tok.decode(toks), it), ref_ok))
+    return out
+
+
 def fit(params: Params, ws: Workspace, tiers: list[dict[str, Any]], prompts: list[list[int]], engines: dict[str, Any],
-        ref_scorer: Any, max_new: int) -> list[dict[str, Any]]:
-    """Each cheap tier's threshold, fitted on `prompts` (module docstring, step 2)."""
-    from costopt.routing.fit import TierSample, fit_threshold, tier_targets
+        ref_scorer: Any, max_new: int, items: list[dict[str, Any]] | None = None, tok: Any = None
+        ) -> list[dict[str, Any]]:
+    """Each cheap tier's threshold, fitted on `prompts` (module docstring, step 2): the lowest meeting the
+    retention target on token agreement and, with labeled `items`, on task accuracy too (the higher of
+    the two, since a threshold met on one can lose the other: a confident wrong first word keeps the
+    answer's tokens mostly right but the answer wrong)."""
+    from costopt.evaluation.taskscore import generated_correct
+    from costopt.routing.fit import (MIN_TOKEN_SHARE, TierSample, fit_task_threshold, fit_threshold, retention,
+                                     tier_targets)
 
     ref = tiers[-1]["name"]
     ref_len = [len(t) for t, _ in _generate(engines[ref], prompts, max_new)]
     target = tier_targets(params.route.retention_target, len(tiers) - 1)
+    task_prompts = _task_prompts(items, tok) if items else []
+    ref_right = [generated_correct(tok.decode(t), it)
+                 for (t, _), it in zip(_generate(engines[ref], task_prompts, TASK_TOKENS), items or [])]
     fits = []
     for tier in tiers[:-1]:
         answers = _generate(engines[tier["name"]], prompts, max_new)
         lps = _teacher_forced(ref_scorer, prompts, [a for a, _ in answers])
         samples = [TierSample(probs, _agreement(lp, toks), n) for (toks, probs), lp, n in zip(answers, lps, ref_len)]
-        fits.append({"tier": tier["name"], **fit_threshold(samples, target, params.route.bootstrap)})
+        row = {"tier": tier["name"], **fit_threshold(samples, target, params.route.bootstrap)}
+        if task_prompts:
+            task = fit_task_threshold(_task_samples(engines[tier["name"]], ref_right, items, task_prompts, tok),
+                                      target, params.route.bootstrap)
+            row["tasks"] = {**task, "items": len(items)}
+            if task["threshold"] > row["threshold"]:  # the task fit decides: the token figures at its threshold
+                est, stay, tokens = retention(samples, task["threshold"], params.route.bootstrap)
+                row.update({"threshold": task["threshold"], "retention": est.to_dict(), "stay": stay,
+                            "token_share": tokens, "useful": tokens >= MIN_TOKEN_SHARE, "decided_by": "tasks"})
+        fits.append(row)
     return fits
 
 
@@ -242,7 +283,7 @@ def judge_tasks(params: Params, config: Any, items: list[dict[str, Any]], tok: A
     from costopt.routing.local import LocalTiers, route_all
 
     ref = config.reference.name
-    prompts = [list(tok(it["context"], add_special_tokens=True)["input_ids"]) for it in items]
+    prompts = _task_prompts(items, tok)
     local = LocalTiers({t.name: engines[t.name] for t in config.tiers})
     with tqdm(total=len(prompts), desc="route (labeled set)", unit="item") as bar:
         results = asyncio.run(route_all(config, prompts, max_new, local, concurrency=16, progress=bar))
@@ -305,11 +346,16 @@ def route(params: Params, ws: Workspace) -> dict[str, Any]:
     scorers = {t["name"]: load_scorer(ws, t["name"])[0] for t in tiers}
     record: dict[str, Any] = {"format": FORMAT, "tiers": tiers, "retention_target": cfg.retention_target,
                               "fit_prompts": half, "judge_prompts": len(prompts) - half, "max_tokens": max_new}
+    from costopt.evaluation.reference import read_jsonl
+
+    items = read_jsonl(ws.data_dir / "tasks.jsonl")[: cfg.task_items] if cfg.task_items else []
+    fit_items, judge_items = items[: len(items) // 2], items[len(items) // 2:]
+    record.update({"fit_items": len(fit_items), "judge_items": len(judge_items)})
     if len(tiers) == 1:
         config = RouterConfig.reference_only(cfg.model, tiers[0]["name"])
         record["note"] = "no variant below the reference on the cost/KL front: everything on the reference"
     else:
-        fits = fit(params, ws, tiers, prompts[:half], engines, scorers[tiers[-1]["name"]], max_new)
+        fits = fit(params, ws, tiers, prompts[:half], engines, scorers[tiers[-1]["name"]], max_new, fit_items, tok)
         record["fits"] = fits
         kept = [(t, f) for t, f in zip(tiers[:-1], fits) if f["useful"]]
         record["dropped"] = [f["tier"] for f in fits if not f["useful"]]  # would generate too few tokens to pay
@@ -319,11 +365,8 @@ def route(params: Params, ws: Workspace) -> dict[str, Any]:
             {"retention_target": cfg.retention_target, "fit_prompts": half})
     record["router"] = config.to_dict()
     record["judge"] = judge(params, config, prompts[half:], engines, scorers, max_new)
-    if cfg.task_items:
-        from costopt.evaluation.reference import read_jsonl
-
-        items = read_jsonl(ws.data_dir / "tasks.jsonl")[: cfg.task_items]
-        record["judge"]["tasks"] = judge_tasks(params, config, items, tok, engines) if items else None
+    if judge_items:
+        record["judge"]["tasks"] = judge_tasks(params, config, judge_items, tok, engines)
     write_json(out / "route.json", record)
     write_json(out / "router.json", config.to_dict())
     j = record["judge"]

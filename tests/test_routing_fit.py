@@ -41,3 +41,32 @@ def test_each_cheap_tier_gets_an_equal_share_of_the_allowed_disagreement():
     assert tier_targets(0.97, 1) == pytest.approx(0.97) and tier_targets(0.97, 3) == pytest.approx(0.99)
     with pytest.raises(ValueError):
         tier_targets(0.97, 0)
+
+
+def test_a_task_verdict_follows_whichever_tier_wrote_the_judged_word():
+    from costopt.routing.fit import TaskSample, task_outcome
+
+    s = TaskSample(probs=[0.9, 0.2, 0.8], decided=2, tier_correct=False, reference_correct=True)
+    assert task_outcome(s, 0.95) is True, "escalating on the first token: the reference's verdict"
+    assert task_outcome(s, 0.1) is False, "the tier keeps every token: its own verdict"
+    assert task_outcome(s, 0.5) is False, "the judged word split between the tiers counts as wrong"
+    right = TaskSample(probs=[0.9, 0.8, 0.1], decided=2, tier_correct=True, reference_correct=True)
+    assert task_outcome(right, 0.5) is True, "an escalation after the judged tokens keeps the tier's verdict"
+
+
+def test_the_task_fit_escalates_a_confident_wrong_answer():
+    from costopt.routing.fit import TaskSample, fit_task_threshold
+
+    good = [TaskSample([0.9, 0.9], 1, True, True)] * 30
+    bad = [TaskSample([0.6, 0.9], 1, False, True)] * 10  # wrong, but sure enough to pass a low threshold
+    out = fit_task_threshold(good + bad, 0.97, resamples=200)
+    assert 0.6 < out["threshold"] <= 0.9, out["threshold"]
+    assert out["task_retention"]["ci95"][0] >= 0.97 and out["stay"] == 0.75, out
+
+
+def test_judged_tokens_count_through_the_first_word_and_the_next_character():
+    from costopt.routing.fit import judged_tokens
+
+    assert judged_tokens([" Par", " Paris", " Paris is"], " Paris") == 3
+    assert judged_tokens([" 12", " 12."], " 12") == 2
+    assert judged_tokens([" 1"], " 12") == 1, "every token when none settles it"

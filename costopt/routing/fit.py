@@ -104,3 +104,73 @@ def tier_targets(target: float, cheap_tiers: int) -> float:
     if cheap_tiers < 1:
         raise ValueError(f"tier_targets: expected at least one tier below the reference, got {cheap_tiers}")
     return 1.0 - (1.0 - target) / cheap_tiers
+
+
+@dataclass(frozen=True)
+class TaskSample:
+    """One labeled item answered by one cheap tier, and whether its answer and the reference's are right."""
+    probs: Sequence[float]  # the tier's probability of each token of its greedy answer, in order
+    decided: int  # tokens of that answer that settle its verdict (through the first word and the next character)
+    tier_correct: bool
+    reference_correct: bool
+
+
+def task_outcome(sample: TaskSample, threshold: float) -> bool:
+    """Whether the routed answer to one item is right at `threshold`: the reference's verdict when the tier
+    escalates on its first token, the tier's when it keeps every token that settles the verdict, and wrong
+    when the judged word is split between the two (its continuation is not generated here: a pessimistic
+    count, so the fitted bound stays a lower bound)."""
+    e = first_below(sample.probs, threshold)
+    if e == 0:
+        return sample.reference_correct
+    return sample.tier_correct if e >= sample.decided else False
+
+
+def task_retention(samples: Sequence[TaskSample], threshold: float, resamples: int = 1000,
+                   seed: int = 0) -> Estimate:
+    """Routed task accuracy over the reference's alone at `threshold` (ratio of sums over items), 95% CI."""
+    routed = np.array([task_outcome(s, threshold) for s in samples], dtype=float)
+    ref = np.array([s.reference_correct for s in samples], dtype=float)
+    point = ratio_of_sums(routed, ref)
+    if resamples <= 0:
+        return Estimate(point, point, point)
+    lo, hi = bootstrap_ci(lambda i: ratio_of_sums(routed[i], ref[i]), len(samples), resamples, seed)
+    return Estimate(point, lo, hi)
+
+
+def fit_task_threshold(samples: Sequence[TaskSample], target: float, resamples: int = 1000,
+                       grid: Sequence[float] = GRID) -> dict[str, Any]:
+    """The lowest threshold whose task retention's 95% lower bound is at least `target`, with the curve at
+    every tenth grid point. At threshold 1 every item is answered by the reference, so one always exists
+    (when the reference answers none right the retention is undefined and the threshold is 1)."""
+    if not samples:
+        raise ValueError("fit_task_threshold: no samples; expected one per labeled fit item")
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"fit_task_threshold: target must be in (0, 1], got {target!r}")
+    curve, chosen = [], None
+    for k, t in enumerate(grid):
+        shown = k % 10 == 0 or k == len(grid) - 1
+        point = task_retention(samples, t, 0)
+        if not (shown or (chosen is None and point.value >= target)):
+            continue
+        est = task_retention(samples, t, resamples)
+        row = {"threshold": t, "task_retention": est.to_dict(),
+               "stay": float(np.mean([first_below(s.probs, t) == len(s.probs) for s in samples]))}
+        if shown:
+            curve.append(row)
+        if chosen is None and est.lo >= target:
+            chosen = row
+    if chosen is None:
+        chosen = {**curve[-1], "threshold": 1.0}
+    return {**chosen, "target": target, "curve": curve}
+
+
+def judged_tokens(texts: Sequence[str], answer: str) -> int:
+    """How many tokens of an answer settle its verdict under `costopt.evaluation.taskscore.generated_correct`:
+    the fewest whose text (`texts[k - 1]`, the answer's first k tokens decoded) holds, after leading spaces,
+    the right answer's length plus one character; every token when none does."""
+    need = len(answer.strip()) + 1
+    for k, text in enumerate(texts, 1):
+        if len(text.lstrip()) >= need:
+            return k
+    return len(texts)
