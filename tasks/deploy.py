@@ -220,7 +220,7 @@ def _routing_section(items: Any, res: Any, route_record: dict[str, Any], referen
             "escalation_rate": sum(bool(r.escalations) for r in ok) / len(ok) if ok else 0.0,
             "quality_retention": retention.get("value"), "retention_lower95": (retention.get("ci95") or [None])[0],
             "judged_on": judge.get("requests"),
-            "task_retention": ((judge.get("tasks") or {}).get("retention") or {}).get("value"),
+            "task_retention": ((judge.get("tasks") or {}).get("retention") or {}).get("value"),  # None: undefined
             "task_retention_lower95": (((judge.get("tasks") or {}).get("retention") or {}).get("ci95") or [None])[0],
             "task_items": (judge.get("tasks") or {}).get("items"),
             "cost_per_1m_requests_usd": run.get("cost_per_1m_requests_usd"),

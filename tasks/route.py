@@ -201,7 +201,10 @@ def fit(params: Params, ws: Workspace, tiers: list[dict[str, Any]], prompts: lis
         lps = _teacher_forced(ref_scorer, prompts, [a for a, _ in answers])
         samples = [TierSample(probs, _agreement(lp, toks), n) for (toks, probs), lp, n in zip(answers, lps, ref_len)]
         row = {"tier": tier["name"], **fit_threshold(samples, target, params.route.bootstrap)}
-        if task_prompts:
+        if task_prompts and not any(ref_right):
+            row["tasks"] = {"items": len(items), "skipped": "the reference answers none of the fit items right: "
+                                                              "task retention is undefined there"}
+        elif task_prompts:
             task = fit_task_threshold(_task_samples(engines[tier["name"]], ref_right, items, task_prompts, tok),
                                       target, params.route.bootstrap)
             row["tasks"] = {**task, "items": len(items)}
@@ -298,7 +301,7 @@ def judge_tasks(params: Params, config: Any, items: list[dict[str, Any]], tok: A
     return {"items": n, "max_tokens": max_new,
             "accuracy_routed": Estimate(float(routed.mean()), acc_lo, acc_hi).to_dict(),
             "accuracy_reference": Estimate(float(base.mean()), ref_lo, ref_hi).to_dict(),
-            "retention": Estimate(ratio_of_sums(routed, base), lo, hi).to_dict(),
+            "retention": Estimate(ratio_of_sums(routed, base), lo, hi).to_dict() if base.sum() else None,
             "same_verdict": float((routed == base).mean()), "finished_cheaper": cheaper,
             "note": "generated answers (greedy, the first word judged), not the validate phase's "
                     "log-likelihood ranking of the choices"}

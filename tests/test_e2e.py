@@ -169,6 +169,12 @@ def test_the_router_is_fitted_judged_and_served_through_the_gateway(run):
     assert judge["requests"] == record["judge_prompts"] and sum(judge["finished_on"].values()) == judge["requests"]
     lo, hi = judge["retention"]["ci95"]
     assert 0 <= lo <= judge["retention"]["value"] <= hi <= 1, judge["retention"]
+    tasks = judge["tasks"]  # the labeled items the fit did not see, routed and with the reference alone
+    assert tasks["items"] == record["judge_items"] > 0 and record["fit_items"] > 0, tasks
+    assert 0 <= tasks["accuracy_routed"]["value"] <= 1 and 0 <= tasks["accuracy_reference"]["value"] <= 1, tasks
+    for f in record.get("fits", []):  # each cheap tier's threshold meets the task fit's too
+        assert f["tasks"]["items"] == record["fit_items"], f["tasks"]
+        assert "skipped" in f["tasks"] or f["threshold"] >= f["tasks"]["threshold"], f
     routing = summary["serving"]["routing"]
     routed = [r for r in summary["serving"]["runs"] if r["config"]["routing"]]
     assert len(routed) == 1 and routed[0]["errors"] == 0 and routed[0]["ok"] >= 1, routed
