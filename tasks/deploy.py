@@ -215,6 +215,7 @@ def _routing_section(items: Any, res: Any, route_record: dict[str, Any], referen
     retention = judge.get("retention") or {}
     return {"tiers": [t["name"] for t in route_record["router"]["tiers"]],
             "thresholds": [t["threshold"] for t in route_record["router"]["tiers"]],
+            "dropped": list(route_record.get("dropped") or []),  # cheap tiers the fit left too little to do
             "requests": len(ok), "cheap_share": sum(v != reference for v in last) / len(ok) if ok else 0.0,
             "finished_on": {v: last.count(v) for v in sorted(set(last))},
             "escalation_rate": sum(bool(r.escalations) for r in ok) / len(ok) if ok else 0.0,

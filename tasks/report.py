@@ -597,6 +597,10 @@ def _routing_html(routing: dict[str, Any] | None) -> str:
         return ""
     tiers = ", ".join(f"{html.escape(n)}" + (f" (threshold {_fmt(t, '.3f')})" if t is not None else " (reference)")
                       for n, t in zip(routing["tiers"], routing["thresholds"]))
+    dropped = routing.get("dropped") or []
+    if dropped:
+        tiers += (f"; dropped by the fit: {html.escape(', '.join(dropped))} (at the threshold that keeps the "
+                  f"retention target it would generate under 5% of the routed tokens)")
     return (f"<p>Precision routing (model <code>routed</code>): tiers {tiers}. Through the gateway "
             f"{_fmt(routing['cheap_share'], '.3f')} of {routing['requests']} requests finished on a cheaper tier "
             f"(escalation rate {_fmt(routing['escalation_rate'], '.3f')}); cost per 1M requests "

@@ -319,3 +319,17 @@ def test_the_gateway_cache_run_and_its_curve_are_reported(tmp_path):
     page = (Path(result["summary"]).parent / "report.html").read_text()
     assert "via gateway, cache on" in page and "hit rate 0.310" in page, "the cache run and its figures show"
     assert "Semantic cache: hit rate versus false-hit rate" in page, "the calibration curve is plotted"
+
+
+def test_the_routing_paragraph_names_dropped_tiers_and_the_task_retention():
+    from tasks.report import _routing_html
+
+    routing = {"tiers": ["gguf_q8_0_fa"], "thresholds": [None], "dropped": ["student_gguf_q8_0_fa"], "requests": 31,
+               "cheap_share": 0.0, "escalation_rate": 0.0, "cost_per_1m_requests_usd": 7.4,
+               "cost_per_1m_requests_usd_reference_alone": 6.98, "quality_retention": 1.0, "retention_lower95": 1.0,
+               "judged_on": 100, "task_retention": 0.58, "task_retention_lower95": 0.497, "task_items": 180}
+    text = _routing_html(routing)
+    assert "dropped by the fit: student_gguf_q8_0_fa" in text and "gguf_q8_0_fa (reference)" in text, text
+    assert "task accuracy retention on 180 labeled items" in text and "0.4970" in text, text
+    routing.update(dropped=[], task_items=None)
+    assert "dropped" not in _routing_html(routing) and "labeled" not in _routing_html(routing)
