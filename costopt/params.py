@@ -254,7 +254,7 @@ class RouteParams:
     model: str = "routed"  # the name clients ask for to be routed
     tiers: tuple[str, ...] = ()  # variants cheapest first, the last the reference; empty: chosen (tasks.route)
     max_tiers: int = 3  # tiers when chosen: the reference (the search's pick) and the cheapest below it
-    retention_target: float = 0.97  # routed answers' token agreement with the reference, 95% lower bound
+    retention_target: float = 0.97  # routed answers' token agreement and task accuracy vs the reference, 95% lower bound
     prompts: int = 200  # held-out prompts used, half to fit the thresholds and half to judge the router
     task_items: int = 360  # labeled items: half fit the thresholds on task accuracy, half judge it (0: none)
     bootstrap: int = 1000  # resamples for the 95% intervals
