@@ -194,7 +194,7 @@ def fit(params: Params, ws: Workspace, tiers: list[dict[str, Any]], prompts: lis
     target = tier_targets(params.route.retention_target, len(tiers) - 1)
     task_prompts = _task_prompts(items, tok) if items else []
     ref_right = [generated_correct(tok.decode(t), it)
-                 for (t, _), it in zip(_generate(engines[ref], task_prompts, TASK_TOKENS), items or [])]
+                 for (t, _), it in zip(_generate(engines[ref], task_prompts, TASK_TOKENS), items)] if items else []
     fits = []
     for tier in tiers[:-1]:
         answers = _generate(engines[tier["name"]], prompts, max_new)

@@ -73,6 +73,13 @@ def retention(samples: Sequence[TierSample], threshold: float, resamples: int = 
     return Estimate(point, lo, hi), stay, tokens
 
 
+def _check_fit(name: str, samples: Sequence[Any], unit: str, target: float) -> None:
+    if not samples:
+        raise ValueError(f"{name}: no samples; expected one per {unit}")
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"{name}: target must be in (0, 1], got {target!r}")
+
+
 def fit_threshold(samples: Sequence[TierSample], target: float, resamples: int = 1000,
                   grid: Sequence[float] = GRID) -> dict[str, Any]:
     """The lowest threshold whose retention's 95% lower bound is at least `target`, and the curve
@@ -80,10 +87,7 @@ def fit_threshold(samples: Sequence[TierSample], target: float, resamples: int =
     threshold 1 every prompt escalates on its first token, so a threshold always exists. `useful`: the
     tier would generate at least MIN_TOKEN_SHARE of the routed tokens (below that, its attempts cost
     more than they save: every request pays its prefill and the next tier's)."""
-    if not samples:
-        raise ValueError("fit_threshold: no samples; expected one per fit prompt")
-    if not 0.0 < target <= 1.0:
-        raise ValueError(f"fit_threshold: target must be in (0, 1], got {target!r}")
+    _check_fit("fit_threshold", samples, "fit prompt", target)
     curve, chosen = [], None
     for k, t in enumerate(grid):
         point, stay, tokens = retention(samples, t, 0)
@@ -143,10 +147,7 @@ def fit_task_threshold(samples: Sequence[TaskSample], target: float, resamples: 
     """The lowest threshold whose task retention's 95% lower bound is at least `target`, with the curve at
     every tenth grid point. At threshold 1 every item is answered by the reference, so one always exists
     (when the reference answers none right the retention is undefined and the threshold is 1)."""
-    if not samples:
-        raise ValueError("fit_task_threshold: no samples; expected one per labeled fit item")
-    if not 0.0 < target <= 1.0:
-        raise ValueError(f"fit_task_threshold: target must be in (0, 1], got {target!r}")
+    _check_fit("fit_task_threshold", samples, "labeled fit item", target)
     curve, chosen = [], None
     for k, t in enumerate(grid):
         shown = k % 10 == 0 or k == len(grid) - 1
