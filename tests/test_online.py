@@ -169,3 +169,62 @@ def test_shadow_compare():
         compare(a, a[:3])
     with pytest.raises(FloatingPointError):
         compare(a, torch.full_like(a, float("nan")))
+
+
+# -- A/B tests -------------------------------------------------------------------------------------------
+from costopt.online.abtest import ABConfig, ABTest, Metric, simulate  # noqa: E402
+from costopt.online.drift import mmd_test  # noqa: E402
+
+
+def _ab(rng, n, cost_b=1.0, quality_b=0.95) -> dict:
+    test = ABTest(ABConfig("cost", (Metric("cost", "lower", 0.1), Metric("quality", "higher", 0.02, 0.01)),
+                           min_samples=50), "a", "b")
+    for _ in range(n):
+        test.add("A", {"cost": rng.normal(1.0, 0.3), "quality": rng.normal(0.95, 0.03)})
+        test.add("B", {"cost": rng.normal(cost_b, 0.3), "quality": rng.normal(quality_b, 0.03)})
+    return test.decision()
+
+
+def test_ab_says_undecided_with_too_few_samples_never_winner():
+    d = _ab(np.random.default_rng(6), 30, cost_b=0.5)
+    assert d["decision"] == "undecided" and "too few samples" in d["reason"], d
+
+
+def test_ab_picks_a_cheaper_equal_challenger_and_refuses_a_worse_one():
+    d = _ab(np.random.default_rng(7), 400, cost_b=0.8)
+    assert d["decision"] == "B", d
+    assert d["metrics"]["cost"]["verdict"] == "B better" and d["metrics"]["quality"]["verdict"] == "B within margin"
+    d = _ab(np.random.default_rng(8), 400, cost_b=0.8, quality_b=0.90)
+    assert d["decision"] == "A" and "quality" in d["reason"], d
+    d = _ab(np.random.default_rng(9), 400, cost_b=1.0)
+    assert d["decision"] == "undecided", f"equal arms must not produce a winner: {d}"
+
+
+def test_ab_simulation_shows_peeking_inflation_and_msprt_level():
+    s = simulate(runs=120, n=400, effect=0.3, tau=0.2, look_every=10, seed=1)
+    assert s["aa"]["msprt_reject_rate"] <= 0.08, s["aa"]
+    assert s["aa"]["z_peeked_reject_rate"] > 0.12, f"a peeked z-test should inflate its level: {s['aa']}"
+    assert s["planted"]["msprt_reject_rate"] >= 0.8, s["planted"]
+
+
+def test_ab_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="primary"):
+        ABConfig("cost", (Metric("quality", "higher", 0.1),))
+    with pytest.raises(ValueError, match="better"):
+        Metric("cost", "smaller", 0.1)
+
+
+# -- drift -----------------------------------------------------------------------------------------------
+def test_mmd_finds_a_planted_shift_and_not_noise():
+    rng = np.random.default_rng(10)
+    ref = rng.normal(size=(200, 32))
+    same = mmd_test(ref, rng.normal(size=(120, 32)), alpha=0.01, permutations=200)
+    shifted = rng.normal(size=(120, 32))
+    shifted[:, :4] += 0.8
+    moved = mmd_test(ref, shifted, alpha=0.01, permutations=200)
+    assert not same.drifted and same.p_value > 0.01, same
+    assert moved.drifted and moved.p_value < 0.01, moved
+    with pytest.raises(ValueError, match="at least 5 rows"):
+        mmd_test(ref, ref[:3])
+    with pytest.raises(ValueError, match="dim"):
+        mmd_test(ref, rng.normal(size=(10, 8)))
