@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--variants: {exc.message}")
     register(model_server.app, library, RequestLog(args.request_log, args.log_prompts), args.max_body_bytes,
              keys=keys, admin=admin)
+    from serving.compare import register_compare
+
+    register_compare(model_server.app, library)
     bind_to(args.host)
     ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, registered_models=library,
                 enable_grpc=args.enable_grpc).start(models)

@@ -2,8 +2,8 @@
 
 The trust boundary is one ASGI middleware, `Guard`, in front of every route (costopt's and KServe's):
 
-- **Admin routes** (anything that changes what serves: `POST /v2/repository/...` load, unload, index)
-  need `Authorization: Bearer <admin key>`, always, open mode included. The admin key comes from
+- **Admin routes** (anything that changes what serves: `POST /v2/repository/...` load, unload, index;
+  the gateway's rollout, `/v2/rollout...`; and the shadow judgements of `POST /v2/compare`) need `Authorization: Bearer <admin key>`, always, open mode included. The admin key comes from
   `COSTOPT_ADMIN_KEY` or a file; when neither exists the server generates one at first start into a
   file only its user can read (mode 0600, as Jupyter does with its token) and the deploy phase reads it
   from there (`costopt.storage.layout.Workspace.admin_key_file`). 401 without a key, 403 with a tenant's.
@@ -305,9 +305,12 @@ class Quotas:
         self.in_flight[tenant.name] -= 1
 
 
+_ADMIN_PATHS = ("/v2/compare", "/v2/rollout", "/v2/rollout/canary")  # shadow judgements; the gateway's rollout
+
+
 def _route(method: str, path: str) -> str:
     """'admin', 'public' (reads of health, metadata, metrics, docs) or 'tenant' (everything else)."""
-    if path.startswith("/v2/repository"):
+    if path.startswith("/v2/repository") or path in _ADMIN_PATHS:
         return "admin"
     if method in ("GET", "HEAD") and (path in _PUBLIC_GET or path.startswith(("/v2/health/", "/v2/models/",
                                                                                "/v1/models"))):

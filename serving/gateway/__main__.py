@@ -12,6 +12,10 @@ Precision routing (`serving.gateway.routing`): `--router FILE` (the route phase'
 artifacts/route/router.json) routes requests for `--router_model` (default `routed`) across its tiers,
 cheapest first; without a usable file, `--router_fallback VARIANT` sends all of them to that variant
 (logged), and with neither there is no routed model.
+
+Rollout (`serving.gateway.rollout`): `--deployment NAME` gives clients one stable model name, served by
+the current variant (`--current`, or what `--rollout_state` recorded); the admin routes `/v2/rollout`
+switch it or start a canary that is judged on answer quality and promoted or rolled back on its own.
 """
 from __future__ import annotations
 
@@ -65,6 +69,15 @@ parser.add_argument("--router_model", default="routed", help="the model name cli
 parser.add_argument("--router_fallback", default=None,
                     help="the variant every routed request goes to when --router is missing or unusable")
 
+parser.add_argument("--deployment", default=None,
+                    help="a stable model name clients call; the gateway resolves it to the current variant and "
+                         "runs canaries on it (serving.gateway.rollout). Without it: no rollout")
+parser.add_argument("--current", default=None,
+                    help="the variant --deployment starts on when --rollout_state holds none yet")
+parser.add_argument("--rollout_state", type=Path, default=None,
+                    help="the rollout's state file (default WORKSPACE/.costopt/rollout.json): what serves survives "
+                         "a restart")
+parser.add_argument("--rollout_seed", type=int, default=None, help="seed of the canary's traffic split (tests)")
 _log = logging.getLogger("costopt.gateway")
 
 
@@ -187,7 +200,18 @@ def main(argv: list[str] | None = None) -> None:
         _say(f"WARNING: serving WITHOUT the semantic cache: {why}")
     layer = CacheLayer(cache, fingerprint, why, keyed_tenants=keys is not None)
     routing = build_routing(args, workspace)
-    register(model_server.app, layer, Upstream(args.predictor_url), args.max_body_bytes, keys, admin, routing)
+    upstream = Upstream(args.predictor_url)
+    rollout = None
+    if args.deployment:
+        from serving.gateway.rollout import Rollout
+
+        if args.deployment in args.variants:
+            parser.error(f"--deployment {args.deployment!r}: a variant has that name; choose a name of its own")
+        rollout = Rollout(args.deployment, args.rollout_state or workspace / ".costopt" / "rollout.json",
+                          args.current, upstream.client, admin, seed=args.rollout_seed)
+        _say(f"deployment {args.deployment!r} serves {rollout.current or 'nothing yet (POST /v2/rollout)'}; "
+             f"state in {rollout.state_path}")
+    register(model_server.app, layer, upstream, args.max_body_bytes, keys, admin, routing, rollout)
     _say(f"admin key from {admin_from}; predictor {args.predictor_url}")
     bind_to(args.host)
     config = PredictorConfig(predictor_host=url.netloc, predictor_protocol="v2",

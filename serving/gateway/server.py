@@ -38,6 +38,7 @@ CACHE_RESULTS = Counter("costopt_gateway_requests_total", "gateway requests by c
 LOOKUP_SECONDS = Histogram("costopt_gateway_cache_lookup_seconds", "embedding + lookup time per cacheable request",
                            buckets=(0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.05, 0.1, 0.25, 1.0))
 COALESCE_WAIT_S = 300.0  # longest an exact repeat waits for the identical request already generating
+FALLBACK_STATUSES = (404, 429, 500, 502, 503, 504)  # a canary answer the current variant replaces
 FORWARD = ("authorization", "x-costopt-priority", "x-costopt-deadline-ms", "x-costopt-tenant", "x-request-id")
 RELAY = ("x-costopt-variant", "x-costopt-instance", "retry-after")
 
@@ -80,8 +81,9 @@ DEFAULT_MAX_TOKENS = 128  # a chat request without max_tokens (the predictor's o
 
 
 class GatewayRoutes:
-    def __init__(self, layer: CacheLayer, upstream: Upstream, routing: Any = None) -> None:
+    def __init__(self, layer: CacheLayer, upstream: Upstream, routing: Any = None, rollout: Any = None) -> None:
         self.layer, self.upstream, self.routing = layer, upstream, routing  # routing: serving.gateway.routing.Routing
+        self.rollout = rollout  # serving.gateway.rollout.Rollout: the deployment name, its variant and canary
 
     async def chat(self, request: Request) -> Response:
         return await self._serve(request, chat=True)
@@ -94,6 +96,13 @@ class GatewayRoutes:
         try:
             body = await _json(request)
             parse(ChatRequest if chat else CompletionRequest, body)  # the predictor's own validation and errors
+            on_ok = None
+            if self.rollout is not None and body.get("model") == self.rollout.deployment:
+                variant, is_canary = self.rollout.pick()
+                if is_canary:  # the canary's answers are judged on what it generates: no cache
+                    return await self._canary(request, path, body, chat, variant)
+                body = {**body, "model": variant}
+                on_ok = lambda ms, v=variant: self.rollout.current_answered(v, ms)  # noqa: E731
             plan, _why = self.layer.plan(body, chat, request.headers.get("x-costopt-tenant"))
             if plan is not None:
                 t0 = time.perf_counter()
@@ -116,7 +125,7 @@ class GatewayRoutes:
                 body = {**body, "model": self.routing.config.reference.name}  # not greedy: the reference whole
             if body.get("stream"):
                 return await self._stream(request, path, body, plan)  # releases when the stream ends
-            return await self._plain(request, path, body, plan, chat)
+            return await self._plain(request, path, body, plan, chat, on_ok)
         except ApiError as exc:
             if plan is not None:
                 self.layer.release(plan)
@@ -173,11 +182,15 @@ class GatewayRoutes:
                                      headers=headers)
         return JSONResponse(reply(plan, hit), headers=headers)
 
-    async def _plain(self, request: Request, path: str, body: dict, plan: CacheRequest | None, chat: bool) -> Response:
+    async def _plain(self, request: Request, path: str, body: dict, plan: CacheRequest | None, chat: bool,
+                     on_ok: Any = None) -> Response:
+        t0 = time.perf_counter()
         try:
             r = await self.upstream.client.post(path, json=body, headers=self.upstream.headers(request))
         except httpx.HTTPError as exc:
             raise _unreachable(self.upstream, exc) from None
+        if on_ok is not None and r.status_code == 200:
+            on_ok((time.perf_counter() - t0) * 1000.0)
         headers = _relayed(r, plan, body)
         if plan is not None:
             try:
@@ -189,14 +202,19 @@ class GatewayRoutes:
         return Response(r.content, status_code=r.status_code, headers=headers,
                         media_type=r.headers.get("content-type", "application/json"))
 
-    async def _stream(self, request: Request, path: str, body: dict, plan: CacheRequest | None) -> Response:
-        asked_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    async def _open_stream(self, request: Request, path: str, body: dict) -> httpx.Response:
         upstream_body = {**body, "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
         req = self.upstream.client.build_request("POST", path, json=upstream_body, headers=self.upstream.headers(request))
         try:
-            r = await self.upstream.client.send(req, stream=True)
+            return await self.upstream.client.send(req, stream=True)
         except httpx.HTTPError as exc:
             raise _unreachable(self.upstream, exc) from None
+
+    async def _stream(self, request: Request, path: str, body: dict, plan: CacheRequest | None,
+                      opened: httpx.Response | None = None, on_done: Any = None) -> Response:
+        """Relay the predictor's stream (opened here unless `opened`); `on_done(answer, finished)` at its end."""
+        asked_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        r = opened if opened is not None else await self._open_stream(request, path, body)
         headers = _relayed(r, plan, body)
         if r.status_code != 200 or not r.headers.get("content-type", "").startswith("text/event-stream"):
             content = await r.aread()
@@ -221,6 +239,8 @@ class GatewayRoutes:
                       b'"param": null, "code": 502}}\n\ndata: [DONE]\n\n'
             finally:  # a client that went away (cancelled) leaves finished False: nothing is stored
                 await r.aclose()
+                if on_done is not None:
+                    on_done(collector.answer, finished)
                 if plan is not None:
                     if not finished:
                         collector.answer.failed = True
@@ -231,17 +251,69 @@ class GatewayRoutes:
 
         return StreamingResponse(relay(), media_type="text/event-stream", headers=headers)
 
+    async def _canary(self, request: Request, path: str, body: dict, chat: bool, candidate: str) -> Response:
+        """A deployment request the canary takes. If the predictor refuses or fails it before the first byte,
+        the current variant answers instead (the failure counts against the canary): no client request
+        fails because of a canary."""
+        rollout = self.rollout
+        cbody = {**body, "model": candidate}
+        fallback = {**body, "model": rollout.current}
+        t0 = time.perf_counter()
+        if body.get("stream"):
+            try:
+                r = await self._open_stream(request, path, cbody)
+            except ApiError:
+                r = None
+            if r is None or r.status_code in FALLBACK_STATUSES or (
+                    r.status_code == 200 and not r.headers.get("content-type", "").startswith("text/event-stream")):
+                if r is not None:
+                    await r.aread()
+                    await r.aclose()
+                rollout.canary_answered(candidate, False, None)
+                return await self._stream(request, path, fallback, None)
+            if r.status_code != 200:  # the request's own fault (400, 413): the current would refuse it too
+                return await self._stream(request, path, cbody, None, opened=r)
+
+            def on_done(answer: Any, finished: bool) -> None:
+                ok = finished and not answer.failed
+                rollout.canary_answered(candidate, ok, None)
+                if ok and rollout.wants_judgement(candidate):
+                    asyncio.get_running_loop().create_task(rollout.judge(candidate, body, chat, answer.text))
+
+            return await self._stream(request, path, cbody, None, opened=r, on_done=on_done)
+        try:
+            r = await self.upstream.client.post(path, json=cbody, headers=self.upstream.headers(request))
+        except httpx.HTTPError:
+            r = None
+        if r is None or r.status_code in FALLBACK_STATUSES:
+            rollout.canary_answered(candidate, False, None)
+            return await self._plain(request, path, fallback, None, chat)
+        if r.status_code == 200:
+            rollout.canary_answered(candidate, True, (time.perf_counter() - t0) * 1000.0)
+            if rollout.wants_judgement(candidate):
+                try:
+                    text = answer_from_body(r.json(), chat, candidate).text
+                except (ValueError, KeyError, TypeError):
+                    text = ""
+                asyncio.get_running_loop().create_task(rollout.judge(candidate, body, chat, text))
+        return Response(r.content, status_code=r.status_code, headers=_relayed(r, None, cbody),
+                        media_type=r.headers.get("content-type", "application/json"))
+
     async def models(self, request: Request) -> Response:
         try:
             r = await self.upstream.client.get("/openai/v1/models", headers=self.upstream.headers(request))
         except httpx.HTTPError as exc:
             return error_response(_unreachable(self.upstream, exc))
-        if r.status_code != 200 or self.routing is None:
+        if r.status_code != 200 or (self.routing is None and self.rollout is None):
             return Response(r.content, status_code=r.status_code, media_type="application/json")
         listing = r.json()
-        listing.setdefault("data", []).append({"id": self.routing.config.model, "object": "model", "created": 0,
-                                               "owned_by": "costopt", "costopt_tiers":
-                                               [t.name for t in self.routing.config.tiers]})
+        if self.routing is not None:
+            listing.setdefault("data", []).append({"id": self.routing.config.model, "object": "model", "created": 0,
+                                                   "owned_by": "costopt", "costopt_tiers":
+                                                   [t.name for t in self.routing.config.tiers]})
+        if self.rollout is not None:
+            listing.setdefault("data", []).append({"id": self.rollout.deployment, "object": "model", "created": 0,
+                                                   "owned_by": "costopt", "costopt_current": self.rollout.current})
         return JSONResponse(listing)
 
     async def purge(self, request: Request) -> Response:
@@ -279,9 +351,17 @@ async def _iterate(events: Any) -> AsyncIterator[bytes]:
 
 
 def register(app: FastAPI, layer: CacheLayer, upstream: Upstream, max_body_bytes: int, keys: TenantKeys | None,
-             admin: str, routing: Any = None) -> None:
-    routes = GatewayRoutes(layer, upstream, routing)
+             admin: str, routing: Any = None, rollout: Any = None) -> None:
+    routes = GatewayRoutes(layer, upstream, routing, rollout)
     router = APIRouter()
+    if rollout is not None:
+        from serving.gateway.rollout import RolloutRoutes
+
+        admin_routes = RolloutRoutes(rollout)
+        router.add_api_route("/v2/rollout", admin_routes.get, methods=["GET"], tags=["rollout"])
+        router.add_api_route("/v2/rollout", admin_routes.set_current, methods=["POST"], tags=["rollout"])
+        router.add_api_route("/v2/rollout/canary", admin_routes.start, methods=["POST"], tags=["rollout"])
+        router.add_api_route("/v2/rollout/canary", admin_routes.stop, methods=["DELETE"], tags=["rollout"])
     router.add_api_route("/openai/v1/chat/completions", routes.chat, methods=["POST"], tags=["OpenAI"])
     router.add_api_route("/openai/v1/completions", routes.completions, methods=["POST"], tags=["OpenAI"])
     router.add_api_route("/openai/v1/models", routes.models, methods=["GET"], tags=["OpenAI"])
