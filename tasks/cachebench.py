@@ -165,7 +165,7 @@ def embed_part(n: int) -> dict[str, Any]:
 
 def gateway_part(ws: Workspace, variant: str, n: int, price: float, logs: Path, calibration: Path,
                  concurrency: int = CONCURRENCY) -> dict[str, Any]:
-    from tasks.deploy import start_gateway, start_server
+    from costopt.deploy.processes import start_gateway, start_server
     from tasks.loadtest import cache_outcome, run_load
     from costopt.workload.trace import build_trace
 

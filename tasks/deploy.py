@@ -1,92 +1,28 @@
-"""Deploy phase helpers: start the KServe model server (serving environment) on loopback, stop it.
+"""The deploy phase: serve the winners on loopback, load-test them, and promote them to the deployment.
 
-The pipeline and the server live in different Python environments (DESIGN.md), so the server is a
-process: `.venv-serving/bin/python -m serving --workspace WS --variants ...`. `start_server` waits for
-KServe's `/v2/health/ready` and fails with the server's own log when it exits or never gets ready; the
-returned `ServerProcess` stops it (a context manager too). On Kubernetes the same variants are
-InferenceServices (infra/); here they are one multi-variant server.
-
-    with start_server(ws.root, ["fp32", "int8_weight_only"], log=Path("server.log")) as srv:
-        httpx.post(f"{srv.url}/openai/v1/chat/completions", json=...)
+The servers are processes of the serving environment (`costopt.deploy.processes`). The phase serves
+fp32 and the passing `serve.variants` on one predictor, replays the serving trace against it (and
+through the gateway: the semantic cache, the router), stops those test servers, and writes
+artifacts/serving/serving.json. On Kubernetes the same variants are InferenceServices (infra/).
 """
 from __future__ import annotations
 
 import json
-import os
-import socket
 import shutil
 import subprocess
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
 import httpx
 
+from costopt.deploy.processes import DeployError, first_traceback, start_gateway, start_server
 from costopt.storage.s3 import TransientStorageError
-
-PROJECT = Path(__file__).resolve().parents[1]
-SERVING_PYTHON = PROJECT / ".venv-serving" / "bin" / "python"
-
-
-class DeployError(RuntimeError):
-    """The server did not start: the message carries the end of its log."""
 
 
 class DeployStorageFault(DeployError, TransientStorageError):
     """Fetching missing weights from the remote hit a fault that may pass (timeout, 5xx, lost connection);
     the DAG's deploy task retries it with back-off."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class ServerProcess:
-    proc: subprocess.Popen
-    port: int
-    log: Path
-    variants: tuple[str, ...]
-    admin_key: str = ""  # what the admin routes (/v2/repository/...) need; read once the server is ready
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def admin_headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.admin_key}"}
-
-    def logs(self, chars: int = 6000) -> str:
-        return self.log.read_text(errors="replace")[-chars:] if self.log.is_file() else ""
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def __enter__(self) -> ServerProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def first_traceback(log: str) -> str | None:
-    """The first Python traceback in a server log, up to and including its exception line; None if none."""
-    lines = log.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")), None)
-    if start is None:
-        return None
-    end = next((i for i in range(start + 1, len(lines)) if lines[i] and not lines[i][0].isspace()), len(lines) - 1)
-    return "\n".join(lines[start:end + 1])
 
 
 def check_load_test(runs: Sequence[dict[str, Any]], log: str) -> None:
@@ -101,68 +37,6 @@ def check_load_test(runs: Sequence[dict[str, Any]], log: str) -> None:
     trace = first_traceback(log)
     raise DeployError(f"the load test on the deployed server failed: {what}; "
                       + (f"the server log's first traceback:\n{trace}" if trace else "the server log has no traceback"))
-
-
-def serving_python() -> Path:
-    py = Path(os.environ.get("COSTOPT_SERVING_PYTHON") or SERVING_PYTHON)
-    if not py.is_file():
-        raise DeployError(f"{py}: the serving environment is missing; `make venv` (or `make demo`) creates it")
-    return py
-
-
-def read_admin_key(workspace: Path) -> str:
-    """The server's admin key: COSTOPT_ADMIN_KEY, else the file the server wrote at its first start."""
-    from costopt.storage.layout import Workspace
-
-    if os.environ.get("COSTOPT_ADMIN_KEY", "").strip():
-        return os.environ["COSTOPT_ADMIN_KEY"].strip()
-    path = Workspace(Path(workspace).resolve()).admin_key_file
-    try:
-        return path.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise DeployError(f"{path}: cannot read the server's admin key ({exc.strerror})") from None
-
-
-def start_server(workspace: Path, variants: Sequence[str], log: Path, flags: Sequence[str] = (),
-                 port: int | None = None, python: Path | None = None, timeout_s: float = 300) -> ServerProcess:
-    """Start `python -m serving` for `variants` of `workspace` and wait until KServe reports ready."""
-    port = port or free_port()
-    cmd = [str(python or serving_python()), "-m", "serving", "--workspace", str(workspace),
-           "--variants", *variants, "--http_port", str(port), "--enable_grpc", "false", *flags]
-    return _launch(cmd, workspace, variants, log, port, timeout_s, "the model server")
-
-
-def start_gateway(workspace: Path, predictor_url: str, variants: Sequence[str], log: Path, flags: Sequence[str] = (),
-                  port: int | None = None, python: Path | None = None, timeout_s: float = 300) -> ServerProcess:
-    """Start `python -m serving.gateway` (the semantic cache) in front of `predictor_url`; wait until ready."""
-    port = port or free_port()
-    cmd = [str(python or serving_python()), "-m", "serving.gateway", "--workspace", str(workspace),
-           "--predictor_url", predictor_url, "--variants", *variants, "--http_port", str(port),
-           "--enable_grpc", "false", *flags]
-    return _launch(cmd, workspace, variants, log, port, timeout_s, "the gateway")
-
-
-def _launch(cmd: list[str], workspace: Path, variants: Sequence[str], log: Path, port: int, timeout_s: float,
-            what: str) -> ServerProcess:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_PROXY": "127.0.0.1,localhost"}
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, cwd=PROJECT, stdout=fh, stderr=subprocess.STDOUT, env=env)
-    server = ServerProcess(proc, port, log, tuple(variants))
-    deadline = time.monotonic() + timeout_s
-    with httpx.Client(timeout=2, trust_env=False) as http:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise DeployError(f"{what} exited with code {proc.returncode}:\n{server.logs()}")
-            try:
-                if http.get(f"{server.url}/v2/health/ready").status_code == 200:
-                    server.admin_key = read_admin_key(workspace)
-                    return server
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-    server.stop()
-    raise DeployError(f"{what} was not ready after {timeout_s:.0f} s:\n{server.logs()}")
 
 
 # ------------------------------------------------------------------------------------- the phase

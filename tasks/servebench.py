@@ -31,7 +31,7 @@ from typing import Any, Sequence
 from costopt.storage.layout import Workspace, write_json
 from costopt.params import load_params
 from costopt.workload.trace import build_trace, trace_meta
-from tasks.deploy import start_server
+from costopt.deploy.processes import start_server
 from tasks.loadtest import markdown_table, run_load, serving_section, summarize
 
 TRACE_SEED = 11

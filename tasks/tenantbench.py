@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 from costopt.storage.layout import Workspace, write_json
 from costopt.workload.trace import build_trace
-from tasks.deploy import start_server
+from costopt.deploy.processes import start_server
 from tasks.loadtest import LoadResult, run_load, run_load_async
 from tasks.servebench import bench_parser, prepare, served_pick
 

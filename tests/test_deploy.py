@@ -7,7 +7,8 @@ from pathlib import Path
 
 from costopt.storage.layout import Workspace
 from costopt.params import Params, ServeParams
-from tasks.deploy import DeployError, check_load_test, choose_variants, first_traceback, serving_python
+from costopt.deploy.processes import first_traceback, serving_python
+from tasks.deploy import DeployError, check_load_test, choose_variants
 
 
 def _ws(root: Path, picked: str | None, verdicts: dict[str, bool]) -> Workspace:

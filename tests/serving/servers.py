@@ -6,8 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tasks.deploy import ServerProcess
-from tasks.deploy import start_server as _start
+from costopt.deploy.processes import ServerProcess
+from costopt.deploy.processes import start_server as _start
 
 PROJECT = Path(__file__).resolve().parents[2]
 PIPELINE_PY = PROJECT / ".venv" / "bin" / "python"

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from servers import VARIANT, start_server
-from tasks.deploy import start_gateway
+from costopt.deploy.processes import start_gateway
 
 ALPHA, BETA = "key-alpha-0123456789abcdef", "key-beta-0123456789abcdef0"
 
@@ -162,7 +162,7 @@ def test_a_broken_embedder_means_no_cache_not_no_service(workspace, predictor, t
 
 
 def test_an_unreachable_l3_is_counted_and_never_fails_a_request(workspace, predictor, calibration, tmp_path):
-    from tasks.deploy import free_port
+    from costopt.deploy.processes import free_port
 
     dead = f"http://127.0.0.1:{free_port()}"
     gw = start_gateway(workspace, predictor.url, ("fp32",), tmp_path / "gw.log",

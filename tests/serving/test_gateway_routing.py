@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from servers import VARIANT, start_server
-from tasks.deploy import start_gateway
+from costopt.deploy.processes import start_gateway
 
 PROMPT = "Name three rivers in Europe and say which country each flows through."
 

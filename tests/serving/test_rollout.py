@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from servers import VARIANT, phase, start_server
-from tasks.deploy import start_gateway
+from costopt.deploy.processes import start_gateway
 
 WORSE = "dynamic_qint8_naive"  # the seed paper's quantize_dynamic one-liner: KL ~1.7 nats/token against fp32
 DEPLOYMENT = "assistant"
