@@ -18,7 +18,7 @@ export AIRFLOW__CORE__UNIT_TEST_MODE := False
 export PYTHONUNBUFFERED := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: demo test test-full test-browser browser bench venv clean airflow-ui
+.PHONY: demo test test-full test-browser browser bench venv clean airflow-ui serve serve-stop
 
 $(STAMP): requirements/pipeline.txt requirements/pipeline.lock pyproject.toml
 	@echo "== creating the pipeline environment in $(VENV) (first run only, a few minutes) =="
@@ -71,6 +71,13 @@ bench: $(STAMP) $(SSTAMP)
 	$(VPY) -m tasks.servebench
 	$(VPY) -m tasks.tenantbench
 	$(SPY) -m tasks.cachebench
+
+# The lasting deployment (costopt/deploy/lasting.py): the last deploy's variants behind the gateway, on loopback.
+serve: $(STAMP) $(SSTAMP)
+	$(VPY) -m tasks.serve start
+
+serve-stop: $(STAMP)
+	$(VPY) -m tasks.serve stop
 
 airflow-ui: $(STAMP)
 	$(VENV)/bin/airflow standalone

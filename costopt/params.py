@@ -278,6 +278,32 @@ class RouteParams:
 
 
 @dataclass(frozen=True)
+class ContinuousParams:
+    window: int = 2000  # newest request-log records a continuous_optimization run reads
+    min_prompts: int = 50  # logged prompts needed before the drift test says anything ("undecided" below)
+    drift_alpha: float = 0.01  # the drift test's level (MMD permutation p-value)
+    permutations: int = 500  # permutations of the drift test
+    reference_prompts: int = 300  # calibration prompts the recent ones are compared with, at most
+    ab_min_samples: int = 200  # requests per variant before an A/B test may decide
+    ab_alpha: float = 0.05  # the A/B test's level, all metrics together
+    reoptimize: bool = True  # on drift, trigger optimize_model (it calibrates on the request log)
+    profile: str = "full"  # the profile of the optimize_model run a drift triggers
+
+    def check(self, where: str) -> None:
+        _check_number(f"{where}.window", self.window, 10, 10_000_000, integer=True)
+        _check_number(f"{where}.min_prompts", self.min_prompts, 5, 100_000, integer=True)
+        _check_number(f"{where}.drift_alpha", self.drift_alpha, 1e-6, 0.5)
+        _check_number(f"{where}.permutations", self.permutations, 19, 100_000, integer=True)
+        _check_number(f"{where}.reference_prompts", self.reference_prompts, 5, 100_000, integer=True)
+        _check_number(f"{where}.ab_min_samples", self.ab_min_samples, 10, 10_000_000, integer=True)
+        _check_number(f"{where}.ab_alpha", self.ab_alpha, 1e-6, 0.5)
+        if not isinstance(self.reoptimize, bool):
+            raise ParamsError(f"{where}.reoptimize: expected true or false, got {self.reoptimize!r}")
+        if self.profile not in ("quick", "full"):
+            raise ParamsError(f"{where}.profile: expected 'quick' or 'full', got {self.profile!r}")
+
+
+@dataclass(frozen=True)
 class Gates:
     kl_mean_max: float = 0.02  # nats/token
     kl_p99_max: float = 0.5  # nats/token
@@ -364,9 +390,29 @@ class ServeParams:
     loadtest_concurrency: tuple[int, ...] = (16,)  # closed-loop concurrencies the demo measures
     trace_seed: int = 11  # the serving trace is a pure function of this seed
     gateway: bool = True  # also replay the trace through the gateway (python -m serving.gateway, semantic cache)
+    keep: bool = True  # then promote the pick to the lasting deployment (costopt.deploy.lasting; make serve-stop)
+    deployment: str = "assistant"  # the model name clients call at the lasting deployment's gateway
+    predictor_port: int = 8080  # the lasting predictor's loopback port (0: any free port)
+    gateway_port: int = 8090  # the lasting gateway's loopback port (0: any free port)
+    canary: dict = field(default_factory=dict)  # costopt.online.canary.CanaryConfig fields for a later deploy's canary
 
     def check(self, where: str) -> None:
-        for flag in ("enabled", "log_prompts", "gateway"):
+        from costopt.online.canary import CanaryConfig, CanaryConfigError
+
+        if not isinstance(self.deployment, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", self.deployment):
+            raise ParamsError(f"{where}.deployment: expected a model name (letters, digits, _ . -), got "
+                              f"{self.deployment!r}")
+        for port in ("predictor_port", "gateway_port"):
+            _check_number(f"{where}.{port}", getattr(self, port), 0, 65535, integer=True)
+        if self.predictor_port and self.predictor_port == self.gateway_port:
+            raise ParamsError(f"{where}.gateway_port: {self.gateway_port} is the predictor_port too")
+        if not isinstance(self.canary, dict):
+            raise ParamsError(f"{where}.canary: expected a mapping of canary settings, got {self.canary!r}")
+        try:
+            CanaryConfig.from_dict(self.canary)
+        except (CanaryConfigError, TypeError) as exc:
+            raise ParamsError(f"{where}.{exc}") from None
+        for flag in ("enabled", "log_prompts", "gateway", "keep"):
             if not isinstance(getattr(self, flag), bool):
                 raise ParamsError(f"{where}.{flag}: expected true or false, got {getattr(self, flag)!r}")
         if not self.variants or not all(isinstance(v, str) and v for v in self.variants):
@@ -418,6 +464,7 @@ class Params:
     cost: CostParams = field(default_factory=CostParams)
     serve: ServeParams = field(default_factory=ServeParams)
     cache: CacheParams = field(default_factory=CacheParams)
+    continuous: ContinuousParams = field(default_factory=ContinuousParams)
     version: VersionParams = field(default_factory=VersionParams)
 
     def to_dict(self) -> dict[str, Any]:

@@ -5,7 +5,8 @@ Run it as `python -m tasks.demo [--profile full|quick] [--workspace DIR]`. It
 2. starts `moto_server` on the loopback endpoint named in params.yaml (`version.endpoint_url`) as the
    DVC remote, unless something already answers there,
 3. triggers the `optimize_model` DAG with `airflow dags test` (a real DagRun, tasks run in order),
-4. prints where the report is and a short table.
+4. prints where the report is, a short table, and how to call the deployment the run left serving
+   (`costopt.deploy.lasting`; `make serve-stop` stops it).
 Airflow is driven through its CLI, so this module imports no Airflow code.
 """
 from __future__ import annotations
@@ -117,6 +118,11 @@ def show(ws: Workspace, wall_s: float) -> int:
     print(f"\nreport:  {latest.resolve() / 'report.html'}")
     print(f"summary: {latest.resolve() / 'summary.json'}")
     print(f"run {summary['run_id']} finished in {wall_s / 60:.1f} min")
+    from costopt.deploy import lasting
+
+    state = lasting.status(ws.root)
+    if state is not None and state["running"]:
+        print("\n" + lasting.how_to_call(state))
     return 0
 
 

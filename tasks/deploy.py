@@ -181,7 +181,8 @@ def _write_records(path: Path, records: Any) -> None:
 
 def deploy(params: Any, ws: Any) -> dict[str, Any]:
     """Serve the winners (fp32 + the passing `serve.variants`) on loopback, run the short load test on
-    the serving trace, stop the server, and write artifacts/serving/serving.json (`deployed`, `serving`)."""
+    the serving trace, stop those servers, hand the pick to the lasting deployment (`serve.keep`), and
+    write artifacts/serving/serving.json (`deployed`, `deployment`, `serving`) and deployment.json."""
     from costopt.evaluation.cost import cost_per_1m_requests
     from costopt.storage.layout import read_json, write_json
     from costopt.workload.trace import build_trace, trace_meta
@@ -216,9 +217,7 @@ def deploy(params: Any, ws: Any) -> dict[str, Any]:
         check_load_test(runs, srv.logs(10**7))
         if cfg.gateway:  # the same trace through the gateway, its semantic cache on (a fresh L2)
             shutil.rmtree(out_dir / "cache-l2", ignore_errors=True)
-            gw_flags = ["--cache_dir", str(out_dir / "cache-l2"),
-                        "--calibration", str(ws.root / ".costopt" / "cache" / "calibration.json"),
-                        *params.cache.gateway_flags()]
+            gw_flags = ["--cache_dir", str(out_dir / "cache-l2"), *gw_flags_for(params, ws)]
             with start_gateway(ws.root, srv.url, served, out_dir / "gateway.log", [*gw_flags, *route_flags]) as gw:
                 c = max(cfg.loadtest_concurrency)
                 res = run_load(gw.url, tested, items, concurrency=c, requests=cfg.loadtest_requests)
@@ -248,22 +247,75 @@ def deploy(params: Any, ws: Any) -> dict[str, Any]:
                 cal = read_json(cal_file)
                 cache["calibration"] = {k: cal[k] for k in ("setting", "max_false_hit", "curve")}
                 cache["calibration"]["held"] = {"overall": cal["held"]["overall"], "kinds": cal["held"]["kinds"]}
+    lasting = _promote(params, ws, served, picked if picked in variants else None, flags,
+                       [*gw_flags_for(params, ws), *route_flags])
     base = read_json(ws.bench_dir / "baseline.json")
     naive_s = base.get("naive", base)["machine_seconds_per_request"]  # records before the served cost: top level
     naive = round(cost_per_1m_requests(price, float(naive_s)), 4)
     costs = [r["cost_per_1m_requests_usd"] for r in runs if r["errors"] == 0 and r["cost_per_1m_requests_usd"]]
     revision = _git_revision(ws.root)
     result = {
-        "deployed": [{"name": n, "fingerprint": _fingerprint(ws, n), "where": "loopback KServe server "
-                      "(python -m serving), stopped after the load test", "dvc_revision": revision} for n in variants],
+        "deployed": [{"name": n, "fingerprint": _fingerprint(ws, n), "where": _where(n, lasting),
+                      "dvc_revision": revision} for n in variants],
+        "deployment": lasting,
         "left_out": left_out,
         "fetched_from_remote": fetched,  # variants whose weights came from the DVC remote for this deploy
         "serving": serving_section(trace_meta(items), runs, naive_cost_per_1m_requests_usd=naive,
                                    optimized_cost_per_1m_requests_usd=min(costs) if costs else None,
                                    **({"cache": cache} if cache else {}), **({"routing": routing} if routing else {})),
     }
+    manifests = _write_manifests(params, ws, served, lasting.get("current") or picked or variants[-1],
+                                 lasting.get("canary"), revision)
+    result["manifests"] = manifests
     write_json(out_dir / "serving.json", result)
-    return {"deployed": variants, "left_out": left_out, "runs": len(runs), "fetched_from_remote": fetched}
+    if lasting.get("action") not in (None, "off"):  # the versioned record of what serves where
+        write_json(out_dir / "deployment.json", {**lasting, "git_revision": revision, "variants": [
+            {"name": n, "fingerprint": _fingerprint(ws, n)} for n in served]})
+    return {"deployed": variants, "left_out": left_out, "runs": len(runs), "fetched_from_remote": fetched,
+            "deployment": {k: lasting.get(k) for k in ("action", "current", "canary", "gateway_url")}}
+
+
+def _write_manifests(params: Any, ws: Any, served: list[str], current: str, canary: str | None,
+                     revision: str | None) -> list[str]:
+    """The same deployment as Kubernetes manifests under the workspace's infra/k8s/ (costopt.deploy.manifests)."""
+    from costopt.deploy.manifests import plan_from, write_manifests
+
+    plan = plan_from(params.serve.deployment, current, canary,
+                     [(n, _weights(ws, n).stat().st_size, _fingerprint(ws, n)) for n in served], revision or "")
+    return [str(p.relative_to(ws.root)) for p in write_manifests(ws.root / "infra" / "k8s", plan)]
+
+
+def gw_flags_for(params: Any, ws: Any) -> list[str]:
+    """The gateway's cache flags, with the calibration the load test's gateway made."""
+    return ["--calibration", str(ws.root / ".costopt" / "cache" / "calibration.json"), *params.cache.gateway_flags()]
+
+
+def _promote(params: Any, ws: Any, served: list[str], picked: str | None, predictor_flags: list[str],
+             gateway_flags: list[str]) -> dict[str, Any]:
+    """Hand the pick to the lasting deployment (costopt.deploy.lasting), after the load test passed."""
+    from costopt.deploy import lasting
+
+    cfg = params.serve
+    if not cfg.keep:
+        return {"action": "off", "reason": "serve.keep is false"}
+    if picked is None:  # nothing passed: a running deployment stays as it is; none running serves the model as is
+        state = lasting.status(ws.root)
+        if state is not None and state["running"]:
+            return {"action": None, "reason": "the search picked no passing variant: the deployment is left as it is"}
+        picked = "fp32"
+    return lasting.promote(ws.root, served, picked, cfg.deployment, cfg.predictor_port, cfg.gateway_port,
+                           dict(cfg.canary), predictor_flags, gateway_flags,
+                           fingerprints={n: _fingerprint(ws, n) for n in served})
+
+
+def _where(name: str, lasting: dict[str, Any]) -> str:
+    if lasting.get("gateway_url") and name in (lasting.get("current"), lasting.get("canary")):
+        role = "current" if name == lasting.get("current") else "canary"
+        return (f"lasting loopback deployment {lasting['deployment']!r} ({role}): gateway {lasting['gateway_url']}, "
+                f"predictor {lasting['predictor_url']}")
+    if lasting.get("predictor_url"):
+        return f"loaded on the lasting deployment's predictor {lasting['predictor_url']}"
+    return "loopback KServe server (python -m serving), stopped after the load test"
 
 
 if __name__ == "__main__":

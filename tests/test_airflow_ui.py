@@ -97,6 +97,7 @@ def _edit_params(params: dict) -> None:
     params["cost"]["price_per_hour_usd"] = PRICE
     params["search"]["enabled"] = False  # the form's switch shows it off; no sensitivity scan or mixes
     params["calibrate"]["curve_variant"] = ""  # no calibration curve: the run stays short
+    params["serve"]["keep"] = False  # no lasting deployment left behind (tests/test_e2e.py covers it)
 
 
 # ----------------------------------------------------------------------------------- the Airflow

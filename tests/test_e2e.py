@@ -90,7 +90,12 @@ def run(tmp_path_factory):
         airflow = str(Path(sys.executable).with_name("airflow"))
         subprocess.run([airflow, "db", "migrate"], env=env, check=True, capture_output=True)
         proc = dags_test(env, {"profile": "quick", "workspace": str(ws), "variants": VARIANTS}, base / "run.log")
-        yield {"ws": ws, "env": env, "proc": proc, "base": base, "s3": s3}
+        try:
+            yield {"ws": ws, "env": env, "proc": proc, "base": base, "s3": s3}
+        finally:
+            from costopt.deploy import lasting
+
+            lasting.stop(ws)  # the deployment outlives the DAG run by design; not the test session
 
 
 def test_dag_run_succeeds(run):
@@ -147,6 +152,28 @@ def test_deploy_serves_the_winners_and_load_tests_them(run):
     assert len(cached) == 1 and cache.get("enabled") is True, f"the gateway run: {cached} {cache}"
     assert cache["false_hits"] == 0 and 0 <= cache["hit_rate"] <= 1 and cache["threshold"] > 0, cache
     assert cache["calibration"]["held"]["overall"]["false_hit_upper95"] <= 0.01, "the calibration proved its bound"
+
+
+def test_the_deployment_outlives_the_dag_run(run):
+    """The pick keeps serving after `airflow dags test` exited, under the deployment's name, and the
+    versioned record says what serves where."""
+    import httpx
+
+    from costopt.deploy import lasting
+
+    summary = json.loads((run["ws"] / "reports" / "latest" / "summary.json").read_text())
+    picked = summary["search"]["picked"] or "fp32"  # nothing passed: the deployment serves the model as it is
+    state = lasting.status(run["ws"])
+    assert state is not None and state["running"], f"the lasting deployment is not serving: {state}"
+    record = json.loads((run["ws"] / "artifacts" / "serving" / "deployment.json").read_text())
+    assert record["current"] == picked and record["action"] == "started", record
+    assert picked in {v["name"] for v in record["variants"]} and record["git_revision"], record
+    where = {d["name"]: d["where"] for d in summary["deployed"]}
+    assert "lasting loopback deployment" in where[picked], where
+    with httpx.Client(base_url=state["gateway"]["url"], timeout=120, trust_env=False) as http:
+        r = http.post("/openai/v1/chat/completions", json={
+            "model": "assistant", "max_tokens": 8, "messages": [{"role": "user", "content": "Say hello."}]})
+    assert r.status_code == 200 and r.headers["x-costopt-variant"] == picked, (r.status_code, r.text[:300])
 
 
 def test_the_router_is_fitted_judged_and_served_through_the_gateway(run):

@@ -102,30 +102,34 @@ def read_admin_key(workspace: Path) -> str:
 
 
 def start_server(workspace: Path, variants: Sequence[str], log: Path, flags: Sequence[str] = (),
-                 port: int | None = None, python: Path | None = None, timeout_s: float = 300) -> ServerProcess:
-    """Start `python -m serving` for `variants` of `workspace` and wait until KServe reports ready."""
+                 port: int | None = None, python: Path | None = None, timeout_s: float = 300,
+                 detached: bool = False) -> ServerProcess:
+    """Start `python -m serving` for `variants` of `workspace` and wait until KServe reports ready.
+    `detached`: in a session of its own, so it outlives the process that started it (and its Ctrl-C)."""
     port = port or free_port()
     cmd = [str(python or serving_python()), "-m", "serving", "--workspace", str(workspace),
            "--variants", *variants, "--http_port", str(port), "--enable_grpc", "false", *flags]
-    return _launch(cmd, workspace, variants, log, port, timeout_s, "the model server")
+    return _launch(cmd, workspace, variants, log, port, timeout_s, "the model server", detached)
 
 
 def start_gateway(workspace: Path, predictor_url: str, variants: Sequence[str], log: Path, flags: Sequence[str] = (),
-                  port: int | None = None, python: Path | None = None, timeout_s: float = 300) -> ServerProcess:
+                  port: int | None = None, python: Path | None = None, timeout_s: float = 300,
+                  detached: bool = False) -> ServerProcess:
     """Start `python -m serving.gateway` (the semantic cache) in front of `predictor_url`; wait until ready."""
     port = port or free_port()
     cmd = [str(python or serving_python()), "-m", "serving.gateway", "--workspace", str(workspace),
            "--predictor_url", predictor_url, "--variants", *variants, "--http_port", str(port),
            "--enable_grpc", "false", *flags]
-    return _launch(cmd, workspace, variants, log, port, timeout_s, "the gateway")
+    return _launch(cmd, workspace, variants, log, port, timeout_s, "the gateway", detached)
 
 
 def _launch(cmd: list[str], workspace: Path, variants: Sequence[str], log: Path, port: int, timeout_s: float,
-            what: str) -> ServerProcess:
+            what: str, detached: bool = False) -> ServerProcess:
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_PROXY": "127.0.0.1,localhost"}
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, cwd=PROJECT, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    with open(log, "a" if detached else "w") as fh:
+        proc = subprocess.Popen(cmd, cwd=PROJECT, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                stdin=subprocess.DEVNULL, start_new_session=detached)
     server = ServerProcess(proc, port, log, tuple(variants))
     deadline = time.monotonic() + timeout_s
     with httpx.Client(timeout=2, trust_env=False) as http:
