@@ -62,11 +62,13 @@ def test_empty_calibration_set_is_refused(ws):
         calibration_rows(params_from_dict({}), ws)
 
 
-def test_malformed_log_line_names_the_line(ws):
+def test_corrupt_log_lines_are_skipped_and_counted(ws, caplog):
     (ws.root / "logs").mkdir()
-    (ws.root / "logs" / "requests.jsonl").write_text('{"prompt": "ok"}\n{not json\n')
-    with pytest.raises(ParamsError, match="line 2"):
-        calibration_rows(params_from_dict({}), ws)
+    (ws.root / "logs" / "requests.jsonl").write_text('{"prompt": "ok"}\n{not json\n[1, 2]\n{"prompt": "fine too"}\n')
+    with caplog.at_level("WARNING", logger="costopt.calibset"):
+        rows, source = calibration_rows(params_from_dict({}), ws)
+    assert source == "logs" and [r["messages"][0]["content"] for r in rows] == ["ok", "fine too"], rows
+    assert "skipped 2 corrupt line(s), the first line 2" in caplog.text, caplog.text
 
 
 def test_log_overlapping_the_crosscheck_set_is_refused(ws):

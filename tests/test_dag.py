@@ -31,9 +31,10 @@ def test_every_dag_imports_without_errors(dagbag):
     assert "optimize_model" in dagbag.dags, "optimize_model must be defined"
 
 
-def test_parsing_imports_nothing_heavy(tmp_path):
+@pytest.mark.parametrize("dag_file", ["optimize_model.py", "continuous_optimization.py"])
+def test_parsing_imports_nothing_heavy(tmp_path, dag_file):
     code = ("import sys, importlib.util\n"
-            f"spec = importlib.util.spec_from_file_location('d', r'{PROJECT / 'dags' / 'optimize_model.py'}')\n"
+            f"spec = importlib.util.spec_from_file_location('d', r'{PROJECT / 'dags' / dag_file}')\n"
             "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
             "heavy = [x for x in ('torch', 'transformers', 'great_expectations', 'dvc', 'matplotlib') if x in sys.modules]\n"
             "print(','.join(heavy))\n")
@@ -218,3 +219,22 @@ def test_transient_storage_faults_are_retried_and_user_errors_fail_at_once(dagba
         assert info.value is exc and isinstance(exc, TransientStorageError), f"retried as is: {info.value!r}"
     else:
         assert isinstance(info.value, AirflowFailException) and str(exc) in str(info.value), repr(info.value)
+
+
+def test_continuous_dag_policy_schedule_and_graph(dagbag):
+    """Daily and on new traffic (assets), never backfilled, one run at a time; drift -> reoptimize -> report."""
+    from airflow.timetables.assets import AssetOrTimeSchedule
+
+    dag = dagbag.dags["continuous_optimization"]
+    assert dag.catchup is False and dag.max_active_runs == 1, (dag.catchup, dag.max_active_runs)
+    assert {"costopt", "continuous"} <= set(dag.tags), dag.tags
+    assert isinstance(dag.timetable, AssetOrTimeSchedule) and "0 3 * * *" in dag.timetable.summary, dag.timetable.summary
+    assets = {asset.name for _key, asset in dag.timetable.asset_condition.iter_assets()}
+    assert assets == {"costopt_request_log", "costopt_serving_metrics"}, assets
+    graph = {t.task_id: set(t.downstream_task_ids) for t in dag.tasks}
+    assert graph == {"traffic": {"ab_test", "drift"}, "ab_test": {"decide"}, "drift": {"decide"},
+                     "decide": {"reoptimize"}, "reoptimize": {"report"}, "report": set()}, graph
+    assert dag.get_task("report").trigger_rule == "none_failed", "the report is written whether or not it re-optimizes"
+    assert dag.get_task("reoptimize").trigger_dag_id == "optimize_model"
+    for t in dag.tasks:
+        assert t.retries >= 1, f"{t.task_id} should retry transient failures"

@@ -241,3 +241,26 @@ def export(model_dir: Path, onnx_file: Path, quantize: bool) -> Path:
             quantize_dynamic(str(fp32), str(final), weight_type=QuantType.QInt8, per_channel=True)
         os.replace(final, onnx_file)
     return onnx_file
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m costopt.cache.embed --texts in.json --out emb.npy` (serving environment): embed a JSON
+    list of texts, one row each, for the pipeline environment (the continuous DAG's drift test)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description="embed a JSON list of texts with the semantic cache's embedder")
+    p.add_argument("--texts", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND)
+    args = p.parse_args(argv)
+    texts = json.loads(args.texts.read_text())
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise SystemExit(f"{args.texts}: expected a JSON list of strings")
+    embedder = Embedder(backend=args.backend)
+    rows = [embedder.encode([t])[0] for t in texts]  # one at a time: an INT8 embedding must not depend on its batch
+    np.save(args.out, np.stack(rows) if rows else np.zeros((0, DIM), dtype=np.float32))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

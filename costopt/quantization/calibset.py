@@ -6,6 +6,7 @@ the held-out prompts. `request_log_rows` reads the log for the distill phase too
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -13,22 +14,32 @@ from costopt.params import Params, ParamsError
 from costopt.quantization.schemes import Calibration
 from costopt.storage.layout import Workspace
 
+_log = logging.getLogger("costopt.calibset")
+
 
 def request_log_rows(path: Path) -> list[dict[str, Any]]:
-    """Prompts from a serving request log: JSONL rows with a "prompt" text or chat "messages"."""
-    rows = []
-    with open(path) as fh:
+    """Prompts from a serving request log: JSONL rows with a "prompt" text or chat "messages". A corrupt or
+    truncated line (a crash mid-write) is skipped, and the count logged with the first such line: the log
+    is production data the continuous DAG re-optimizes on, and one bad line must not stop that run."""
+    rows, bad = [], []
+    with open(path, encoding="utf-8", errors="replace") as fh:
         for n, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ParamsError(f"calibrate.logs: {path} line {n}: not JSON ({exc.msg})") from exc
+                bad.append(f"line {n}: not JSON ({exc.msg})")
+                continue
+            if not isinstance(rec, dict):
+                bad.append(f"line {n}: not a JSON object")
+                continue
             if isinstance(rec.get("messages"), list):
                 rows.append({"id": f"log{n}", "messages": rec["messages"]})
             elif isinstance(rec.get("prompt"), str) and rec["prompt"].strip():
                 rows.append({"id": f"log{n}", "messages": [{"role": "user", "content": rec["prompt"]}]})
+    if bad:
+        _log.warning("calibrate.logs: %s: skipped %d corrupt line(s), the first %s", path, len(bad), bad[0])
     return rows
 
 
