@@ -71,6 +71,7 @@ bench: $(STAMP) $(SSTAMP)
 	$(VPY) -m tasks.servebench
 	$(VPY) -m tasks.tenantbench
 	$(SPY) -m tasks.cachebench
+	$(VPY) -m tasks.canarybench
 
 # The lasting deployment (costopt/deploy/lasting.py): the last deploy's variants behind the gateway, on loopback.
 serve: $(STAMP) $(SSTAMP)

@@ -337,6 +337,7 @@ def build_summary(params: Params, inp: Inputs) -> dict[str, Any]:
         "calibration_curve": inp.curve,
         "distill": distill_section(inp.distill),
         "deployed": (inp.serving or {}).get("deployed", []),  # what the deploy phase served, fingerprints
+        "deployment": (inp.serving or {}).get("deployment"),  # the lasting deployment: what the deploy did to it
         "wall_times_s": _wall_times(params, inp.root),  # each phase's last run, seconds (logs/timings)
         # candidates ruled out before they could be gated (runtime missing, export or logits failed)
         "failed_variants": [{k: f.get(k) for k in ("name", "phase", "error", "reason")}
@@ -564,6 +565,18 @@ def _distill_html(d: dict[str, Any] | None) -> str:
             f"<th>distilled</th></tr>{rows}</table>")
 
 
+def _deployment_html(dep: dict[str, Any] | None) -> str:
+    """One line on the lasting deployment: what this run's deploy did to it, and where it serves."""
+    esc = html.escape
+    if not dep or not dep.get("gateway_url"):
+        reason = (dep or {}).get("reason")
+        return f"<p>The lasting deployment was not changed{': ' + esc(reason) if reason else ''}.</p>"
+    canary = f"; a canary of <b>{esc(dep['canary'])}</b> is judged on its answers" if dep.get("canary") else ""
+    return (f"<p>The lasting deployment <b>{esc(dep['deployment'])}</b> ({esc(str(dep.get('action')))}) serves "
+            f"<b>{esc(str(dep.get('current')))}</b> at <code>{esc(dep['gateway_url'])}/openai/v1</code>{canary}; "
+            f"<code>make serve-stop</code> stops it.</p>")
+
+
 def _serving_html(summary: dict[str, Any]) -> str:
     """Deployed variants and the deploy phase's load test, when it ran."""
     esc, serving = html.escape, summary.get("serving")
@@ -584,6 +597,7 @@ def _serving_html(summary: dict[str, Any]) -> str:
     trace = serving["trace"]
     return f"""<h2>Serving</h2>
 <p>Deployed on a loopback KServe server (continuous batching): {deployed}.</p>{f"<ul>{left}</ul>" if left else ""}
+{_deployment_html(summary.get("deployment"))}
 <p class="ci">Load test: trace {esc(str(trace["name"]))} ({trace["requests"]} requests), closed loop. Naive path
 (fp32, batch 1): {_fmt(serving.get("naive_cost_per_1m_requests_usd"))} USD per 1M requests; served:
 {_fmt(serving.get("optimized_cost_per_1m_requests_usd"))}.</p>

@@ -228,3 +228,12 @@ def test_mmd_finds_a_planted_shift_and_not_noise():
         mmd_test(ref, ref[:3])
     with pytest.raises(ValueError, match="dim"):
         mmd_test(ref, rng.normal(size=(10, 8)))
+
+
+def test_verdict_reasons_read_as_plain_numbers():
+    j = _judge()
+    for i in range(30):
+        j.canary_request(True, 100.0, now_s=i)
+        j.judgement(0.9, 0.5)
+    v = j.decide(30)
+    assert v.state == "rollback" and "np.float" not in v.reason and "kl [0." in v.reason, v.reason

@@ -333,3 +333,13 @@ def test_the_routing_paragraph_names_dropped_tiers_and_the_task_retention():
     assert "task accuracy retention on 180 labeled items" in text and "0.4970" in text, text
     routing.update(dropped=[], task_items=None)
     assert "dropped" not in _routing_html(routing) and "labeled" not in _routing_html(routing)
+
+
+def test_the_report_says_where_the_lasting_deployment_serves():
+    from tasks.report import _deployment_html
+
+    line = _deployment_html({"action": "canary started", "deployment": "assistant", "current": "gguf_q8_0_fa",
+                             "canary": "gguf_q6_k", "gateway_url": "http://127.0.0.1:8090"})
+    assert "assistant" in line and "gguf_q8_0_fa" in line and "canary of <b>gguf_q6_k</b>" in line, line
+    assert "http://127.0.0.1:8090/openai/v1" in line and "make serve-stop" in line, line
+    assert "not changed: serve.keep is false" in _deployment_html({"action": "off", "reason": "serve.keep is false"})

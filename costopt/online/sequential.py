@@ -86,7 +86,7 @@ class BettingCS:
 
     @property
     def mean(self) -> float:
-        return self.lo + (self.hi - self.lo) * (self._sum / self.n) if self.n else float("nan")
+        return float(self.lo + (self.hi - self.lo) * (self._sum / self.n)) if self.n else float("nan")
 
     def _bound(self, which: int) -> float:
         idx = np.flatnonzero(self._alive)
@@ -94,7 +94,7 @@ class BettingCS:
             return self.mean
         step = 1.0 / (GRID - 1)  # the true mean may lie between two grid points: widen by one step
         m = self._m[idx[0]] - step if which == 0 else self._m[idx[-1]] + step
-        return self.lo + (self.hi - self.lo) * min(max(m, 0.0), 1.0)
+        return float(self.lo + (self.hi - self.lo) * min(max(m, 0.0), 1.0))
 
     @property
     def lower(self) -> float:

@@ -9,8 +9,9 @@ predictor, the current variant teacher-forced on the canary's tokens), errors an
 the canary's own requests. Promotion makes the candidate current; a rollback sends the share back.
 
 No client request fails because of a canary: a canary request the predictor refuses or fails (5xx,
-404 after an unload, 429, unreachable) is counted against the canary and answered by the current
-variant instead, before any byte reaches the client. A streamed canary answer that breaks off after
+404 after an unload, unreachable) is counted against the canary and answered by the current variant
+instead, before any byte reaches the client; a 429 (load shed, as the current would shed it) is
+answered by the current variant without counting against the canary. A streamed canary answer that breaks off after
 its first bytes cannot be retried and is counted as an error (the client sees the break, as it would
 from the current variant). Latency is compared on non-streamed requests the predictor answered (a
 cache hit's few ms would say nothing about a variant).

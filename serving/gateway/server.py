@@ -269,7 +269,8 @@ class GatewayRoutes:
                 if r is not None:
                     await r.aread()
                     await r.aclose()
-                rollout.canary_answered(candidate, False, None)
+                if r is None or r.status_code != 429:  # a 429 sheds load, as the current would: not the canary's fault
+                    rollout.canary_answered(candidate, False, None)
                 return await self._stream(request, path, fallback, None)
             if r.status_code != 200:  # the request's own fault (400, 413): the current would refuse it too
                 return await self._stream(request, path, cbody, None, opened=r)
@@ -286,7 +287,8 @@ class GatewayRoutes:
         except httpx.HTTPError:
             r = None
         if r is None or r.status_code in FALLBACK_STATUSES:
-            rollout.canary_answered(candidate, False, None)
+            if r is None or r.status_code != 429:
+                rollout.canary_answered(candidate, False, None)
             return await self._plain(request, path, fallback, None, chat)
         if r.status_code == 200:
             rollout.canary_answered(candidate, True, (time.perf_counter() - t0) * 1000.0)
