@@ -198,9 +198,7 @@ def deploy(params: Any, ws: Any) -> dict[str, Any]:
     served = [*variants, *[t for t in tiers if t not in variants]]  # the router's tiers load beside the winners
     fetched = ensure_local(params, ws, served)
     items = build_trace(max(cfg.loadtest_requests, 16), cfg.trace_seed)
-    flags = ["--max_batch", str(cfg.max_batch), "--max_wait_ms", str(cfg.max_wait_ms),
-             "--max_queue", str(cfg.max_queue), "--reserved_high", str(cfg.reserved_high),
-             "--request_log", str(ws.root / params.calibrate.logs), *(["--log_prompts"] if cfg.log_prompts else [])]
+    flags = predictor_flags(params, ws)
     price, runs = params.cost.price_per_hour_usd, []
     picked = read_json(ws.search_dir / "search.json").get("picked")
     tested = picked if picked in variants else variants[-1]  # the search's pick when it serves, else the last
@@ -283,6 +281,14 @@ def _write_manifests(params: Any, ws: Any, served: list[str], current: str, cana
     plan = plan_from(params.serve.deployment, current, canary,
                      [(n, _weights(ws, n).stat().st_size, _fingerprint(ws, n)) for n in served], revision or "")
     return [str(p.relative_to(ws.root)) for p in write_manifests(ws.root / "infra" / "k8s", plan)]
+
+
+def predictor_flags(params: Any, ws: Any) -> list[str]:
+    """The predictor's admission and request-log flags from `serve` (the lasting one's too)."""
+    cfg = params.serve
+    return ["--max_batch", str(cfg.max_batch), "--max_wait_ms", str(cfg.max_wait_ms),
+            "--max_queue", str(cfg.max_queue), "--reserved_high", str(cfg.reserved_high),
+            "--request_log", str(ws.root / params.calibrate.logs), *(["--log_prompts"] if cfg.log_prompts else [])]
 
 
 def gw_flags_for(params: Any, ws: Any) -> list[str]:

@@ -55,15 +55,17 @@ def main(argv: list[str] | None = None) -> int:
         print(lasting.how_to_call(state))
         return 0
     from costopt.params import load_params
+    from costopt.storage.layout import Workspace
+    from tasks.deploy import gw_flags_for, predictor_flags
 
     params = load_params(root / args.settings if not args.settings.is_absolute() else args.settings)
+    ws = Workspace(root)
     try:
         variants, current = _plan(root, params)
         print(f"starting deployment {params.serve.deployment!r}: {', '.join(variants)} (current {current}) ...",
               flush=True)
         state = lasting.start(root, variants, current, params.serve.deployment, params.serve.predictor_port,
-                              params.serve.gateway_port, ["--request_log", str(root / params.calibrate.logs)],
-                              params.cache.gateway_flags())
+                              params.serve.gateway_port, predictor_flags(params, ws), gw_flags_for(params, ws))
     except DeployError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
