@@ -22,7 +22,7 @@ every generated KServe manifest through it with the CRDs in `schemas/kserve/`.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -58,7 +58,6 @@ class ManifestPlan:
     scale_target: int = 16  # in-flight requests per replica before another starts (the measured sweet spot)
     canary_percent: int = 20  # share a new revision of a service takes first (KServe canary rollout)
     cpu: str = "2"
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def k8s_name(variant: str) -> str:
