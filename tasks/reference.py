@@ -16,12 +16,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from costopt.evaluation.metrics import accuracy_and_retention, token_nll
-from costopt.evaluation.reference import (FILE, batches, crosscheck_texts, identity, logits, reference_sets,
-                                          shared_prefix_len, task_correct)
+from costopt.evaluation.reference import (FILE, batches, crosscheck_texts, final_hidden, identity, logits,
+                                          reference_sets, task_correct)
 from costopt.models.source import load_model_dir
 from costopt.params import Params
 from costopt.storage.layout import Workspace, read_json, replace_dir, staging_dir, write_json
@@ -64,19 +63,6 @@ def reference(params: Params, ws: Workspace) -> dict[str, Any]:
                                           "nll_count": nll_count, "correct": correct})
     replace_dir(stage, out)
     return {"cached": False, **baseline}
-
-
-def final_hidden(model: Any, tok: Any, texts: list[str], max_len: int, desc: str) -> tuple[torch.Tensor, int]:
-    """The fp32 final hidden states (after the last norm) of every real position of `texts` past their
-    shared prefix, in batch order: ([positions, hidden], the prefix length skipped)."""
-    skip, hidden = shared_prefix_len(tok, texts), []
-    for enc in tqdm(list(batches(tok, texts, max_len)), desc=desc, unit="batch"):
-        mask = enc["attention_mask"].bool()
-        mask[:, :skip] = False
-        with torch.inference_mode():
-            final = model.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-        hidden.append(final.last_hidden_state[mask].float())  # [n, H]
-    return torch.cat(hidden).contiguous(), skip
 
 
 def main(argv: list[str] | None = None) -> int:

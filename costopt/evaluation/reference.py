@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from tqdm import tqdm
 
 from costopt.storage.layout import MissingArtifactError, Workspace, read_json
 from costopt.params import Params
@@ -56,6 +57,19 @@ def batches(tok: Any, texts: list[str], max_len: int) -> Iterator[dict[str, torc
     for i in range(0, len(texts), BATCH):
         yield tok(texts[i:i + BATCH], return_tensors="pt", padding=True, truncation=True,
                   max_length=max_len)
+
+
+def final_hidden(model: Any, tok: Any, texts: list[str], max_len: int, desc: str) -> tuple[torch.Tensor, int]:
+    """The fp32 final hidden states (after the last norm) of every real position of `texts` past their
+    shared prefix, in batch order: ([positions, hidden], the prefix length skipped)."""
+    skip, hidden = shared_prefix_len(tok, texts), []
+    for enc in tqdm(list(batches(tok, texts, max_len)), desc=desc, unit="batch"):
+        mask = enc["attention_mask"].bool()
+        mask[:, :skip] = False
+        with torch.inference_mode():
+            final = model.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        hidden.append(final.last_hidden_state[mask].float())  # [n, H]
+    return torch.cat(hidden).contiguous(), skip
 
 
 def logits(model: Any, enc: dict[str, torch.Tensor]) -> torch.Tensor:
