@@ -237,3 +237,86 @@ def test_verdict_reasons_read_as_plain_numbers():
         j.judgement(0.9, 0.5)
     v = j.decide(30)
     assert v.state == "rollback" and "np.float" not in v.reason and "kl [0." in v.reason, v.reason
+
+
+# -- quality drift on live traffic (costopt.online.livequality) ------------------------------------------------
+def _live(kl=(0.010, 0.008, 0.012), p99=(0.1, 0.08, 0.12), top1=(0.97, 0.96, 0.98)):
+    return {m: {"value": v[0], "ci95": [v[1], v[2]]} for m, v in
+            (("kl_mean", kl), ("kl_p99", p99), ("top1_agreement", top1))}
+
+
+def test_quality_judge_needs_the_whole_interval_past_the_gate():
+    from costopt.online.livequality import judge
+    from costopt.params import Gates
+
+    gates = Gates()  # kl_mean <= 0.02, kl_p99 <= 0.5, top1 >= 0.93
+    assert judge(_live(), None, gates) == ("no drift", [])
+    decision, reasons = judge(_live(kl=(0.05, 0.03, 0.07)), None, gates)
+    assert decision == "drift" and len(reasons) == 1 and reasons[0].startswith("kl_mean fails its gate"), reasons
+    assert judge(_live(kl=(0.021, 0.015, 0.027)), None, gates)[0] == "no drift", \
+        "an interval straddling the gate is not evidence of drift"
+    decision, reasons = judge(_live(top1=(0.90, 0.88, 0.92)), None, gates)
+    assert decision == "drift" and reasons[0].startswith("top1_agreement"), reasons
+
+
+def test_quality_judge_flags_a_significant_drop_from_the_validated_value():
+    from costopt.online.livequality import judge
+    from costopt.params import Gates
+
+    validated = {"kl_mean": {"value": 0.006, "ci95": [0.005, 0.007]}}
+    decision, reasons = judge(_live(kl=(0.012, 0.010, 0.015)), validated, Gates())
+    assert decision == "drift" and "worse on live traffic than when validated" in reasons[0], reasons
+    assert judge(_live(kl=(0.008, 0.0065, 0.010)), validated, Gates())[0] == "no drift", "overlapping intervals"
+
+
+def test_logged_conversations_are_checked_and_sampled_reproducibly():
+    from costopt.online.livequality import conversation, sample_conversations
+
+    assert conversation({"prompt": "hi"}) == [{"role": "user", "content": "hi"}]
+    assert conversation({"messages": [{"role": "user", "content": "a", "extra": 1}]}) == \
+        [{"role": "user", "content": "a"}]
+    for bad in ({"prompt": "  "}, {"messages": []}, {"messages": [{"role": "tool", "content": "x"}]},
+                {"messages": [{"role": "user", "content": 3}]}, {"messages": ["hi"]}, {"latency_ms": 3}):
+        assert conversation(bad) is None, bad
+    records = [{"prompt": f"q{i % 40}"} for i in range(200)] + [{"messages": "junk"}]
+    first, again = sample_conversations(records, 10, seed=1), sample_conversations(records, 10, seed=1)
+    assert first == again and len(first) == 10 and len({c[0]["content"] for c in first}) == 10, first
+    assert len(sample_conversations(records, 1000)) == 40, "duplicates count once"
+
+
+def test_paired_quality_guard_verdicts():
+    """B's per-prompt KL against A's on the same prompts: a clear loss is "B worse", a tie "within margin",
+    a noisy small sample "open"; mismatched units are refused."""
+    import numpy as np
+    import pytest
+
+    from costopt.online.abtest import paired_guard
+
+    rng = np.random.default_rng(0)
+    a = list(rng.uniform(0.002, 0.01, 40))
+    worse = paired_guard(a, [x + 0.02 for x in a], margin=0.005)
+    assert worse["verdict"] == "B worse" and worse["interval"][0] > 0.005 and worse["n"] == 40, worse
+    same = paired_guard(a, [x + rng.normal(0, 0.001) for x in a], margin=0.005)
+    assert same["verdict"] == "B within margin", same
+    noisy = paired_guard(a[:12], [x + rng.normal(0.004, 0.02) for x in a[:12]], margin=0.005)
+    assert noisy["verdict"] == "open", noisy
+    assert paired_guard(a[:9], a[:9], margin=0.005)["verdict"] == "open", "fewer than 10 pairs decide nothing"
+    assert paired_guard([0.1] * 20, [None] + [0.1] * 19, margin=0.0)["n"] == 19, "unmeasured prompts are left out"
+    higher = paired_guard([0.9] * 20, [0.8] * 20, margin=0.05, better="higher")
+    assert higher["verdict"] == "B worse", higher
+    with pytest.raises(ValueError, match="must pair up"):
+        paired_guard([0.1, 0.2], [0.1], margin=0.0)
+
+
+def test_quality_guard_overrides_a_cost_win():
+    from costopt.online.abtest import with_guard
+
+    win = {"a": "int8", "b": "q4", "decision": "B", "reason": "q4 is better on ms_per_token", "metrics": {}}
+    open_ = {"verdict": "open"}
+    assert with_guard(win, "kl", {"verdict": "B within margin"})["decision"] == "B"
+    held = with_guard(win, "kl", open_)
+    assert held["decision"] == "undecided" and "not proven within its margin" in held["reason"], held
+    lost = with_guard(win, "kl", {"verdict": "B worse"})
+    assert lost["decision"] == "A" and lost["reason"] == "q4 is worse on kl" and lost["metrics"]["kl"], lost
+    few = {**win, "decision": "undecided", "reason": "too few samples: 3 (A) and 4 (B) of the 200 per arm required"}
+    assert with_guard(few, "kl", {"verdict": "B worse"})["decision"] == "undecided", "sample sizes come first"

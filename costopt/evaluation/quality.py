@@ -80,7 +80,7 @@ def passage_nll(model: Any, ref: Ref, tally: Tally) -> None:
             tally.nll_count.append(float(valid[b].sum()))
 
 
-def _prompt_estimates(tally: Tally, resamples: int, level: float = 0.95) -> dict[str, Estimate]:
+def prompt_estimates(tally: Tally, resamples: int, level: float = 0.95) -> dict[str, Estimate]:
     return {"kl_mean": mean_over_units(tally.kl_sum, tally.count, resamples, level=level),
             "kl_p99": quantile_over_units(tally.kl_tokens, 0.99, resamples, level=level),
             "top1_agreement": mean_over_units(tally.top1_sum, tally.count, resamples, level=level)}
@@ -93,7 +93,7 @@ def _interim(tally: Tally, resamples: int, gates: Gates, total: int, stops: list
     def stop_after(done: int, batches_total: int) -> bool:
         if done not in look_points(batches_total):
             return False
-        estimates = _prompt_estimates(tally, resamples, INTERIM_LEVEL)
+        estimates = prompt_estimates(tally, resamples, INTERIM_LEVEL)
         for metric, est in estimates.items():
             if failed_for_sure(metric, est.lo, est.hi, gates):
                 stops.append(Stop(metric, est.lo, est.hi, INTERIM_LEVEL, len(tally.count), total))
@@ -121,7 +121,7 @@ def measure_quality(model: Any, ref: Ref, resamples: int, gates: Gates | None = 
     stop_after = (_interim(tally, resamples, gates, len(ref.texts), stops, passes, early_pass)
                   if gates is not None else None)
     compare_prompts(model, ref, tally, stop_after=stop_after)
-    est = {k: v.to_dict() for k, v in _prompt_estimates(tally, resamples).items()}
+    est = {k: v.to_dict() for k, v in prompt_estimates(tally, resamples).items()}
     failed = [m for m in PROMPT_METRICS if gates is not None and fails(m, est[m], gates)]
     if stops or failed:
         unmeasured = {"value": None, "ci95": None}
@@ -150,5 +150,5 @@ def measure_crosscheck(model: Any, ref: Ref, resamples: int) -> dict[str, Any] |
         return None
     tally = Tally()
     compare_prompts(model, ref, tally, prompts=ref.crosscheck)
-    return {**{k: v.to_dict() for k, v in _prompt_estimates(tally, resamples).items()},
+    return {**{k: v.to_dict() for k, v in prompt_estimates(tally, resamples).items()},
             "prompts": len(tally.count), "tokens": int(sum(tally.count))}

@@ -139,6 +139,49 @@ class ABTest:
         return {**out, "decision": "undecided", "reason": f"not proven yet: {', '.join(open_)}"}
 
 
+def paired_guard(a: list[float | None], b: list[float | None], margin: float, better: str = "lower",
+                 level: float = 0.95, resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Non-inferiority of B against A on a metric measured on the same units for both arms (the quality
+    check scores both variants on one sample of live prompts): the percentile bootstrap interval of the
+    mean paired difference B - A. "B worse" when B is worse by more than `margin` for sure, "B within
+    margin" when it is within for sure, else "open". A fixed-sample test, taken once per run on its
+    sample (not a stream like the metrics above); units where either value is None are left out."""
+    if better not in ("higher", "lower"):
+        raise ValueError(f"better: expected 'higher' or 'lower', got {better!r}")
+    if len(a) != len(b):
+        raise ValueError(f"paired_guard: {len(a)} values for A and {len(b)} for B; the units must pair up")
+    pairs = np.array([(x, y) for x, y in zip(a, b) if x is not None and y is not None], dtype=float).reshape(-1, 2)
+    out: dict[str, Any] = {"n": int(len(pairs)), "margin": margin, "better": better, "level": level,
+                           "test": "paired bootstrap, mean of B - A"}
+    if len(pairs) < 10:
+        return {**out, "verdict": "open", "reason": f"{len(pairs)} paired units; 10 needed"}
+    diff = pairs[:, 1] - pairs[:, 0]
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    worse_lo, worse_hi = (lo, hi) if better == "lower" else (-hi, -lo)  # B's disadvantage
+    verdict = "B worse" if worse_lo > margin else "B within margin" if worse_hi <= margin else "open"
+    return {**out, "mean_a": _r(pairs[:, 0].mean()), "mean_b": _r(pairs[:, 1].mean()),
+            "difference_b_minus_a": _r(diff.mean()), "interval": [_r(lo), _r(hi)], "verdict": verdict}
+
+
+def with_guard(result: dict[str, Any], name: str, guard: dict[str, Any]) -> dict[str, Any]:
+    """An A/B decision (`ABTest.decision`) with a paired guard added under `name`: B proven worse on it
+    makes the decision A; a B decision stands only when the guard is proven within its margin. Below the
+    request sample sizes the decision stays undecided, as without the guard."""
+    out = {**result, "metrics": {**result["metrics"], name: guard}}
+    if result["decision"] == "undecided" and result["reason"].startswith("too few samples"):
+        return out
+    b = result["b"]
+    if guard["verdict"] == "B worse":
+        reason = (result["reason"] + f"; and on {name}") if result["decision"] == "A" else f"{b} is worse on {name}"
+        return {**out, "decision": "A", "reason": reason}
+    if result["decision"] == "B" and guard["verdict"] != "B within margin":
+        return {**out, "decision": "undecided",
+                "reason": f"{result['reason']}, but {name} is not proven within its margin ({guard['verdict']})"}
+    return out
+
+
 def _r(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else round(float(x), 8)
 
