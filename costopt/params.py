@@ -286,7 +286,11 @@ class ContinuousParams:
     reference_prompts: int = 300  # calibration prompts the recent ones are compared with, at most
     ab_min_samples: int = 200  # requests per variant before an A/B test may decide
     ab_alpha: float = 0.05  # the A/B test's level, all metrics together
+    ab_kl_margin: float = 0.005  # nats/token B's live KL may exceed A's (paired, on the quality sample)
+    quality_prompts: int = 32  # logged prompts the served variant is re-measured on against fp32 (quality drift)
+    announce_requests: int = 200  # new requests that make the traffic_watch DAG post an asset event (a run here)
     reoptimize: bool = True  # on drift, trigger optimize_model (it calibrates on the request log)
+    redistill: bool = True  # that run also re-distills the student (on the request log's prompts too)
     profile: str = "full"  # the profile of the optimize_model run a drift triggers
 
     def check(self, where: str) -> None:
@@ -297,8 +301,12 @@ class ContinuousParams:
         _check_number(f"{where}.reference_prompts", self.reference_prompts, 5, 100_000, integer=True)
         _check_number(f"{where}.ab_min_samples", self.ab_min_samples, 10, 10_000_000, integer=True)
         _check_number(f"{where}.ab_alpha", self.ab_alpha, 1e-6, 0.5)
-        if not isinstance(self.reoptimize, bool):
-            raise ParamsError(f"{where}.reoptimize: expected true or false, got {self.reoptimize!r}")
+        _check_number(f"{where}.ab_kl_margin", self.ab_kl_margin, 0, 20)
+        _check_number(f"{where}.quality_prompts", self.quality_prompts, 5, 10_000, integer=True)
+        _check_number(f"{where}.announce_requests", self.announce_requests, 1, 10_000_000, integer=True)
+        for name in ("reoptimize", "redistill"):
+            if not isinstance(getattr(self, name), bool):
+                raise ParamsError(f"{where}.{name}: expected true or false, got {getattr(self, name)!r}")
         if self.profile not in ("quick", "full"):
             raise ParamsError(f"{where}.profile: expected 'quick' or 'full', got {self.profile!r}")
 

@@ -1,11 +1,18 @@
 """The `continuous_optimization` DAG: production traffic feeds back; drift re-optimizes, on its own.
 
 Runs daily (03:00 UTC, `catchup=False`) and whenever new traffic lands: the request log and the serving
-metrics are Airflow Assets (whatever ships the log, e.g. a rotation hook, posts an asset event through
-Airflow's REST API). Wiring only: each task is a wrapper of a phase in `tasks/continuous.py`.
+metrics are Airflow Assets. The `traffic_watch` DAG below posts their events: every 15 minutes it
+counts the requests in the log and in the running predictor's `/metrics`, and a task whose outlet is
+the asset succeeds once `continuous.announce_requests` new ones have come in (anything else that ships
+the log, e.g. a rotation hook, can post the same event through Airflow's REST API). Wiring only: each
+task is a wrapper of a phase in `tasks/continuous.py`.
 
-    traffic -> [ab_test, drift] -> decide --(drift)--> reoptimize (triggers optimize_model) -> report
-                                         \\--(no drift: reoptimize skipped)----------------> report
+    traffic -> drift ----------------> decide --(drift)--> reoptimize (triggers optimize_model) -> report
+           \\-> quality -> ab_test ---/       \\--(no drift: reoptimize skipped)---------------> report
+
+`drift` tests the prompts (MMD of embeddings), `quality` the served variant's KL and top-1 against fp32
+on a sample of them (the validate gates on live traffic), and the A/B arms' KL on the same prompts,
+which `ab_test` uses as its quality guard; either drift re-optimizes.
 
 `optimize_model` is the same code path as a manual run: it calibrates on the request log, gates every
 candidate, and its deploy phase hands the winner to the deployment's quality-judged canary.
@@ -23,22 +30,34 @@ REQUEST_LOG = Asset(name="costopt_request_log", uri="file:///costopt/logs/reques
 SERVING_METRICS = Asset(name="costopt_serving_metrics", uri="file:///costopt/serving/metrics", group="costopt")
 
 
-def _run(phase: str):
-    """tasks.continuous.<phase>(params, ws, run_id) with this run's workspace and profile."""
+def _settings():
+    """(params, workspace) of this run's form: its workspace and profile."""
     from airflow.sdk.exceptions import AirflowFailException
 
     from costopt.params import ParamsError, load_params
     from costopt.storage.layout import Workspace
-    from tasks import continuous
 
-    context = get_current_context()
-    form = context["params"]
+    form = get_current_context()["params"]
     ws = Workspace.from_env(form.get("workspace") or None)
     try:
-        params = load_params(ws.root / "params.yaml", profile=form.get("profile") or None)
+        return load_params(ws.root / "params.yaml", profile=form.get("profile") or None), ws
     except ParamsError as exc:  # bad settings: retrying cannot help
         raise AirflowFailException(str(exc)) from exc
-    return getattr(continuous, phase)(params, ws, context["run_id"])
+
+
+def _run(phase: str):
+    """tasks.continuous.<phase>(params, ws, run_id) with this run's workspace and profile."""
+    from tasks import continuous
+
+    params, ws = _settings()
+    return getattr(continuous, phase)(params, ws, get_current_context()["run_id"])
+
+
+FORM = {
+    "workspace": Param("", type="string", description="the workspace to watch (empty: the project folder)"),
+    "profile": Param("", type="string", enum=["", "quick", "full"],
+                     description="params.yaml profile for this run's settings (empty: the file as it is)"),
+}
 
 
 @dag(
@@ -51,11 +70,7 @@ def _run(phase: str):
     tags=["costopt", "continuous"],
     default_args={"retries": 1, "retry_delay": timedelta(seconds=30)},
     doc_md=__doc__,
-    params={
-        "workspace": Param("", type="string", description="the workspace to watch (empty: the project folder)"),
-        "profile": Param("", type="string", enum=["", "quick", "full"],
-                         description="params.yaml profile for this run's settings (empty: the file as it is)"),
-    },
+    params=FORM,
 )
 def continuous_optimization():
     @task
@@ -69,6 +84,10 @@ def continuous_optimization():
     @task
     def drift():
         return _run("drift")
+
+    @task
+    def quality():
+        return _run("quality")
 
     @task.short_circuit(ignore_downstream_trigger_rules=False)
     def decide():
@@ -85,7 +104,52 @@ def continuous_optimization():
 
     seen = traffic()
     decided = decide()
-    seen >> [ab_test(), drift()] >> decided >> reoptimize >> report()
+    measured = quality()
+    seen >> measured
+    seen >> drift() >> decided
+    measured >> ab_test() >> decided
+    decided >> reoptimize >> report()
 
 
 continuous_optimization()
+
+
+@dag(
+    dag_id="traffic_watch",
+    schedule=CronTriggerTimetable("*/15 * * * *", timezone="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["costopt", "continuous"],
+    default_args={"retries": 1, "retry_delay": timedelta(seconds=30)},
+    doc_md="Posts the request-log and serving-metrics asset events that run `continuous_optimization` "
+           "once `continuous.announce_requests` new requests have come in (`tasks.continuous.watch`).",
+    params=FORM,
+)
+def traffic_watch():
+    def watcher(what: str, asset: Asset):
+        @task.short_circuit(task_id=f"{what}_grew")
+        def grew():
+            from tasks import continuous
+
+            params, ws = _settings()
+            seen = continuous.watch(params, ws, what)
+            print(f"{what}: {seen['reason']}")
+            return seen if seen["announce"] else None
+
+        @task(task_id=f"announce_{what}", outlets=[asset])
+        def announce(seen: dict):
+            """Succeeds, so Airflow posts the asset's event (with the counts as its extra)."""
+            from tasks import continuous
+
+            _params, ws = _settings()
+            get_current_context()["outlet_events"][asset].extra = {"requests": seen["count"],
+                                                                   "new": seen["count"] - seen["since"]}
+            continuous.announced(ws, what, seen["count"])
+
+        announce(grew())
+
+    watcher("request_log", REQUEST_LOG)
+    watcher("serving_metrics", SERVING_METRICS)
+
+
+traffic_watch()

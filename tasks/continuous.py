@@ -1,5 +1,6 @@
 """The continuous_optimization DAG's phases: read production traffic, A/B-test the variants that served
-it, test the prompts for drift, decide, and write every decision with its evidence.
+it, test the prompts and the served variant's quality for drift, decide, and write every decision with
+its evidence.
 
 Each phase is a plain function `(params, ws, run_id) -> small dict`, writing its evidence under
 `artifacts/continuous/<run_id>/`; `report` gathers it into `reports/continuous/<run_id>/decisions.json`
@@ -14,9 +15,14 @@ Each phase is a plain function `(params, ws, run_id) -> small dict`, writing its
 - `drift`: the logged prompts of the window against the prompts the deployed variants were calibrated
   and validated on (`artifacts/data/calibration.jsonl` and `prompts.jsonl`), embedded with the semantic
   cache's embedder (in the serving environment) and compared by MMD with a permutation test.
-- `decide`: re-optimize when the prompts drifted (and `continuous.reoptimize`); the DAG then triggers
-  `optimize_model`, the same code path, which calibrates on the request log (`calibrate.source: auto`),
-  gates every candidate and hands the winner to the deployment's canary.
+- `quality`: the variant in service (the rollout's current one, else the deployment record's, else the
+  window's most-served) measured against fp32 on `continuous.quality_prompts` of the window's logged
+  prompts, with the validate phase's own KL and top-1 code and CIs (`costopt.online.livequality`):
+  drift when a gate fails for sure on live traffic or the KL is significantly worse than validated.
+- `decide`: re-optimize when the prompts or the quality drifted (and `continuous.reoptimize`); the DAG
+  then triggers `optimize_model`, the same code path, which calibrates on the request log
+  (`calibrate.source: auto`), re-distills when `continuous.redistill`, gates every candidate and hands
+  the winner to the deployment's canary.
 
     python -m tasks.continuous --workspace . [--run-id manual]   # every phase in order, no Airflow
 """
@@ -94,30 +100,55 @@ def ab_config(params: Any) -> Any:
                     alpha=c.ab_alpha, min_samples=c.ab_min_samples)
 
 
-def ab_test(params: Any, ws: Any, run_id: str) -> dict[str, Any]:
-    from costopt.online.abtest import ABTest
+def _rollout(ws: Any, run_id: str) -> dict[str, Any]:
+    """The deployment's rollout state as the traffic phase saw it ({} when none was running)."""
+    traffic_file = _dir(ws, run_id) / "traffic.json"
+    return ((read_json(traffic_file).get("deployment") or {}).get("rollout") or {}) if traffic_file.is_file() else {}
 
-    records = _records(params, ws).records
+
+def ab_arms(ws: Any, run_id: str, records: list[dict[str, Any]]) -> tuple[str | None, str | None, dict[str, int]]:
+    """(A, B, requests per variant): the two variants that served most of the window, A the deployment's
+    current one when it is one of them; (None, None, counts) when fewer than two served."""
     counts: dict[str, int] = {}
     for r in records:
         counts[str(r["variant"])] = counts.get(str(r["variant"]), 0) + 1
     served = sorted(counts, key=lambda v: -counts[v])
-    traffic_file = _dir(ws, run_id) / "traffic.json"
-    rollout = ((read_json(traffic_file).get("deployment") or {}).get("rollout") or {}) if traffic_file.is_file() else {}
     if len(served) < 2:
-        result = {"decision": "undecided", "reason": f"{len(served)} variant(s) served the window; an A/B test needs "
-                                                     f"two", "requests": counts}
+        return None, None, counts
+    current = _rollout(ws, run_id).get("current")
+    a = current if current in served[:2] else served[0]
+    return a, next(v for v in served if v != a), counts
+
+
+QUALITY_GUARD = "kl_mean (live prompts, paired)"
+
+
+def ab_test(params: Any, ws: Any, run_id: str) -> dict[str, Any]:
+    """The A/B test on the window's requests, with the quality phase's paired KL of both arms as a guard."""
+    from costopt.online.abtest import ABTest, paired_guard, with_guard
+
+    records = _records(params, ws).records
+    a, b, counts = ab_arms(ws, run_id, records)
+    if a is None:
+        result = {"decision": "undecided", "reason": f"{len(counts)} variant(s) served the window; an A/B test "
+                                                     f"needs two", "requests": counts}
     else:
-        a = rollout.get("current") if rollout.get("current") in served[:2] else served[0]
-        b = next(v for v in served if v != a)
         test = ABTest(ab_config(params), a, b)
         for r in records:
             arm = "A" if r["variant"] == a else "B" if r["variant"] == b else None
             if arm is not None:
                 test.add(arm, {"ms_per_token": float(r["latency_ms"]) / max(int(r.get("completion_tokens") or 0), 1),
                                "latency_ms": float(r["latency_ms"]), "error": float(r["outcome"] != "ok")})
-        result = {**test.decision(), "requests": counts, "quality": "judged by the canary's shadow comparisons; "
-                                                                     "the request log carries none"}
+        result = {**test.decision(), "requests": counts}
+        qfile = _dir(ws, run_id) / "quality.json"
+        arms = (read_json(qfile).get("arms") or {}) if qfile.is_file() else {}
+        if a in arms and b in arms:
+            guard = paired_guard(arms[a]["per_prompt_kl"], arms[b]["per_prompt_kl"],
+                                 margin=params.continuous.ab_kl_margin, better="lower")
+            result = with_guard(result, QUALITY_GUARD, guard)
+        else:
+            result["quality"] = ("not measured: " + ((read_json(qfile).get("arms_reason") if qfile.is_file() else None)
+                                                     or "no quality phase output"))
     write_json(_dir(ws, run_id) / "ab.json", result)
     return {"decision": result["decision"], "reason": result["reason"]}
 
@@ -171,17 +202,167 @@ def drift(params: Any, ws: Any, run_id: str) -> dict[str, Any]:
     return {k: result.get(k) for k in ("decision", "reason", "p_value")}
 
 
+# -- quality drift -----------------------------------------------------------------------------------------------
+def served_variant(ws: Any, run_id: str, records: list[dict[str, Any]]) -> tuple[str | None, str]:
+    """(the variant in service, where that came from): the rollout's current variant as the traffic phase
+    saw it, else the last deploy's record, else the variant that served most of the window."""
+    rollout = _rollout(ws, run_id)
+    if rollout.get("current"):
+        return str(rollout["current"]), "the running deployment's rollout state"
+    record = ws.root / "artifacts" / "serving" / "deployment.json"
+    if record.is_file():
+        current = read_json(record).get("current")
+        if current:
+            return str(current), str(record.relative_to(ws.root))
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[str(r["variant"])] = counts.get(str(r["variant"]), 0) + 1
+    if counts:
+        return max(counts, key=counts.get), "the variant that served most of the window"
+    return None, "no request in the window"
+
+
+def _unmeasurable(ws: Any, name: str) -> str | None:
+    """Why variant `name` (a name from the request log: never trusted) cannot be scored here, or None."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", name):
+        return f"{name!r} is not a variant name"
+    if name != "fp32" and not ws.variant_dir(name).is_dir():
+        return f"variant {name!r} is not built in this workspace ({ws.variant_dir(name)})"
+    return None
+
+
+def quality(params: Any, ws: Any, run_id: str, variant: str | None = None) -> dict[str, Any]:
+    """Quality drift of the variant in service (or `variant`) on live traffic, and the live KL of both A/B
+    arms on the same prompts (the A/B test's quality guard); writes quality.json."""
+    from costopt.evaluation.reference import load_reference
+    from costopt.models.source import load_model_dir
+    from costopt.online.livequality import judge, live_prompt_set, measure_live, sample_conversations
+    from costopt.runtimes.base import RuntimeFailure
+    from costopt.runtimes.registry import load_scorer
+    from costopt.storage.layout import MissingArtifactError
+
+    c = params.continuous
+    records = _records(params, ws).records
+    name, source = (variant, "asked for") if variant else served_variant(ws, run_id, records)
+    a, b, _counts = ab_arms(ws, run_id, records)
+    convs = sample_conversations(records, c.quality_prompts)
+    logged = len(sample_conversations(records, len(records)))
+    result: dict[str, Any] = {"variant": name, "variant_from": source, "prompts_logged": logged,
+                              "test": "validate's KL mean / KL p99 / top-1 against fp32 on a seeded sample of the "
+                                      "window's logged prompts answered by fp32, 95% bootstrap CIs"}
+    why = None
+    if name is None:
+        why = "no request in the window"
+    elif logged < c.min_prompts:
+        why = (f"{logged} distinct logged prompts in the window, {c.min_prompts} needed (the server logs prompt "
+               f"text only with serve.log_prompts: true)")
+    wanted = [n for n in dict.fromkeys([name, a, b]) if n]
+    skipped = {n: r for n in wanted if (r := _unmeasurable(ws, n))}
+    measured: dict[str, dict[str, Any]] = {}
+    if why is None and any(n not in skipped and n != "fp32" for n in wanted):
+        try:
+            ref = load_reference(params, ws)
+            prompts = live_prompt_set(load_model_dir(ws.model_dir)[0], ref, convs, params.evaldata.reference_tokens)
+        except MissingArtifactError as exc:
+            why = f"cannot measure: {exc}"
+        else:
+            for n in wanted:
+                if n == "fp32":  # fp32 against itself: KL 0 at every position, by definition
+                    measured[n] = {"per_prompt_kl": [0.0] * len(prompts.texts)}
+                elif n not in skipped:
+                    try:
+                        measured[n] = measure_live(load_scorer(ws, n)[0], ref, prompts, params.validate.bootstrap)
+                    except RuntimeFailure as exc:
+                        skipped[n] = f"cannot measure {n!r}: {exc}"
+    served_why = why or skipped.get(name) or \
+        ("fp32 itself is in service: nothing to compare it with" if name == "fp32" else None)
+    if served_why:
+        result.update(decision="undecided", reason=served_why)
+    else:
+        live = measured[name]
+        qfile = ws.quality_file(name)
+        validated = read_json(qfile).get("metrics") if qfile.is_file() else None
+        decision, reasons = judge(live, validated, params.validate.gates)
+        result.update(live=live, validated={k: (validated or {}).get(k) for k in ("kl_mean", "kl_p99", "top1_agreement")},
+                      decision=decision, reasons=reasons,
+                      reason="; ".join(reasons) or "every prompt gate holds on live traffic and the KL is not "
+                                                   "significantly worse than validated")
+    if a is None:
+        result["arms_reason"] = "fewer than two variants served the window"
+    elif a in measured and b in measured:
+        result["arms"] = {n: {"kl_mean": measured[n].get("kl_mean"), "per_prompt_kl": measured[n]["per_prompt_kl"]}
+                          for n in (a, b)}
+    else:
+        result["arms_reason"] = why or "; ".join(skipped[n] for n in (a, b) if n in skipped)
+    write_json(_dir(ws, run_id) / "quality.json", result)
+    return {k: result.get(k) for k in ("variant", "decision", "reason")}
+
+
+# -- watching for new traffic: the traffic_watch DAG's phases, which post the asset events ----------------------
+WATCHED = ("request_log", "serving_metrics")
+
+
+def _watch_state(ws: Any) -> Path:
+    return ws.root / ".costopt" / "continuous" / "watch.json"  # not versioned: the watcher's own bookkeeping
+
+
+def _count(params: Any, ws: Any, what: str) -> int | None:
+    """Requests the request log holds, or the running deployment's predictor has counted (None: not running)."""
+    if what == "request_log":
+        return len(read_log(ws.root / params.calibrate.logs).records)
+    deployment = _deployment(ws)
+    if deployment is None or "metrics" not in deployment:
+        return None
+    return int(sum(v for k, v in deployment["metrics"].items() if k.startswith("costopt_requests_total")))
+
+
+def watch(params: Any, ws: Any, what: str) -> dict[str, Any]:
+    """Whether `what` ("request_log" | "serving_metrics") gained at least `continuous.announce_requests`
+    requests since its last announcement: {"announce": bool, "count", "since", "reason"}. A count below
+    the last one (the log rotated, the predictor restarted) starts over from zero."""
+    if what not in WATCHED:
+        raise ValueError(f"watch: expected one of {WATCHED}, got {what!r}")
+    file = _watch_state(ws)
+    try:
+        last = int((read_json(file) if file.is_file() else {}).get(what, 0))
+    except (ValueError, TypeError, OSError):  # a damaged state file: start over rather than stop watching
+        last = 0
+    count = _count(params, ws, what)
+    if count is None:
+        return {"announce": False, "count": None, "since": last, "reason": "the deployment is not running"}
+    since = last if count >= last else 0
+    new, need = count - since, params.continuous.announce_requests
+    return {"announce": new >= need, "count": count, "since": since,
+            "reason": f"{new} new request(s) since the last announcement, {need} needed"}
+
+
+def announced(ws: Any, what: str, count: int) -> None:
+    """Record that `what` was announced at `count` requests (after its asset event was posted)."""
+    file = _watch_state(ws)
+    try:
+        state = read_json(file) if file.is_file() else {}
+    except (ValueError, OSError):
+        state = {}
+    file.parent.mkdir(parents=True, exist_ok=True)
+    write_json(file, {**state, what: int(count)})
+
+
 # -- decision and report ---------------------------------------------------------------------------------------
 def decide(params: Any, ws: Any, run_id: str) -> dict[str, Any]:
     folder = _dir(ws, run_id)
-    drift_result = read_json(folder / "drift.json") if (folder / "drift.json").is_file() else {}
+    found = {name: read_json(folder / f"{name}.json") if (folder / f"{name}.json").is_file() else {}
+             for name in ("drift", "quality")}
     reasons = []
-    if drift_result.get("decision") == "drift":
-        reasons.append(f"the prompts drifted ({drift_result.get('reason')})")
+    if found["drift"].get("decision") == "drift":
+        reasons.append(f"the prompts drifted ({found['drift'].get('reason')})")
+    if found["quality"].get("decision") == "drift":
+        reasons.append(f"the quality of {found['quality'].get('variant')} drifted on live traffic "
+                       f"({found['quality'].get('reason')})")
     reoptimize = bool(reasons) and params.continuous.reoptimize
     result = {"reoptimize": reoptimize, "reasons": reasons or ["no drift detected"],
               "trigger": {"dag_id": "optimize_model", "conf": {"workspace": str(ws.root),
-                                                               "profile": params.continuous.profile}}
+                                                               "profile": params.continuous.profile,
+                                                               "distill": params.continuous.redistill}}
               if reoptimize else None}
     if reasons and not params.continuous.reoptimize:
         result["reasons"].append("continuous.reoptimize is false: not triggered")
@@ -191,7 +372,7 @@ def decide(params: Any, ws: Any, run_id: str) -> dict[str, Any]:
 
 def report(params: Any, ws: Any, run_id: str) -> dict[str, Any]:
     folder = _dir(ws, run_id)
-    parts = {name: read_json(folder / f"{name}.json") for name in ("traffic", "ab", "drift", "decision")
+    parts = {name: read_json(folder / f"{name}.json") for name in ("traffic", "ab", "drift", "quality", "decision")
              if (folder / f"{name}.json").is_file()}
     out = ws.root / "reports" / "continuous" / folder.name / "decisions.json"
     write_json(out, {"run_id": run_id, **parts})
@@ -209,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     ws = Workspace.from_env(args.workspace)
     params = load_params(ws.root / "params.yaml", profile=args.profile)
-    for phase in (traffic, ab_test, drift, decide, report):
+    for phase in (traffic, ab_test, drift, quality, decide, report):
         print(f"{phase.__name__}: {json.dumps(phase(params, ws, args.run_id))}", flush=True)
     return 0
 

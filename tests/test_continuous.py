@@ -87,6 +87,9 @@ def test_no_drift_does_nothing(airflow, tmp_path_factory):
     _proc, report = _run(airflow, ws)
     assert report["traffic"]["skipped"] == 2 and report["traffic"]["records"] == 120, report["traffic"]
     assert report["drift"]["decision"] == "no drift", report["drift"]
+    # no model, reference or variant in this workspace: the quality check says why it cannot judge
+    assert report["quality"]["decision"] == "undecided" and "not built" in report["quality"]["reason"], \
+        report["quality"]
     assert report["decision"]["reoptimize"] is False and report["decision"]["trigger"] is None, report["decision"]
     assert _queued_optimize_runs(airflow) == [], "no drift must not trigger a re-optimization"
     assert report["ab"]["decision"] in ("undecided", "A", "B") and set(report["ab"]["requests"]) == \
@@ -99,4 +102,61 @@ def test_drift_triggers_reoptimization(airflow, tmp_path_factory):
     assert report["drift"]["decision"] == "drift" and report["drift"]["p_value"] < 0.01, report["drift"]
     assert report["decision"]["reoptimize"] is True, report["decision"]
     runs = _queued_optimize_runs(airflow)
-    assert runs == [{"workspace": str(ws), "profile": "quick"}], f"one optimize_model run queued for this workspace: {runs}"
+    assert runs == [{"workspace": str(ws), "profile": "quick", "distill": True}], \
+        f"one optimize_model run queued for this workspace, re-distilling (continuous.redistill): {runs}"
+
+
+def test_quality_drift_alone_triggers_reoptimization(tmp_path):
+    """decide re-optimizes on a quality drift even when the prompts did not drift, and says why; with
+    continuous.reoptimize false it records the drift and triggers nothing."""
+    import dataclasses
+
+    from costopt.params import load_params
+    from costopt.storage.layout import Workspace, write_json
+    from tasks import continuous
+
+    ws = Workspace.from_env(tmp_path)
+    params = load_params(PROJECT / "params.yaml", profile="quick")
+    folder = tmp_path / "artifacts" / "continuous" / "r1"
+    folder.mkdir(parents=True)
+    write_json(folder / "drift.json", {"decision": "no drift", "reason": "p = 0.4"})
+    write_json(folder / "quality.json", {"decision": "drift", "variant": "int8_weight_only",
+                                         "reason": "kl_mean fails its gate on live traffic"})
+    result = continuous.decide(params, ws, "r1")
+    assert result["reoptimize"] is True and result["trigger"]["conf"]["distill"] is True, result
+    assert any("quality of int8_weight_only drifted" in r for r in result["reasons"]), result["reasons"]
+    off = dataclasses.replace(params, continuous=dataclasses.replace(params.continuous, reoptimize=False,
+                                                                     redistill=False))
+    result = continuous.decide(off, ws, "r1")
+    assert result["reoptimize"] is False and result["trigger"] is None, result
+    assert any("not triggered" in r for r in result["reasons"]), result["reasons"]
+
+
+def _asset_events(airflow) -> list[tuple[str, dict]]:
+    env, _exe = airflow
+    code = ("from airflow.models.asset import AssetEvent\nfrom airflow.utils.session import create_session\nimport json\n"
+            "with create_session() as s:\n"
+            "    print(json.dumps([[e.asset.name, e.extra] for e in s.query(AssetEvent).order_by(AssetEvent.id)]))\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return [tuple(x) for x in json.loads(out.stdout.strip().splitlines()[-1])]
+
+
+def test_traffic_watch_posts_the_request_log_event_once_enough_traffic_came(airflow, tmp_path_factory):
+    """traffic_watch (real `airflow dags test` runs): 122 logged lines, 120 of them requests, pass the
+    quick profile's 20 -> one request-log asset event (the asset continuous_optimization is scheduled
+    on); a second run with nothing new posts none; no deployment runs, so no serving-metrics event."""
+    env, exe = airflow
+    ws = _workspace(tmp_path_factory.mktemp("watch"), drifted=False)
+    before = len(_asset_events(airflow))
+
+    def run_watch():
+        proc = subprocess.run([exe, "dags", "test", "traffic_watch", "--conf",
+                               json.dumps({"workspace": str(ws), "profile": "quick"})],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        return _asset_events(airflow)[before:]
+
+    events = run_watch()
+    assert events == [("costopt_request_log", {"requests": 120, "new": 120})], events
+    assert json.loads((ws / ".costopt" / "continuous" / "watch.json").read_text()) == {"request_log": 120}
+    assert run_watch() == events, "nothing new: no second event"

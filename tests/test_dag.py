@@ -222,7 +222,8 @@ def test_transient_storage_faults_are_retried_and_user_errors_fail_at_once(dagba
 
 
 def test_continuous_dag_policy_schedule_and_graph(dagbag):
-    """Daily and on new traffic (assets), never backfilled, one run at a time; drift -> reoptimize -> report."""
+    """Daily and on new traffic (assets), never backfilled, one run at a time; prompt and quality drift ->
+    reoptimize -> report."""
     from airflow.timetables.assets import AssetOrTimeSchedule
 
     dag = dagbag.dags["continuous_optimization"]
@@ -232,8 +233,8 @@ def test_continuous_dag_policy_schedule_and_graph(dagbag):
     assets = {asset.name for _key, asset in dag.timetable.asset_condition.iter_assets()}
     assert assets == {"costopt_request_log", "costopt_serving_metrics"}, assets
     graph = {t.task_id: set(t.downstream_task_ids) for t in dag.tasks}
-    assert graph == {"traffic": {"ab_test", "drift"}, "ab_test": {"decide"}, "drift": {"decide"},
-                     "decide": {"reoptimize"}, "reoptimize": {"report"}, "report": set()}, graph
+    assert graph == {"traffic": {"drift", "quality"}, "quality": {"ab_test"}, "ab_test": {"decide"},
+                     "drift": {"decide"}, "decide": {"reoptimize"}, "reoptimize": {"report"}, "report": set()}, graph
     assert dag.get_task("report").trigger_rule == "none_failed", "the report is written whether or not it re-optimizes"
     assert dag.get_task("reoptimize").trigger_dag_id == "optimize_model"
     for t in dag.tasks:
