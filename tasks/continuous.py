@@ -94,10 +94,11 @@ def ab_config(params: Any) -> Any:
     from costopt.online.abtest import ABConfig, Metric
 
     c = params.continuous
+    # alpha is split evenly over the three request metrics here and the quality guard (ab_test)
     return ABConfig("ms_per_token", (Metric("ms_per_token", "lower", 20.0),
                                      Metric("latency_ms", "lower", 500.0, 250.0),
                                      Metric("error", "lower", 0.02, 0.01)),
-                    alpha=c.ab_alpha, min_samples=c.ab_min_samples)
+                    alpha=c.ab_alpha * 3 / 4, min_samples=c.ab_min_samples)
 
 
 def _rollout(ws: Any, run_id: str) -> dict[str, Any]:
@@ -144,7 +145,8 @@ def ab_test(params: Any, ws: Any, run_id: str) -> dict[str, Any]:
         arms = (read_json(qfile).get("arms") or {}) if qfile.is_file() else {}
         if a in arms and b in arms:
             guard = paired_guard(arms[a]["per_prompt_kl"], arms[b]["per_prompt_kl"],
-                                 margin=params.continuous.ab_kl_margin, better="lower")
+                                 margin=params.continuous.ab_kl_margin, better="lower",
+                                 alpha=params.continuous.ab_alpha / 4)
             result = with_guard(result, QUALITY_GUARD, guard)
         else:
             result["quality"] = ("not measured: " + ((read_json(qfile).get("arms_reason") if qfile.is_file() else None)

@@ -320,3 +320,35 @@ def test_quality_guard_overrides_a_cost_win():
     assert lost["decision"] == "A" and lost["reason"] == "q4 is worse on kl" and lost["metrics"]["kl"], lost
     few = {**win, "decision": "undecided", "reason": "too few samples: 3 (A) and 4 (B) of the 200 per arm required"}
     assert with_guard(few, "kl", {"verdict": "B worse"})["decision"] == "undecided", "sample sizes come first"
+
+
+def test_paired_msprt_keeps_its_level_under_peeking_and_gains_from_pairing():
+    """A/A pairs read after every pair: the paired mSPRT rejects in at most about alpha of the runs. With
+    prompt-to-prompt spread 10x the arms' difference, pairing finds a difference the unpaired test misses."""
+    import numpy as np
+    import pytest
+
+    from costopt.online.sequential import MixtureSPRT, PairedMixtureSPRT
+
+    rng = np.random.default_rng(3)
+    false = 0
+    for _ in range(300):
+        t = PairedMixtureSPRT(tau=0.5, alpha=0.05)
+        unit = rng.normal(0, 1, 150)
+        for u, e1, e2 in zip(unit, rng.normal(0, 1, 150), rng.normal(0, 1, 150)):
+            t.add_pair(u + e1, u + e2)
+            false += t.rejected
+            if t.rejected:
+                break
+    assert false / 300 <= 0.07, f"A/A rejections {false / 300:.3f} above alpha 0.05"
+    unit = rng.normal(0, 1.0, 60)
+    paired, unpaired = PairedMixtureSPRT(tau=0.1, alpha=0.05), MixtureSPRT(tau=0.1, alpha=0.05)
+    for u in unit:
+        x, y = u + rng.normal(0, 0.02), u + 0.1 + rng.normal(0, 0.02)
+        paired.add_pair(x, y)
+        unpaired.add("A", x)
+        unpaired.add("B", y)
+    assert paired.rejected and paired.interval()[0] > 0.05, paired.interval()
+    assert not unpaired.rejected, "the unit spread hides the difference without pairing"
+    with pytest.raises(TypeError, match="add_pair"):
+        paired.add("A", 1.0)
