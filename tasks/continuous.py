@@ -147,10 +147,10 @@ def ab_test(params: Any, ws: Any, run_id: str) -> dict[str, Any]:
             guard = paired_guard(arms[a]["per_prompt_kl"], arms[b]["per_prompt_kl"],
                                  margin=params.continuous.ab_kl_margin, better="lower",
                                  alpha=params.continuous.ab_alpha / 4)
-            result = with_guard(result, QUALITY_GUARD, guard)
-        else:
-            result["quality"] = ("not measured: " + ((read_json(qfile).get("arms_reason") if qfile.is_file() else None)
-                                                     or "no quality phase output"))
+        else:  # quality unknown: B cannot win on cost alone (with_guard keeps a B decision undecided)
+            guard = {"verdict": "not measured", "reason": (read_json(qfile).get("arms_reason") if qfile.is_file()
+                                                           else None) or "no quality phase output"}
+        result = with_guard(result, QUALITY_GUARD, guard)
     write_json(_dir(ws, run_id) / "ab.json", result)
     return {"decision": result["decision"], "reason": result["reason"]}
 
