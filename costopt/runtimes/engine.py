@@ -77,13 +77,13 @@ import torch.nn.functional as F
 from costopt.models.source import check_architecture
 from costopt.runtimes.rope import rope as _rope
 from costopt.runtimes.slots import (FINISH_REASONS, SamplingParams, Seq, SlotEngine, StepBatch, StepEvent,
-                                    bench_prompts, time_engine)
+                                    TensorKVSlots, bench_prompts, time_engine)
 
 __all__ = ["Engine", "FINISH_REASONS", "SamplingParams", "StepEvent"]  # the request types live in slots
 log = logging.getLogger(__name__)
 
 
-class Engine(SlotEngine):
+class Engine(TensorKVSlots, SlotEngine):
     """Continuous batching over a Llama-architecture causal LM (fp32, bf16 or costopt-quantized) on CPU;
     the slot bookkeeping (add, cancel, pause, resume, clear, step) is `SlotEngine`'s."""
 
@@ -128,19 +128,6 @@ class Engine(SlotEngine):
         if logits is None:
             logits = self._forward(batch.ids, batch.pos, batch.slots, batch.n_dec, batch.spans, batch.out_rows)
         return logits
-
-    def _move_slot(self, src: int, dst: int, length: int) -> None:
-        if src != dst:
-            with torch.inference_mode():
-                self.kv[:, :, dst, :, :length] = self.kv[:, :, src, :, :length]
-
-    def _stash(self, slot: int, length: int) -> torch.Tensor:
-        with torch.inference_mode():
-            return self.kv[:, :, slot, :, :length].clone()
-
-    def _unstash(self, held: torch.Tensor, slot: int, length: int) -> None:
-        with torch.inference_mode():
-            self.kv[:, :, slot, :, :length] = held
 
     # -- internals -------------------------------------------------------------------------------
     def _compile(self) -> None:

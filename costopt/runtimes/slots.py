@@ -397,6 +397,25 @@ class SlotEngine:
         return out
 
 
+class TensorKVSlots:
+    """A SlotEngine's slot moves over one KV tensor `self.kv` [layers, 2, slots, kv_heads, max_len, head_dim]
+    (the torch engine's and the CUDA engine's layout): a copy of the slot's first `length` positions."""
+    kv: torch.Tensor
+
+    def _move_slot(self, src: int, dst: int, length: int) -> None:
+        if src != dst:
+            with torch.inference_mode():
+                self.kv[:, :, dst, :, :length] = self.kv[:, :, src, :, :length]
+
+    def _stash(self, slot: int, length: int) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.kv[:, :, slot, :, :length].clone()
+
+    def _unstash(self, held: torch.Tensor, slot: int, length: int) -> None:
+        with torch.inference_mode():
+            self.kv[:, :, slot, :, :length] = held
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """Temperature + nucleus (top-p) sampling of one row of logits [vocab] with the request's generator.
 

@@ -7,6 +7,36 @@ import pytest
 from costopt.runtimes.slots import SamplingParams, SlotEngine
 
 
+def wide_llama(dtype=None):
+    """A tiny random Llama with a wide init (tokens vary) and untied head, for engine scenarios; float64
+    (`dtype`) makes batched and solo arithmetic unable to flip an argmax."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=False, initializer_range=0.3)
+    model = LlamaForCausalLM(cfg).eval()
+    return model.to(dtype) if dtype is not None else model
+
+
+def solo_greedy(model, prompt, n, stops=()):
+    """The reference: one prompt alone, a plain greedy loop over the model's own forward and cache."""
+    import torch
+
+    out, cache, ids = [], None, torch.tensor([prompt])
+    with torch.inference_mode():
+        for _ in range(n):
+            res = model(input_ids=ids, cache=cache, use_cache=True)
+            cache, tok = res.cache, int(res.logits[0, -1].argmax())
+            out.append(tok)
+            if tok in stops:
+                break
+            ids = torch.tensor([[tok]])
+    return out
+
+
 def drive(engine, schedule, cancels=None, max_steps=400):
     """A driver: before step k, cancel cancels[k], queue arrivals schedule[k] = [(seq_id, prompt, params)]
     and admit queued ones first come first served while slots are free (max_batch - running).

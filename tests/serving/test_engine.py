@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from costopt.runtimes.engine import Engine, SamplingParams, StepEvent
-from engine_scenarios import drive, pause_resume
+from engine_scenarios import drive, pause_resume, solo_greedy, wide_llama
 
 GREEDY = SamplingParams(max_new_tokens=12)
 
@@ -11,27 +11,7 @@ GREEDY = SamplingParams(max_new_tokens=12)
 @pytest.fixture(scope="module")
 def llama64():
     """float64 so batched and solo arithmetic cannot flip an argmax; a wide init so tokens vary."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
-                      num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=False, initializer_range=0.3)
-    return LlamaForCausalLM(cfg).eval().double()
-
-
-def solo_greedy(model, prompt, n, stops=()):
-    """The reference: one prompt alone, a plain greedy loop over the model's own forward and cache."""
-    out, cache, ids = [], None, torch.tensor([prompt])
-    with torch.inference_mode():
-        for _ in range(n):
-            res = model(input_ids=ids, cache=cache, use_cache=True)
-            cache, tok = res.cache, int(res.logits[0, -1].argmax())
-            out.append(tok)
-            if tok in stops:
-                break
-            ids = torch.tensor([[tok]])
-    return out
+    return wide_llama(torch.float64)
 
 
 def test_greedy_equals_solo_loop_with_staggered_arrivals_and_departures(llama64):
