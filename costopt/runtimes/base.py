@@ -47,4 +47,5 @@ class Runtime:
     weights_file: str = "model.safetensors"  # the file in the variant's folder that it runs from
     reads_torch_weights: bool = True  # False: export writes everything it runs from (no scheme needed)
     prefix_cache: bool = False  # True: engine(...) also takes prefix_cache=N (costopt.runtimes.slots)
+    device: str = "cpu"  # where its engine runs: "cpu" (priced by cost.*) or "cuda" (priced by gpu.*)
     presets: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)

@@ -25,7 +25,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from costopt.runtimes import llamacpp_runtime, torch_runtime
+from costopt.runtimes import cuda_runtime, llamacpp_runtime, torch_runtime
 from costopt.runtimes.base import Runtime, RuntimeConfig, RuntimeConfigError, RuntimeFailure, RuntimeUnavailable
 
 __all__ = ["Runtime", "RuntimeConfig", "RuntimeConfigError", "RuntimeFailure", "RuntimeUnavailable", "RUNTIMES", "get",
@@ -34,7 +34,8 @@ __all__ = ["Runtime", "RuntimeConfig", "RuntimeConfigError", "RuntimeFailure", "
 DEFAULT_RUNTIME = "torch"
 
 
-RUNTIMES: dict[str, Runtime] = {rt.name: rt for rt in (torch_runtime.RUNTIME, llamacpp_runtime.RUNTIME)}
+RUNTIMES: dict[str, Runtime] = {rt.name: rt for rt in (torch_runtime.RUNTIME, llamacpp_runtime.RUNTIME,
+                                                      cuda_runtime.RUNTIME)}
 
 
 def get(name: str) -> Runtime:
