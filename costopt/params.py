@@ -356,6 +356,20 @@ class CostParams:
 
 
 @dataclass(frozen=True)
+class GpuParams:
+    """The GPU machine class the `cuda` runtime serves on (costopt.runtimes.cuda), for its cost per 1M requests."""
+    price_per_hour_usd: float = 3.50  # USD per GPU-hour: one H200 on demand ("roughly USD 3-4 an hour", issue 15)
+    card: str = "H200"  # what the price buys (labels reports)
+
+    def check(self, where: str) -> None:
+        _check_number(f"{where}.price_per_hour_usd", self.price_per_hour_usd, 0, 10_000)
+        if self.price_per_hour_usd <= 0:
+            raise ParamsError(f"{where}.price_per_hour_usd: expected a price > 0, got {self.price_per_hour_usd!r}")
+        if not isinstance(self.card, str) or not self.card.strip():
+            raise ParamsError(f"{where}.card: expected the card's name, got {self.card!r}")
+
+
+@dataclass(frozen=True)
 class CacheParams:
     """The gateway's semantic cache as the deploy phase starts it (`python -m serving.gateway` flags)."""
     store_prompts: bool = True  # false: prompt text never reaches L2/L3 (embeddings, a salted hash, answers)
@@ -470,6 +484,7 @@ class Params:
     route: RouteParams = field(default_factory=RouteParams)
     validate: ValidateParams = field(default_factory=ValidateParams)
     cost: CostParams = field(default_factory=CostParams)
+    gpu: GpuParams = field(default_factory=GpuParams)
     serve: ServeParams = field(default_factory=ServeParams)
     cache: CacheParams = field(default_factory=CacheParams)
     continuous: ContinuousParams = field(default_factory=ContinuousParams)

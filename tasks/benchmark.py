@@ -34,11 +34,13 @@ def held_out_prompts(ws: Workspace) -> list[str]:
 
 
 def _measure(timed: Any, tok: Any, name: str, params: Params, prompts: list[str], engine: Any,
-             naive: bool = False) -> dict[str, Any]:
+             naive: bool = False, device: str = "cpu") -> dict[str, Any]:
+    from costopt.evaluation.cost import price_per_hour
+
     cfg = params.benchmark
     total = cfg.served_requests + (cfg.trace_requests if naive else 0)
     with tqdm(total=total, desc=f"benchmark {name}", unit="req") as bar:
-        return measure(timed, tok, prompts, cfg, params.cost.price_per_hour_usd, name, engine, bar, naive=naive)
+        return measure(timed, tok, prompts, cfg, price_per_hour(params, device), name, engine, bar, naive=naive)
 
 
 def _torch_engine(model: Any, params: Params) -> Any:
@@ -90,7 +92,9 @@ def benchmark_variant(params: Params, ws: Workspace, name: str) -> dict[str, Any
         return {"variant": name, "skipped": f"ruled out by {failed['phase']}: {failed['reason']}"}
     try:
         timed, tok, runtime, engine = load_timed(params, ws, name)
-        record = {**_measure(timed, tok, name, params, held_out_prompts(ws), engine), "runtime": runtime}
+        device = spec_runtime(read_spec(ws, name))[0].device  # a GPU runtime's cost is GPU-hours
+        record = {**_measure(timed, tok, name, params, held_out_prompts(ws), engine, device=device),
+                  "runtime": runtime}
     except RuntimeFailure as exc:
         return record_failure(ws, name, "benchmark", exc)
     write_json(ws.bench_file(name), record)

@@ -110,6 +110,14 @@ def _fingerprint(ws: Any, name: str) -> str:
     return read_json(ws.variant_dir(name) / "spec.json")["fingerprint"]
 
 
+def _runtime_name(ws: Any, name: str) -> str:
+    """The runtime that serves `name` (a GPU runtime's InferenceService requests a GPU)."""
+    from costopt.models.variants import read_spec
+    from costopt.runtimes.registry import spec_runtime
+
+    return "torch" if name == "fp32" else spec_runtime(read_spec(ws, name))[0].name
+
+
 def _weights(ws: Any, name: str) -> Path:
     """The file `name` runs from: fp32's safetensors, or the variant's runtime's own file (spec.json first)."""
     from costopt.models.variants import read_spec
@@ -279,7 +287,8 @@ def _write_manifests(params: Any, ws: Any, served: list[str], current: str, cana
     from costopt.deploy.manifests import plan_from, write_manifests
 
     plan = plan_from(params.serve.deployment, current, canary,
-                     [(n, _weights(ws, n).stat().st_size, _fingerprint(ws, n)) for n in served], revision or "")
+                     [(n, _weights(ws, n).stat().st_size, _fingerprint(ws, n), _runtime_name(ws, n)) for n in served],
+                     revision or "")
     return [str(p.relative_to(ws.root)) for p in write_manifests(ws.root / "infra" / "k8s", plan)]
 
 

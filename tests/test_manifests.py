@@ -65,3 +65,21 @@ def test_stale_variant_manifests_are_removed_and_names_are_dns_labels(tmp_path):
     M.write_manifests(tmp_path, plan)
     assert sorted(p.name for p in tmp_path.glob("isvc-*.yaml")) == ["isvc-gguf-q8-0-fa.yaml"]
     assert M.k8s_name("Student_GGUF.Q8") == "student-gguf-q8"
+
+
+def test_a_service_serving_a_cuda_variant_requests_a_gpu_and_still_validates(tmp_path, schemas):
+    plan = M.plan_from("assistant", "int8_weight_only", None,
+                       [("int8_weight_only", 150_000_000, "a" * 16), ("cuda_int8", 150_000_000, "c" * 16, "cuda")],
+                       "rev", gpus=1)
+    M.write_manifests(tmp_path, plan)
+    for name in ("isvc-cuda-int8.yaml", "isvc-int8-weight-only.yaml"):  # the current one loads cuda_int8 beside it
+        isvc = yaml.safe_load((tmp_path / name).read_text())
+        errors = M.validate(isvc, schemas["InferenceService"])
+        assert not errors, f"{name}: the API server would refuse it: {errors}"
+        pred = isvc["spec"]["predictor"]
+        res = pred["model"]["resources"]
+        assert res["requests"]["nvidia.com/gpu"] == res["limits"]["nvidia.com/gpu"] == "1", f"{name}: {res}"
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pred["tolerations"], pred
+    cpu_only = M.inference_service(_plan(), _plan().variants[0])
+    assert "nvidia.com/gpu" not in cpu_only["spec"]["predictor"]["model"]["resources"]["limits"], "torch needs no GPU"
+    assert "tolerations" not in cpu_only["spec"]["predictor"], "a CPU service stays off the GPU pool"

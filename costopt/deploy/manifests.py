@@ -9,7 +9,10 @@ deployment, ready for a GitOps controller):
   `scaleMetric`: concurrency by default, the engine's batch size), and the canary setting KServe applies
   when a new revision of it rolls out (`canaryTrafficPercent`). The current variant's service also
   loads the canary candidate and the router's tiers, because the gateway's shadow judgement and
-  precision routing need them on one predictor;
+  precision routing need them on one predictor. A service that loads a variant of the `cuda` runtime
+  (`costopt.runtimes.cuda`) requests `nvidia.com/gpu` (requests = limits, as Kubernetes requires for
+  extended resources) and tolerates the `nvidia.com/gpu` taint GPU node pools carry; its image must
+  hold a CUDA build of torch;
 - `gateway.yaml`: the gateway's `Deployment` and `Service` (apps/v1, v1), pointing at the current
   variant's service, with the deployment name clients call;
 - `dvc-pull-job.yaml`: a `Job` that checks out the recorded git revision and `dvc pull`s the workspace
@@ -34,11 +37,16 @@ MODEL_FORMAT = "costopt-variant"
 RUNTIME_NAME = "costopt"
 
 
+GPU_RUNTIMES = ("cuda",)  # runtimes (costopt.runtimes.registry) whose variants need a GPU
+GPU_RESOURCE = "nvidia.com/gpu"  # the NVIDIA device plugin's resource, also the taint GPU pools carry
+
+
 @dataclass(frozen=True)
 class VariantPlan:
     name: str
     weights_bytes: int  # the file it runs from: memory is sized from it
     fingerprint: str
+    runtime: str = "torch"  # the runtime that serves it: a GPU runtime's service requests a GPU
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,7 @@ class ManifestPlan:
     scale_target: int = 16  # in-flight requests per replica before another starts (the measured sweet spot)
     canary_percent: int = 20  # share a new revision of a service takes first (KServe canary rollout)
     cpu: str = "2"
+    gpus: int = 1  # GPUs per replica of a service that serves a GPU runtime's variant
 
 
 def k8s_name(variant: str) -> str:
@@ -91,7 +100,11 @@ def inference_service(plan: ManifestPlan, v: VariantPlan) -> dict[str, Any]:
     if v.name == plan.current:  # the gateway's predictor: the canary and the other variants beside it
         loads += [x.name for x in plan.variants if x.name != v.name]
     memory = _memory(sum(x.weights_bytes for x in plan.variants if x.name in loads))
-    return {"apiVersion": API_ISVC, "kind": "InferenceService",
+    resources = {"requests": {"cpu": plan.cpu, "memory": memory}, "limits": {"cpu": plan.cpu, "memory": memory}}
+    gpu = any(x.runtime in GPU_RUNTIMES for x in plan.variants if x.name in loads)
+    if gpu:
+        resources["requests"][GPU_RESOURCE] = resources["limits"][GPU_RESOURCE] = str(plan.gpus)
+    isvc = {"apiVersion": API_ISVC, "kind": "InferenceService",
             "metadata": {"name": k8s_name(f"{plan.deployment}-{v.name}"), "namespace": plan.namespace,
                          "labels": {"costopt/deployment": plan.deployment, "costopt/variant": k8s_name(v.name),
                                     "costopt/role": "current" if v.name == plan.current else
@@ -104,9 +117,11 @@ def inference_service(plan: ManifestPlan, v: VariantPlan) -> dict[str, Any]:
                 "canaryTrafficPercent": plan.canary_percent,
                 "model": {"modelFormat": {"name": MODEL_FORMAT, "version": "1"}, "runtime": RUNTIME_NAME,
                           "protocolVersion": "v2", "storageUri": f"pvc://{plan.claim}/",
-                          "args": ["--variants", *loads],
-                          "resources": {"requests": {"cpu": plan.cpu, "memory": memory},
-                                        "limits": {"cpu": plan.cpu, "memory": memory}}}}}}
+                          "args": ["--variants", *loads], "resources": resources}}}}
+    if gpu:
+        isvc["spec"]["predictor"]["tolerations"] = [{"key": GPU_RESOURCE, "operator": "Exists",
+                                                     "effect": "NoSchedule"}]
+    return isvc
 
 
 def gateway(plan: ManifestPlan) -> list[dict[str, Any]]:
@@ -209,7 +224,8 @@ def validate(manifest: dict[str, Any], schema: dict[str, Any]) -> list[str]:
     return errors + _unknown_fields(manifest, schema, "")
 
 
-def plan_from(deployment: str, current: str, canary: str | None, variants: Sequence[tuple[str, int, str]],
+def plan_from(deployment: str, current: str, canary: str | None, variants: Sequence[tuple],
               git_revision: str, **settings: Any) -> ManifestPlan:
-    return ManifestPlan(deployment, current, tuple(VariantPlan(n, b, f) for n, b, f in variants), git_revision,
+    """`variants`: (name, weights bytes, fingerprint[, runtime name]) each; the runtime defaults to torch."""
+    return ManifestPlan(deployment, current, tuple(VariantPlan(*v) for v in variants), git_revision,
                         canary, **settings)
