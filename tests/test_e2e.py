@@ -223,34 +223,37 @@ def test_quality_drift_on_live_traffic_and_the_ab_quality_guard(run, tmp_path):
 
     ws = Workspace.from_env(run["ws"])
     params = load_params(ws.root / "params.yaml", profile="quick")
-    unseen = [conv for _fam, conv in chat_pool(params.evaldata.seed)[300:340]]  # past every set the run made
-    log = tmp_path / "requests.jsonl"  # the lasting deployment writes the workspace's own log: leave it be
-    log.write_text("".join(json.dumps({"variant": v, "latency_ms": 500.0, "outcome": "ok", "completion_tokens": 16,
-                                       "messages": conv}) + "\n"
-                           for v in ("int8_weight_only", "dynamic_qint8_naive") for conv in unseen)
-                   + '{"variant": "int8_w\n')  # a line cut off mid-write
-    params = dataclasses.replace(params, calibrate=dataclasses.replace(params.calibrate, logs=str(log)))
+    try:
+        unseen = [conv for _fam, conv in chat_pool(params.evaldata.seed)[300:340]]  # past every set the run made
+        log = tmp_path / "requests.jsonl"  # the lasting deployment writes the workspace's own log: leave it be
+        log.write_text("".join(json.dumps({"variant": v, "latency_ms": 500.0, "outcome": "ok", "completion_tokens": 16,
+                                           "messages": conv}) + "\n"
+                               for v in ("int8_weight_only", "dynamic_qint8_naive") for conv in unseen)
+                       + '{"variant": "int8_w\n')  # a line cut off mid-write
+        params = dataclasses.replace(params, calibrate=dataclasses.replace(params.calibrate, logs=str(log)))
 
-    held = continuous.quality(params, ws, "live-ab", variant="int8_weight_only")
-    record = json.loads((ws.root / "artifacts" / "continuous" / "live-ab" / "quality.json").read_text())
-    assert held["decision"] == "no drift", record
-    assert record["live"]["prompts"] == params.continuous.quality_prompts and record["prompts_logged"] == 40, record
-    lo, hi = record["live"]["kl_mean"]["ci95"]
-    assert 0 <= lo <= record["live"]["kl_mean"]["value"] <= hi < params.validate.gates.kl_mean_max, record["live"]
-    assert record["validated"]["kl_mean"]["value"] is not None, "compared with the variant's validated KL"
-    assert set(record["arms"]) == {"int8_weight_only", "dynamic_qint8_naive"}, record.get("arms_reason")
+        held = continuous.quality(params, ws, "live-ab", variant="int8_weight_only")
+        record = json.loads((ws.root / "artifacts" / "continuous" / "live-ab" / "quality.json").read_text())
+        assert held["decision"] == "no drift", record
+        assert record["live"]["prompts"] == params.continuous.quality_prompts and record["prompts_logged"] == 40, record
+        lo, hi = record["live"]["kl_mean"]["ci95"]
+        assert 0 <= lo <= record["live"]["kl_mean"]["value"] <= hi < params.validate.gates.kl_mean_max, record["live"]
+        assert record["validated"]["kl_mean"]["value"] is not None, "compared with the variant's validated KL"
+        assert set(record["arms"]) == {"int8_weight_only", "dynamic_qint8_naive"}, record.get("arms_reason")
 
-    ab = continuous.ab_test(params, ws, "live-ab")
-    evidence = json.loads((ws.root / "artifacts" / "continuous" / "live-ab" / "ab.json").read_text())
-    guard = evidence["metrics"][continuous.QUALITY_GUARD]
-    assert guard["verdict"] == "B worse" and guard["n"] == params.continuous.quality_prompts, guard
-    assert ab["decision"] == "A" and "dynamic_qint8_naive is worse on kl_mean" in ab["reason"], ab
+        ab = continuous.ab_test(params, ws, "live-ab")
+        evidence = json.loads((ws.root / "artifacts" / "continuous" / "live-ab" / "ab.json").read_text())
+        guard = evidence["metrics"][continuous.QUALITY_GUARD]
+        assert guard["verdict"] == "B worse" and guard["n"] == params.continuous.quality_prompts, guard
+        assert ab["decision"] == "A" and "dynamic_qint8_naive is worse on kl_mean" in ab["reason"], ab
 
-    naive = continuous.quality(params, ws, "live-naive", variant="dynamic_qint8_naive")
-    assert naive["decision"] == "drift" and "kl_mean fails its gate on live traffic" in naive["reason"], naive
-    served = continuous.quality(params, ws, "live-served")  # no variant named: the deployment's current one
-    summary = json.loads((ws.root / "reports" / "latest" / "summary.json").read_text())
-    assert served["variant"] == (summary["search"]["picked"] or "fp32"), served
+        naive = continuous.quality(params, ws, "live-naive", variant="dynamic_qint8_naive")
+        assert naive["decision"] == "drift" and "kl_mean fails its gate on live traffic" in naive["reason"], naive
+        served = continuous.quality(params, ws, "live-served")  # no variant named: the deployment's current one
+        summary = json.loads((ws.root / "reports" / "latest" / "summary.json").read_text())
+        assert served["variant"] == (summary["search"]["picked"] or "fp32"), served
+    finally:  # the evidence these phases wrote is not the run's: the DVC tests compare the run's artifacts
+        shutil.rmtree(ws.root / "artifacts" / "continuous", ignore_errors=True)
 
 
 def test_gate_keeps_the_naive_one_liner_out(run):
