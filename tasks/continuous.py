@@ -29,6 +29,7 @@ Each phase is a plain function `(params, ws, run_id) -> small dict`, writing its
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import re
 import subprocess
@@ -110,10 +111,9 @@ def _rollout(ws: Any, run_id: str) -> dict[str, Any]:
 def ab_arms(ws: Any, run_id: str, records: list[dict[str, Any]]) -> tuple[str | None, str | None, dict[str, int]]:
     """(A, B, requests per variant): the two variants that served most of the window, A the deployment's
     current one when it is one of them; (None, None, counts) when fewer than two served."""
-    counts: dict[str, int] = {}
-    for r in records:
-        counts[str(r["variant"])] = counts.get(str(r["variant"]), 0) + 1
-    served = sorted(counts, key=lambda v: -counts[v])
+    # most requests first, ties in log order
+    counts = dict(collections.Counter(str(r["variant"]) for r in records).most_common())
+    served = list(counts)
     if len(served) < 2:
         return None, None, counts
     current = _rollout(ws, run_id).get("current")
@@ -216,11 +216,9 @@ def served_variant(ws: Any, run_id: str, records: list[dict[str, Any]]) -> tuple
         current = read_json(record).get("current")
         if current:
             return str(current), str(record.relative_to(ws.root))
-    counts: dict[str, int] = {}
-    for r in records:
-        counts[str(r["variant"])] = counts.get(str(r["variant"]), 0) + 1
-    if counts:
-        return max(counts, key=counts.get), "the variant that served most of the window"
+    most = collections.Counter(str(r["variant"]) for r in records).most_common(1)
+    if most:
+        return most[0][0], "the variant that served most of the window"
     return None, "no request in the window"
 
 
@@ -238,7 +236,7 @@ def quality(params: Any, ws: Any, run_id: str, variant: str | None = None) -> di
     arms on the same prompts (the A/B test's quality guard); writes quality.json."""
     from costopt.evaluation.reference import load_reference
     from costopt.models.source import load_model_dir
-    from costopt.online.livequality import judge, live_prompt_set, measure_live, sample_conversations
+    from costopt.online.livequality import distinct_conversations, judge, live_prompt_set, measure_live, sample
     from costopt.runtimes.base import RuntimeFailure
     from costopt.runtimes.registry import load_scorer
     from costopt.storage.layout import MissingArtifactError
@@ -247,8 +245,8 @@ def quality(params: Any, ws: Any, run_id: str, variant: str | None = None) -> di
     records = _records(params, ws).records
     name, source = (variant, "asked for") if variant else served_variant(ws, run_id, records)
     a, b, _counts = ab_arms(ws, run_id, records)
-    convs = sample_conversations(records, c.quality_prompts)
-    logged = len(sample_conversations(records, len(records)))
+    distinct = distinct_conversations(records)
+    convs, logged = sample(distinct, c.quality_prompts), len(distinct)
     result: dict[str, Any] = {"variant": name, "variant_from": source, "prompts_logged": logged,
                               "test": "validate's KL mean / KL p99 / top-1 against fp32 on a seeded sample of the "
                                       "window's logged prompts answered by fp32, 95% bootstrap CIs"}
@@ -285,7 +283,8 @@ def quality(params: Any, ws: Any, run_id: str, variant: str | None = None) -> di
         qfile = ws.quality_file(name)
         validated = read_json(qfile).get("metrics") if qfile.is_file() else None
         decision, reasons = judge(live, validated, params.validate.gates)
-        result.update(live=live, validated={k: (validated or {}).get(k) for k in ("kl_mean", "kl_p99", "top1_agreement")},
+        result.update(live=live,
+                      validated={k: (validated or {}).get(k) for k in ("kl_mean", "kl_p99", "top1_agreement")},
                       decision=decision, reasons=reasons,
                       reason="; ".join(reasons) or "every prompt gate holds on live traffic and the KL is not "
                                                    "significantly worse than validated")

@@ -110,12 +110,12 @@ def _fingerprint(ws: Any, name: str) -> str:
     return read_json(ws.variant_dir(name) / "spec.json")["fingerprint"]
 
 
-def _runtime_name(ws: Any, name: str) -> str:
-    """The runtime that serves `name` (a GPU runtime's InferenceService requests a GPU)."""
+def _device(ws: Any, name: str) -> str:
+    """Where the runtime serving `name` runs (`Runtime.device`: a "cuda" one's InferenceService requests a GPU)."""
     from costopt.models.variants import read_spec
     from costopt.runtimes.registry import spec_runtime
 
-    return "torch" if name == "fp32" else spec_runtime(read_spec(ws, name))[0].name
+    return "cpu" if name == "fp32" else spec_runtime(read_spec(ws, name))[0].device
 
 
 def _weights(ws: Any, name: str) -> Path:
@@ -287,7 +287,7 @@ def _write_manifests(params: Any, ws: Any, served: list[str], current: str, cana
     from costopt.deploy.manifests import plan_from, write_manifests
 
     plan = plan_from(params.serve.deployment, current, canary,
-                     [(n, _weights(ws, n).stat().st_size, _fingerprint(ws, n), _runtime_name(ws, n)) for n in served],
+                     [(n, _weights(ws, n).stat().st_size, _fingerprint(ws, n), _device(ws, n)) for n in served],
                      revision or "")
     return [str(p.relative_to(ws.root)) for p in write_manifests(ws.root / "infra" / "k8s", plan)]
 

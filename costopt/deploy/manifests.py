@@ -37,7 +37,6 @@ MODEL_FORMAT = "costopt-variant"
 RUNTIME_NAME = "costopt"
 
 
-GPU_RUNTIMES = ("cuda",)  # runtimes (costopt.runtimes.registry) whose variants need a GPU
 GPU_RESOURCE = "nvidia.com/gpu"  # the NVIDIA device plugin's resource, also the taint GPU pools carry
 
 
@@ -46,7 +45,7 @@ class VariantPlan:
     name: str
     weights_bytes: int  # the file it runs from: memory is sized from it
     fingerprint: str
-    runtime: str = "torch"  # the runtime that serves it: a GPU runtime's service requests a GPU
+    device: str = "cpu"  # where its runtime's engine runs (`Runtime.device`): "cuda" requests a GPU
 
 
 @dataclass(frozen=True)
@@ -101,7 +100,7 @@ def inference_service(plan: ManifestPlan, v: VariantPlan) -> dict[str, Any]:
         loads += [x.name for x in plan.variants if x.name != v.name]
     memory = _memory(sum(x.weights_bytes for x in plan.variants if x.name in loads))
     resources = {"requests": {"cpu": plan.cpu, "memory": memory}, "limits": {"cpu": plan.cpu, "memory": memory}}
-    gpu = any(x.runtime in GPU_RUNTIMES for x in plan.variants if x.name in loads)
+    gpu = any(x.device == "cuda" for x in plan.variants if x.name in loads)
     if gpu:
         resources["requests"][GPU_RESOURCE] = resources["limits"][GPU_RESOURCE] = str(plan.gpus)
     isvc = {"apiVersion": API_ISVC, "kind": "InferenceService",
@@ -226,6 +225,6 @@ def validate(manifest: dict[str, Any], schema: dict[str, Any]) -> list[str]:
 
 def plan_from(deployment: str, current: str, canary: str | None, variants: Sequence[tuple],
               git_revision: str, **settings: Any) -> ManifestPlan:
-    """`variants`: (name, weights bytes, fingerprint[, runtime name]) each; the runtime defaults to torch."""
+    """`variants`: (name, weights bytes, fingerprint[, device]) each; the device defaults to cpu."""
     return ManifestPlan(deployment, current, tuple(VariantPlan(*v) for v in variants), git_revision,
                         canary, **settings)

@@ -49,18 +49,25 @@ def conversation(rec: dict[str, Any]) -> list[dict[str, str]] | None:
     return None
 
 
-def sample_conversations(records: Sequence[dict[str, Any]], n: int, seed: int = 0) -> list[list[dict[str, str]]]:
-    """Up to `n` distinct logged conversations, a seeded sample of the window (the same log gives the same
-    sample, so a re-run measures the same prompts)."""
+def distinct_conversations(records: Sequence[dict[str, Any]]) -> list[list[dict[str, str]]]:
+    """The window's logged conversations, each once, in log order."""
     seen: dict[str, list[dict[str, str]]] = {}
     for rec in records:
         conv = conversation(rec)
         if conv is not None:
             seen.setdefault(json.dumps(conv, sort_keys=True), conv)
-    convs = list(seen.values())
-    if len(convs) > n:
-        convs = random.Random(seed).sample(convs, n)
-    return convs
+    return list(seen.values())
+
+
+def sample(convs: list[list[dict[str, str]]], n: int, seed: int = 0) -> list[list[dict[str, str]]]:
+    """Up to `n` of `convs`, a seeded sample (the same log gives the same sample, so a re-run measures the
+    same prompts)."""
+    return random.Random(seed).sample(convs, n) if len(convs) > n else list(convs)
+
+
+def sample_conversations(records: Sequence[dict[str, Any]], n: int, seed: int = 0) -> list[list[dict[str, str]]]:
+    """Up to `n` distinct logged conversations, a seeded sample of the window."""
+    return sample(distinct_conversations(records), n, seed)
 
 
 def live_prompt_set(fp32: Any, ref: Any, conversations: Sequence[Sequence[dict]], answer_tokens: int) -> Any:
