@@ -173,8 +173,9 @@ def agreement(engine: CudaEngine, model: Any, plan: Plan) -> dict[str, Any]:
             "greedy_leading_match_mean": round(statistics.mean(lead), 2), "greedy_tokens": plan.agree_tokens}
 
 
-def kernels_per_step(engine: CudaEngine, plan: Plan) -> int:
-    """CUDA kernels one batch-1 decode step launches (an engine without graphs, so each is seen)."""
+def kernels_per_step(engine: CudaEngine, plan: Plan) -> dict[str, Any]:
+    """CUDA kernels one batch-1 decode step launches (an engine without graphs, so each is seen): their
+    count, their summed GPU time, and the ten names that take the most of it."""
     from torch.profiler import ProfilerActivity, profile
 
     engine.add("k", prompts(1, plan.prompt_len, engine.vocab_size, seed=5)[0], SamplingParams(max_new_tokens=3))
@@ -182,8 +183,14 @@ def kernels_per_step(engine: CudaEngine, plan: Plan) -> int:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         engine.step()
         torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-               and not e.name.startswith(("Memcpy", "Memset")))
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and not e.name.startswith(("Memcpy", "Memset"))]
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        by_name.setdefault(e.name[:90], []).append(e.device_time)  # microseconds
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:10]
+    return {"kernels": len(kernels), "kernel_us_sum": round(sum(e.device_time for e in kernels), 1),
+            "top": [{"name": n, "count": len(t), "us_sum": round(sum(t), 1)} for n, t in top]}
 
 
 # -- one shape -------------------------------------------------------------------------------------------
@@ -247,7 +254,7 @@ def run_checks(model: Any, plan: Plan, device: torch.device) -> dict[str, Any]:
     eager = generate_all(engine_for(model, plan, device, "none", graphs=False, compile=False), ps, params)
     return {"graph_equals_no_graph": graphed == launched,
             "compiled_vs_eager_identical_prompts": sum(a == b for a, b in zip(launched, eager)),
-            "prompts": len(ps), "kernels_per_decode_step_bs1": kernels_per_step(plain, plan)}
+            "prompts": len(ps), "decode_step_bs1": kernels_per_step(plain, plan)}
 
 
 def _failure(exc: BaseException) -> str:
