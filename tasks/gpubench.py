@@ -38,6 +38,7 @@ from typing import Any, Callable
 
 import torch
 
+from costopt.kernels.triton_decode import interpreting as triton_interpreting
 from costopt.runtimes.cuda import CudaEngine, CudaOptions, available
 from costopt.runtimes.slots import SamplingParams, generate_all
 
@@ -226,13 +227,15 @@ def run_format(model: Any, label: str, plan: Plan, device: torch.device, bandwid
     prefill = prefill_rate(engine, plan)
     step_bytes = engine.weight_bytes() + engine.kv_bytes(1, length)
     flops_per_token = 2 * engine.matmul_params()
-    name = (plan.dtype if label == "bf16" else label) + (" (not compiled)" if changes else "")
+    name = f"{plan.dtype if label == 'bf16' else label} {changes.get('kernels', 'auto')}" + \
+        (" (not compiled)" if changes.get("compile") is False else "")
     row = {"format": name, "build_s": round(built, 1), "compile_and_capture_s": round(warm, 1),
            "weight_bytes": engine.weight_bytes(), "kv_bytes_bs1": engine.kv_bytes(1, length), "attended_length": length,
            "decode": {str(b): {k: round(v, 3) for k, v in d.items()} for b, d in decode.items()},
            "prefill_tok_s": round(prefill, 1), "roofline_tok_s_bs1": round(bandwidth / step_bytes, 1),
            "roofline_share_bs1": round(decode[1]["tok_s"] * step_bytes / bandwidth, 4),
            "int4_notes": dict(list(engine.int4_notes.items())[:3]), "int4_dequantized_layers": len(engine.int4_notes),
+           "fused_rows": engine.fused_rows, "kernels_note": engine.kernels_note,
            "agreement_vs_hf_bf16": agreement(engine, model, plan)}
     if peak:
         row["mfu"] = {str(b): round(flops_per_token * d["tok_s"] / peak, 5) for b, d in decode.items()}
@@ -248,13 +251,22 @@ def run_checks(model: Any, plan: Plan, device: torch.device) -> dict[str, Any]:
         return {"skipped": "CUDA graphs need a CUDA device"}
     ps = prompts(4, plan.prompt_len, model.config.vocab_size, seed=3)
     params = SamplingParams(max_new_tokens=plan.agree_tokens)
-    graphed = generate_all(engine_for(model, plan, device, "none"), ps, params)
-    plain = engine_for(model, plan, device, "none", graphs=False)
-    launched = generate_all(plain, ps, params)
-    eager = generate_all(engine_for(model, plan, device, "none", graphs=False, compile=False), ps, params)
-    return {"graph_equals_no_graph": graphed == launched,
-            "compiled_vs_eager_identical_prompts": sum(a == b for a, b in zip(launched, eager)),
-            "prompts": len(ps), "decode_step_bs1": kernels_per_step(plain, plan)}
+
+    def tokens_and_step(graphs: bool, kernels: str, compile: bool = True) -> tuple[list, Any]:
+        engine = engine_for(model, plan, device, "none", graphs=graphs, kernels=kernels, compile=compile)
+        out = generate_all(engine, ps, params), (None if graphs or not compile else kernels_per_step(engine, plan))
+        del engine
+        release(device)
+        return out
+
+    eager, _ = tokens_and_step(False, "compiled", compile=False)
+    out: dict[str, Any] = {"prompts": len(ps), "decode_step_bs1": {}}
+    for kernels in ("triton", "compiled"):
+        graphed, _ = tokens_and_step(True, kernels)
+        launched, out["decode_step_bs1"][kernels] = tokens_and_step(False, kernels)
+        out[f"{kernels}_graph_equals_no_graph"] = graphed == launched
+        out[f"{kernels}_vs_eager_identical_prompts"] = sum(a == b for a, b in zip(launched, eager))
+    return out
 
 
 def _failure(exc: BaseException) -> str:
@@ -339,21 +351,24 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
             except (RuntimeError, ValueError) as exc:  # e.g. a compile failure: recorded, the figures still run
                 results["checks"] = {"error": _failure(exc)}
             release(device)
-        for label in args.formats:
-            if time.perf_counter() - t_start > args.budget_s:
-                res["formats"].append({"format": label, "skipped": f"time budget of {args.budget_s} s spent"})
-                continue
-            try:
-                res["formats"].append(run_format(model, label, plan, device, bandwidth, peak))
-            except (RuntimeError, ValueError) as exc:  # one unit's failure: recorded, then the same
-                res["formats"].append({"format": label, "error": _failure(exc)})  # step uncompiled, in graphs
-                release(device)
-                if device.type == "cuda":
-                    try:
-                        res["formats"].append(run_format(model, label, plan, device, bandwidth, peak, compile=False))
-                    except (RuntimeError, ValueError) as again:
-                        res["formats"].append({"format": f"{label} (not compiled)", "error": _failure(again)})
-            write(args.out, results)
+        for kernels in args.kernels:
+            for label in args.formats:
+                unit = f"{label} {kernels}"
+                if time.perf_counter() - t_start > args.budget_s:
+                    res["formats"].append({"format": unit, "skipped": f"time budget of {args.budget_s} s spent"})
+                    continue
+                try:
+                    res["formats"].append(run_format(model, label, plan, device, bandwidth, peak, kernels=kernels))
+                except (RuntimeError, ValueError) as exc:  # one unit's failure: recorded, then the same
+                    res["formats"].append({"format": unit, "error": _failure(exc)})  # step uncompiled, in graphs
+                    release(device)
+                    if device.type == "cuda" and kernels == "compiled":
+                        try:
+                            res["formats"].append(run_format(model, label, plan, device, bandwidth, peak,
+                                                             kernels=kernels, compile=False))
+                        except (RuntimeError, ValueError) as again:
+                            res["formats"].append({"format": f"{unit} (not compiled)", "error": _failure(again)})
+                write(args.out, results)
         del model
         release(device)
     results["seconds"] = round(time.perf_counter() - t_start, 1)
@@ -366,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="folder for results.json and results.md")
     p.add_argument("--shapes", default="1.7b,135m,360m", help=f"comma-separated, in run order, of {sorted(SHAPES)}")
     p.add_argument("--formats", default="bf16,int8,int4", help=f"comma-separated, of {list(FORMATS)}")
+    p.add_argument("--kernels", default="triton,compiled",
+                   help="small-batch decode paths to measure, in order: triton (fused kernels), compiled (Inductor "
+                        "regions + cuBLAS); batches above CudaOptions.fused_rows always run compiled")
     p.add_argument("--quick", action="store_true", help="135M only (tiny with --device cpu): a smoke test")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--budget-s", type=float, default=390.0, help="start no unit after this many seconds")
@@ -375,7 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     args.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-    for name, values, known in (("--shapes", args.shapes, SHAPES), ("--formats", args.formats, FORMATS)):
+    args.kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
+    for name, values, known in (("--shapes", args.shapes, SHAPES), ("--formats", args.formats, FORMATS),
+                                ("--kernels", args.kernels, ("triton", "compiled"))):
         unknown = [v for v in values if v not in known]
         if unknown or not values:
             p.error(f"{name}: unknown {unknown or 'empty list'}; expected some of {sorted(known)}")
@@ -384,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
             print("gpubench: --device cpu runs only the smoke test; add --quick", file=sys.stderr)
             return NO_CUDA_EXIT
         args.shapes = ["tiny"]
+        if not triton_interpreting():
+            args.kernels = ["compiled"]  # the fused kernels need CUDA, or Triton's interpreter
     elif available():
         print(f"gpubench: {available()}. This benchmark measures a GPU; for a CPU smoke test of its code "
               f"path run `python -m tasks.gpubench --device cpu --quick --out DIR`.", file=sys.stderr)

@@ -50,8 +50,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from costopt.kernels import triton_decode as fused
 from costopt.kernels.gpu_linear import (INT4_KERNELS, Embedding, QuantWeights, build_linear, concat, module_bytes,
-                                        quantize_int4, quantize_int8, unpack_int4)
+                                        pack_int4, quantize_int4, quantize_int8, unpack_int4)
 from costopt.models.source import check_architecture
 from costopt.runtimes.rope import rope
 from costopt.runtimes.slots import SlotEngine, StepBatch, StepEvent, TensorKVSlots, TokenLogprobs, sample
@@ -60,6 +61,7 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 WEIGHTS = ("none", "int8", "int4")  # none: the model's own weights; int8/int4: quantize dense Linears on load
+KERNELS = ("auto", "triton", "compiled")  # small-batch decode: fused Triton kernels, or compiled regions + cuBLAS
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # the second autotunes Triton GEMM templates (slow compile)
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # decode batch sizes a graph is captured for
 RECOMPILE_LIMIT = 64  # dynamo entries per compiled region: shapes x formats x batch ranges of every engine
@@ -86,6 +88,9 @@ class CudaOptions:
     len_bucket: int = 128  # smallest attended length; buckets double up to max_len
     int4_kernel: str = "auto"  # auto | tinygemm | dequant (costopt.kernels.gpu_linear)
     gemv_rows: int = 8  # compiled INT8/INT4 layers: at most this many rows run as one fused reduction
+    kernels: str = "auto"  # decode buckets of <= fused_rows rows: triton (costopt.kernels.triton_decode) or
+    #                        compiled; auto: triton on CUDA where every layer's weights fit it, else compiled
+    fused_rows: int = 8  # the largest decode bucket the Triton kernels run (at most triton_decode.MAX_ROWS)
 
     def __post_init__(self) -> None:
         if isinstance(self.buckets, list):
@@ -93,12 +98,14 @@ class CudaOptions:
 
     def check(self) -> None:
         for name, allowed in (("dtype", tuple(DTYPES)), ("weights", WEIGHTS), ("compile_mode", COMPILE_MODES),
-                              ("int4_kernel", INT4_KERNELS)):
+                              ("int4_kernel", INT4_KERNELS), ("kernels", KERNELS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: {getattr(self, name)!r}; expected one of {list(allowed)}")
         for name in ("graphs", "compile"):
             if not (getattr(self, name) is None or isinstance(getattr(self, name), bool)):
                 raise ValueError(f"{name}: {getattr(self, name)!r}; expected true, false or null (on for CUDA)")
+        if type(self.fused_rows) is not int or not 1 <= self.fused_rows <= fused.MAX_ROWS:
+            raise ValueError(f"fused_rows: {self.fused_rows!r}; expected an integer in [1, {fused.MAX_ROWS}]")
         for name, low in (("group_size", 2), ("len_bucket", 1), ("gemv_rows", 0)):
             value = getattr(self, name)
             if type(value) is not int or value < low or (name == "group_size" and value % 2):
@@ -233,11 +240,13 @@ def _weights_of(module: nn.Module, name: str, weights: str, group: int) -> Quant
 
 
 class _Builder:
-    """Builds the device modules of one engine, collecting why any INT4 layer left tinygemm."""
+    """Builds the device modules of one engine, collecting why any INT4 layer left tinygemm, and each
+    projection's weights as the fused kernels read them (`kernel`: the last `linears` call's, or why not)."""
 
     def __init__(self, options: CudaOptions, device: torch.device) -> None:
         self.options, self.device, self.dtype = options, device, DTYPES[options.dtype]
         self.int4_notes: dict[str, str] = {}
+        self.kernel: fused.KernelWeight | str = ""
 
     def linears(self, mods: list[nn.Module], names: list[str], weights: str) -> list[nn.Module]:
         """One module for the Linears over one input (fused), or one each when their formats differ."""
@@ -250,6 +259,8 @@ class _Builder:
             if why:
                 self.int4_notes[name] = why
             out.append(module)
+        self.kernel = _kernel_weight(groups[0][0], groups[0][1], out[0], self.device) if len(groups) == 1 else \
+            f"{'+'.join(names)}: their formats differ, so they are not one weight"
         return out
 
     def norm(self, module: nn.Module) -> torch.Tensor:
@@ -257,26 +268,55 @@ class _Builder:
 
 
 def build_weights(model: nn.Module, options: CudaOptions, device: torch.device):
-    """(layers, embedding, final norm weight, LM head, INT4 notes) of `model` on `device`."""
+    """(layers, embedding, final norm weight, LM head, INT4 notes, kernel weights) of `model` on `device`;
+    kernel weights: [(qkv, o, gate_up, down) per layer..., head] as `_kernel_weight` gives them."""
     b = _Builder(options, device)
     cfg, body = model.config, model.model
     n_q, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_q
-    layers = []
+    layers, kernel_weights = [], []
+
+    def linears(mods: list[nn.Module], names: list[str], weights: str, into: list) -> list[nn.Module]:
+        out = b.linears(mods, names, weights)
+        into.append(b.kernel)
+        return out
+
     for i, layer in enumerate(body.layers):
-        at, mlp, p = layer.self_attn, layer.mlp, f"model.layers.{i}"
+        at, mlp, p, kw = layer.self_attn, layer.mlp, f"model.layers.{i}", []
         layers.append(CudaLayer(
             b.norm(layer.input_layernorm),
-            b.linears([at.q_proj, at.k_proj, at.v_proj], [f"{p}.self_attn.{n}_proj" for n in "qkv"], options.weights),
-            b.linears([at.o_proj], [f"{p}.self_attn.o_proj"], options.weights)[0],
+            linears([at.q_proj, at.k_proj, at.v_proj], [f"{p}.self_attn.{n}_proj" for n in "qkv"], options.weights,
+                    kw),
+            linears([at.o_proj], [f"{p}.self_attn.o_proj"], options.weights, kw)[0],
             b.norm(layer.post_attention_layernorm),
-            b.linears([mlp.gate_proj, mlp.up_proj], [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], options.weights),
-            b.linears([mlp.down_proj], [f"{p}.mlp.down_proj"], options.weights)[0],
+            linears([mlp.gate_proj, mlp.up_proj], [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], options.weights, kw),
+            linears([mlp.down_proj], [f"{p}.mlp.down_proj"], options.weights, kw)[0],
             n_q, n_kv, hd, cfg.rms_norm_eps))
+        kernel_weights.append(tuple(kw))
     head_weights = "none" if options.weights == "none" else "int8"  # INT4 on the head costs too much quality
-    head = b.linears([model.lm_head], ["lm_head"], head_weights)[0]
+    head = linears([model.lm_head], ["lm_head"], head_weights, kernel_weights)[0]
     embed = _embedding(body.embed_tokens, model.lm_head, head, head_weights, b)
-    return layers, embed, b.norm(body.norm), head, b.int4_notes
+    return layers, embed, b.norm(body.norm), head, b.int4_notes, kernel_weights
+
+
+def _kernel_weight(w: QuantWeights, name: str, module: nn.Module,
+                   device: torch.device) -> fused.KernelWeight | str:
+    """The projection's weights as the fused decode kernels read them, sharing the module's device tensors
+    where the layouts agree (dense, INT8), or why the kernels cannot take it."""
+    if w.inv is not None:
+        return f"{name}: AWQ's activation scaling (the fused kernels take none)"
+    if w.kind == "dense":
+        return fused.KernelWeight(fused.DENSE, module.weight)
+    if w.kind == "int8":
+        return fused.KernelWeight(fused.INT8, module.weight, module.scale)
+    packed = getattr(module, "packed", None)  # the de-quantizing module keeps the canonical packing
+    kw = fused.KernelWeight(fused.INT4, packed if packed is not None else pack_int4(w.data.to(device)),
+                            w.scale.to(device).float().contiguous(), w.zero.to(device).float().contiguous(), w.group)
+    try:
+        kw.check(name)
+    except ValueError as exc:
+        return str(exc)
+    return kw
 
 
 def _embedding(src: nn.Module, src_head: nn.Module, head: nn.Module, weights: str, b: _Builder) -> Embedding:
@@ -401,7 +441,8 @@ class CudaEngine(TensorKVSlots, SlotEngine):
         self.slots = self.batch_buckets[-1] + 1  # + the scratch slot padded rows write to
         self.scratch = self.slots - 1
         with torch.inference_mode():
-            self.layers, self.embed, self.norm, self.head, self.int4_notes = build_weights(model, options, device)
+            self.layers, self.embed, self.norm, self.head, self.int4_notes, kernel_weights = \
+                build_weights(model, options, device)
             hd = self.layers[0].hd
             n_q, n_kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size
             # weights multiplied per token: q/k/v, o, gate/up/down of every layer, and the LM head
@@ -421,12 +462,32 @@ class CudaEngine(TensorKVSlots, SlotEngine):
         self.graph_seconds: dict[tuple[int, int], float] = {}  # bucket -> s to compile (first) and capture
         self.decode_steps = 0  # decode steps run through a bucket
         self._layer_fn, self._head_fn = decode_layer, lm_head
-        if self.compile:
+        self.fused_rows, self.kernels_note = self._fused_kernels(kernel_weights)
+        self._kernel_weights = kernel_weights if self.fused_rows else None
+        if self.compile and self.batch_buckets[-1] > self.fused_rows:
             self._compile_regions()
         if self.int4_notes:
             name, why = next(iter(self.int4_notes.items()))
             log.warning("cuda engine: %d INT4 projection(s) run de-quantized, not on tinygemm, e.g. %s: %s "
                         "(engine.int4_notes lists each)", len(self.int4_notes), name, why)
+
+    def _fused_kernels(self, kernel_weights: list) -> tuple[int, str]:
+        """(the largest decode bucket the fused Triton kernels run, 0 for none; why not, if they do not)."""
+        opt = self.options
+        if opt.kernels == "compiled":
+            return 0, "kernels: compiled (asked)"
+        why = fused.available()
+        if why is None and self.device.type != "cuda" and not fused.interpreting():
+            why = f"device {self.device.type}: Triton kernels need CUDA (or TRITON_INTERPRET=1)"
+        if why is None:
+            why = next((w for layer in kernel_weights for w in (layer if isinstance(layer, tuple) else (layer,))
+                        if isinstance(w, str)), None)
+        if why is not None:
+            if opt.kernels == "triton":
+                raise ValueError(f"kernels: triton, but {why}")
+            log.info("cuda engine: decode on compiled regions, not the fused kernels: %s", why)
+            return 0, why
+        return max((b for b in self.batch_buckets if b <= opt.fused_rows), default=0), ""
 
     # -- buckets -----------------------------------------------------------------------------------
     def _compile_regions(self) -> None:
@@ -519,6 +580,8 @@ class CudaEngine(TensorKVSlots, SlotEngine):
         """The decode step over static inputs ids/pos/slot [B] attending to `length` positions: what a
         graph captures. -> (logits [B, vocab], argmax [B])."""
         b = ids.shape[0]
+        if b <= self.fused_rows:
+            return self._fused_forward(ids, pos, slot, length)
         h = self.embed(ids)  # [B, D]
         cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [B, 1, hd]
         hidden = (self.positions[:length][None, :] > pos[:, None])[:, None, None]  # [B, 1, 1, S]
@@ -532,6 +595,23 @@ class CudaEngine(TensorKVSlots, SlotEngine):
         if self.compile:
             _mark_dynamic((h, d), dynamic, None)
         return self._head_fn(self.norm, self.layers[0].eps, self.head, h, d)
+
+    def _fused_forward(self, ids: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, length: int):
+        """`_decode_forward` on the fused Triton kernels: five launches a layer (`costopt.kernels.triton_decode`)."""
+        b, kws = ids.shape[0], self._kernel_weights
+        x = self.embed(ids)  # [B, D]: the residual stream
+        hidden = (self.positions[:length][None, :] > pos[:, None])[:, None, None]  # [B, 1, 1, S]
+        mask = torch.zeros(b, 1, 1, length, dtype=self.dtype, device=self.device).masked_fill(hidden, float("-inf"))
+        for layer, kv_l, (qkv, o, gate_up, down) in zip(self.layers, self._kv_layers, kws):
+            q = fused.qkv_rope(x, layer.in_norm, layer.eps, qkv, self.cos, self.sin, pos, slot, kv_l, layer.n_q,
+                               layer.n_kv)
+            att = F.scaled_dot_product_attention(q.view(b, layer.n_kv, layer.n_q // layer.n_kv, layer.hd),
+                                                 kv_l[0, :b, :, :length], kv_l[1, :b, :, :length], attn_mask=mask,
+                                                 scale=layer.scale)
+            x = fused.gemv(att.reshape(b, -1), o, residual=x)
+            x = fused.gemv(fused.gate_up(x, layer.post_norm, layer.eps, gate_up), down, residual=x)
+        logits = fused.gemv(x, kws[-1], norm=self.norm, eps=self.layers[0].eps)
+        return logits, logits.argmax(-1)
 
     def _prefill(self, batch: StepBatch) -> DeviceLogits:
         """Newcomers' whole prompts (packed after the decode rows in `batch`), eager; their last tokens' logits."""
