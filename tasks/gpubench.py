@@ -376,6 +376,83 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     return results
 
 
+# -- the fused kernels' block sizes -------------------------------------------------------------------------
+def sweep_tiles(shape: str, device: torch.device, budget_s: float) -> dict[str, Any]:
+    """Each fused kernel of one layer (and the head) of `shape`, batch 1, timed over block sizes: GB/s of
+    weight read per launch for every candidate, the best first. Launches rotate over enough weight copies
+    (>= 512 MB) that L2 cannot hold them, as in a real step. Random weights; bf16, then INT4, then INT8."""
+    from costopt.kernels import triton_decode as T
+    from costopt.kernels.gpu_linear import pack_int4, quantize_int4, quantize_int8
+
+    cfg, t0 = SHAPES[shape], time.perf_counter()
+    d, inter, n_q, n_kv = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"], \
+        cfg["num_key_value_heads"]
+    hd = d // n_q
+    kinds = {"qkv": ((n_q + 2 * n_kv) * hd, d), "o": (d, n_q * hd), "gate_up": (2 * inter, d),
+             "down": (d, inter), "head": (cfg.get("vocab_size", 49152), d)}
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def weights(fmt: str, n: int, k: int) -> T.KernelWeight:
+        w = torch.randn(n, k, generator=gen, device=device, dtype=torch.bfloat16) * 0.02
+        if fmt == "dense":
+            return T.KernelWeight(T.DENSE, w)
+        if fmt == "int8":
+            q = quantize_int8(w)
+            return T.KernelWeight(T.INT8, q.data.contiguous(), q.scale.float())
+        q = quantize_int4(w, 64)
+        return T.KernelWeight(T.INT4, pack_int4(q.data), q.scale.float().contiguous(), q.zero.float().contiguous(), 64)
+
+    x = torch.randn(1, max(d, inter, n_q * hd), device=device, dtype=torch.bfloat16)
+    nw = torch.ones(d, device=device, dtype=torch.bfloat16)
+    kv = torch.zeros(2, 2, n_kv, 64, hd, device=device, dtype=torch.bfloat16)
+    cos = torch.ones(64, hd, device=device, dtype=torch.bfloat16)
+    zero = torch.zeros(1, dtype=torch.long, device=device)
+    candidates = [T.Tiles(bn, bk, warps) for bn in (2, 4, 8, 16, 32) for bk in (256, 512, 1024, 2048)
+                  for warps in (4, 8) if 512 <= bn * bk <= 16384]
+    if device.type == "cpu":  # Triton's interpreter: a smoke test of the sweep itself
+        candidates = candidates[:1]
+    out: dict[str, Any] = {"shape": shape, "rows": 1, "kinds": {}}
+    for fmt in ("dense", "int4", "int8"):
+        for kind, (n, k) in kinds.items():
+            if time.perf_counter() - t0 > budget_s:
+                out["kinds"][f"{kind} {fmt}"] = {"skipped": f"sweep budget of {budget_s} s spent"}
+                continue
+            first = weights(fmt, n, k)
+            nbytes = sum(t.numel() * t.element_size() for t in (first.data, first.scale, first.zero) if t is not None)
+            copies = [first] + [weights(fmt, n, k) for _ in range(min(64, max(1, (512 << 20) // nbytes)) - 1)]
+            xs = x[:, :k].contiguous()
+
+            def launch(w: T.KernelWeight, t: T.Tiles) -> None:
+                if kind == "qkv":
+                    T.qkv_rope(xs, nw, 1e-5, w, cos, cos, zero, zero, kv[:, :], n_q, n_kv, tiles=t)
+                elif kind == "gate_up":
+                    T.gate_up(xs, nw, 1e-5, w, tiles=t)
+                elif kind == "head":
+                    T.gemv(xs, w, norm=nw, tiles=t)
+                else:
+                    T.gemv(xs, w, residual=x[:, :n], tiles=t)
+
+            rows = []
+            for t in [T.default_tiles(1, n // 2 if kind == "gate_up" else n, k, first), *candidates]:
+                if fmt == "int4" and t.bk < 64:
+                    continue
+                try:
+                    for w in copies[:2]:
+                        launch(w, t)  # compile
+                    seconds = timed(device, lambda: [launch(w, t) for _ in range(3) for w in copies])
+                    rows.append({"bn": t.bn, "bk": t.bk, "warps": t.warps,
+                                 "gb_s": round(3 * len(copies) * nbytes / seconds / 1e9, 1)})
+                except Exception as exc:  # noqa: BLE001 - a block size the compiler rejects is recorded, not fatal
+                    rows.append({"bn": t.bn, "bk": t.bk, "warps": t.warps, "error": _failure(exc)[:200]})
+            default = rows[0] if rows else None  # default_tiles' choice, measured first
+            rows.sort(key=lambda r: -r.get("gb_s", 0))
+            out["kinds"][f"{kind} {fmt}"] = {"n": n, "k": k, "bytes": nbytes, "default": default, "best": rows[:5]}
+            del copies, first
+            release(device)
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="folder for results.json and results.md")
@@ -384,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kernels", default="triton,compiled",
                    help="small-batch decode paths to measure, in order: triton (fused kernels), compiled (Inductor "
                         "regions + cuBLAS); batches above CudaOptions.fused_rows always run compiled")
+    p.add_argument("--sweep", action="store_true",
+                   help="time the fused kernels' block sizes on the first shape instead (DIR/sweep.json)")
     p.add_argument("--quick", action="store_true", help="135M only (tiny with --device cpu): a smoke test")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--budget-s", type=float, default=390.0, help="start no unit after this many seconds")
@@ -412,6 +491,15 @@ def main(argv: list[str] | None = None) -> int:
         return NO_CUDA_EXIT
     elif args.quick:
         args.shapes = ["135m"]
+    if args.sweep:
+        if args.device == "cpu":
+            args.shapes = ["tiny"]
+        result = sweep_tiles(args.shapes[0], torch.device(args.device), args.budget_s)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
+        for kind, r in result["kinds"].items():
+            print(kind, r.get("skipped") or [(b["bn"], b["bk"], b["warps"], b.get("gb_s")) for b in r["best"][:3]])
+        return 0
     results = run(args, torch.device(args.device))
     print(markdown(results))
     return 0

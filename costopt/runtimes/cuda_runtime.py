@@ -45,6 +45,8 @@ class CudaConfig(RuntimeConfig):
     compile: bool = True  # torch.compile the layer and head regions (Inductor fuses norms, RoPE, de-quantization)
     buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # decode batch sizes with a graph; rows padded up
     int4_kernel: str = "auto"  # auto | tinygemm | dequant (costopt.kernels.gpu_linear)
+    kernels: str = "auto"  # small-batch decode: auto | triton (costopt.kernels.triton_decode) | compiled
+    fused_rows: int = 8  # the largest decode batch bucket the Triton kernels run
 
     def __post_init__(self) -> None:
         if isinstance(self.buckets, list):
@@ -54,7 +56,8 @@ class CudaConfig(RuntimeConfig):
         from costopt.runtimes.cuda import CudaOptions
 
         return CudaOptions(dtype=self.dtype, weights=self.weights, group_size=self.load_group_size, graphs=self.graphs,
-                           compile=self.compile, buckets=self.buckets, int4_kernel=self.int4_kernel)
+                           compile=self.compile, buckets=self.buckets, int4_kernel=self.int4_kernel,
+                           kernels=self.kernels, fused_rows=self.fused_rows)
 
     def check(self) -> None:
         for name in ("graphs", "compile"):
