@@ -137,3 +137,18 @@ def test_engine_on_the_fused_kernels_equals_its_eager_step(weights):
     params = SamplingParams(max_new_tokens=8)
     a, b = generate_all(fast, prompts, params), generate_all(eager, prompts, params)
     assert sum(x == y for x, y in zip(a, b)) >= 4, (a, b)
+
+
+@pytest.mark.parametrize("n_q,n_kv", [(4, 4), (6, 2)])
+def test_attention_reads_each_rows_own_slot_up_to_its_position(n_q, n_kv):
+    hd, slots, max_len = 16, 4, 80
+    gen = torch.Generator().manual_seed(12)
+    kv = torch.randn(2, slots, n_kv, max_len, hd, generator=gen).to(DEVICE, DTYPE)
+    q = torch.randn(3, n_q, hd, generator=gen).to(DEVICE, DTYPE)
+    pos = torch.tensor([0, 70, 33])
+    got = T.attention(q, kv, pos.to(DEVICE), block=32)
+    for i, p in enumerate(pos.tolist()):
+        k, v = kv[0, i, :, :p + 1].float().cpu(), kv[1, i, :, :p + 1].float().cpu()  # [n_kv, S, hd]
+        k, v = k.repeat_interleave(n_q // n_kv, 0), v.repeat_interleave(n_q // n_kv, 0)
+        w = torch.softmax(q[i].float().cpu()[:, None, :] @ k.transpose(1, 2) / hd ** 0.5, -1)  # [n_q, 1, S]
+        close(got[i].view(n_q, hd), (w @ v)[:, 0])

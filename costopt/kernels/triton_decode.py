@@ -252,6 +252,42 @@ if triton is not None:
             tl.store(kv_ptr + base[:, None] + c[None, :], o1.to(dt), mask=mask)
             tl.store(kv_ptr + base[:, None] + HALF + c[None, :], o2.to(dt), mask=mask)
 
+    @triton.jit
+    def _attention_kernel(q_ptr, kv_ptr, pos_ptr, out_ptr, scale, NQ, NKV, s_kv, s_slot, s_head, s_pos,
+                          G: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr, BS: tl.constexpr):
+        """Program (row, kv head): the G query heads of that KV head attend to positions 0..pos[row] of
+        the row's cache slot (slot = row, the engine's invariant), online softmax over blocks of BS."""
+        pid = tl.program_id(0)
+        row = pid // NKV
+        kvh = pid % NKV
+        length = tl.load(pos_ptr + row) + 1
+        g = tl.arange(0, GP)
+        d = tl.arange(0, HD)
+        heads = kvh * G + g
+        q = tl.load(q_ptr + row * (NQ * HD) + heads[:, None] * HD + d[None, :], mask=g[:, None] < G,
+                    other=0.0).to(tl.float32)  # [GP, HD]
+        m_i = tl.full((GP,), float("-inf"), tl.float32)
+        l_i = tl.zeros((GP,), tl.float32)
+        acc = tl.zeros((GP, HD), tl.float32)
+        k_base = kv_ptr + row * s_slot + kvh * s_head
+        for s0 in range(0, length, BS):
+            sp = s0 + tl.arange(0, BS)
+            live = sp < length
+            k = tl.load(k_base + sp[:, None] * s_pos + d[None, :], mask=live[:, None], other=0.0).to(tl.float32)
+            v = tl.load(k_base + s_kv + sp[:, None] * s_pos + d[None, :], mask=live[:, None],
+                        other=0.0).to(tl.float32)
+            scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [GP, BS]
+            scores = tl.where(live[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            p = tl.exp(scores - m_new[:, None])
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+            m_i = m_new
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + row * (NQ * HD) + heads[:, None] * HD + d[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=g[:, None] < G)
+
 
 def _check_ready(x: torch.Tensor) -> int:
     if triton is None:
@@ -313,3 +349,20 @@ def qkv_rope(x: torch.Tensor, norm: torch.Tensor, eps: float, w: KernelWeight, c
         x, norm, eps, *_wargs(w), cos, sin, pos, slot, q, kv_l, m, w.k, n_q, n_kv, s[0], s[1], s[2], s[3],
         HD=hd, FMT=w.fmt, GROUP=w.group, MP=_pow2(m), BP=bp, BK=t.bk, num_warps=t.warps, num_stages=t.stages)
     return q
+
+
+def attention(q: torch.Tensor, kv_l: torch.Tensor, pos: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """Decode attention: q [M, n_q, hd] (row i in cache slot i, its new K/V already written at pos[i])
+    over kv_l [2, slots, n_kv, max_len, hd], positions 0..pos[i] -> [M, n_q * hd]. The length comes from
+    `pos` on the device, so one captured graph serves every length."""
+    m = _check_ready(q)
+    n_q, hd = q.shape[1], q.shape[2]
+    n_kv = kv_l.shape[2]
+    if n_q % n_kv or hd & (hd - 1):
+        raise ValueError(f"q: {n_q} heads over {n_kv} KV heads of size {hd}; expected a multiple, and a power of two")
+    out = torch.empty(m, n_q * hd, dtype=q.dtype, device=q.device)
+    s = kv_l.stride()
+    group = n_q // n_kv
+    _attention_kernel[(m * n_kv,)](q, kv_l, pos, out, hd ** -0.5, n_q, n_kv, s[0], s[1], s[2], s[3],
+                                   G=group, GP=_pow2(group), HD=hd, BS=block)
+    return out

@@ -597,18 +597,14 @@ class CudaEngine(TensorKVSlots, SlotEngine):
         return self._head_fn(self.norm, self.layers[0].eps, self.head, h, d)
 
     def _fused_forward(self, ids: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, length: int):
-        """`_decode_forward` on the fused Triton kernels: five launches a layer (`costopt.kernels.triton_decode`)."""
-        b, kws = ids.shape[0], self._kernel_weights
+        """`_decode_forward` on the fused Triton kernels: five launches a layer (`costopt.kernels.triton_decode`);
+        attention reads each row's length from `pos` on the device, so `length` does not matter here."""
+        kws = self._kernel_weights
         x = self.embed(ids)  # [B, D]: the residual stream
-        hidden = (self.positions[:length][None, :] > pos[:, None])[:, None, None]  # [B, 1, 1, S]
-        mask = torch.zeros(b, 1, 1, length, dtype=self.dtype, device=self.device).masked_fill(hidden, float("-inf"))
         for layer, kv_l, (qkv, o, gate_up, down) in zip(self.layers, self._kv_layers, kws):
             q = fused.qkv_rope(x, layer.in_norm, layer.eps, qkv, self.cos, self.sin, pos, slot, kv_l, layer.n_q,
                                layer.n_kv)
-            att = F.scaled_dot_product_attention(q.view(b, layer.n_kv, layer.n_q // layer.n_kv, layer.hd),
-                                                 kv_l[0, :b, :, :length], kv_l[1, :b, :, :length], attn_mask=mask,
-                                                 scale=layer.scale)
-            x = fused.gemv(att.reshape(b, -1), o, residual=x)
+            x = fused.gemv(fused.attention(q, kv_l, pos), o, residual=x)
             x = fused.gemv(fused.gate_up(x, layer.post_norm, layer.eps, gate_up), down, residual=x)
         logits = fused.gemv(x, kws[-1], norm=self.norm, eps=self.layers[0].eps)
         return logits, logits.argmax(-1)
