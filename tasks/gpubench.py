@@ -376,6 +376,72 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     return results
 
 
+# -- the serving trace through the engine -----------------------------------------------------------------
+def serve_replay(trace: Path, shape: str, device: torch.device, concurrencies: list[int], price_per_hour: float,
+                 label: str = "bf16") -> dict[str, Any]:
+    """The `serving-v1` trace's requests (prompt ids and max_tokens, tokenized on CPU by the real model's
+    tokenizer: `python -m tasks.gpubench --write-trace FILE --workspace W`) through one CudaEngine, closed
+    loop: `concurrency` clients, each sending its next request when its last one finishes. Random weights
+    and no EOS, so every request runs to its max_tokens (the real model stops earlier on some: this
+    over-counts work). The engine alone: no HTTP, no admission, no tokenization."""
+    data = json.loads(trace.read_text())
+    model = build_model(shape, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    vocab = model.config.vocab_size  # the CPU smoke test's tiny model has fewer ids
+    reqs = [([t % vocab for t in ids], int(m)) for ids, m in data["requests"]]
+    longest = max(len(ids) + m for ids, m in reqs)
+    max_len = 1 << (longest - 1).bit_length()
+    out: dict[str, Any] = {"trace": data["meta"], "shape": shape, "format": label, "price_per_hour_usd": price_per_hour,
+                           "note": "engine only (no HTTP, no admission); random weights run every request to max_tokens",
+                           "runs": {}}
+    engine = CudaEngine(model, eos_token_ids=[], max_batch=max(concurrencies), max_len=max_len, device=device,
+                        options=CudaOptions(dtype="bf16" if device.type == "cuda" else "fp32",
+                                            weights=FORMATS[label]))
+    out["warmup_s"] = round(engine.warmup(), 1)
+    for c in concurrencies:
+        n = min(len(reqs), 4 * c)
+        todo, started, latency, tokens = iter(range(n)), {}, [], 0
+
+        def admit() -> None:
+            i = next(todo, None)
+            if i is not None:
+                engine.add(i, reqs[i][0], SamplingParams(max_new_tokens=reqs[i][1]))
+                started[i] = time.perf_counter()
+
+        t0 = time.perf_counter()
+        for _ in range(c):
+            admit()
+        while engine.has_work():
+            for e in engine.step():
+                tokens += e.token_id is not None
+                if e.finish_reason is not None:
+                    latency.append(time.perf_counter() - started[e.seq_id])
+                    admit()
+        seconds = time.perf_counter() - t0
+        latency.sort()
+        req_s = n / seconds
+        out["runs"][str(c)] = {"requests": n, "tokens": tokens, "seconds": round(seconds, 2),
+                               "tok_s": round(tokens / seconds, 1), "req_s": round(req_s, 2),
+                               "p50_ms": round(1e3 * latency[len(latency) // 2], 1),
+                               "p99_ms": round(1e3 * latency[min(len(latency) - 1, int(0.99 * len(latency)))], 1),
+                               "usd_per_1m_requests": round(price_per_hour / 3600 / req_s * 1e6, 3)}
+    del engine, model
+    release(device)
+    return out
+
+
+def write_trace(path: Path, workspace: Path, n: int = 512) -> None:
+    """The serving trace's first n requests as prompt ids (the workspace's tokenizer and chat template) and
+    max_tokens, for `--serve` on a machine without the model."""
+    from transformers import AutoTokenizer
+
+    from costopt.evaluation.served import serving_requests
+    from tasks.servebench import TRACE_SEED
+
+    reqs, meta = serving_requests(AutoTokenizer.from_pretrained(workspace / "artifacts" / "model"), n, TRACE_SEED)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, "seed": TRACE_SEED, "requests": [[ids, m] for ids, m in reqs]}))
+
+
 # -- the fused kernels' block sizes -------------------------------------------------------------------------
 def sweep_tiles(shape: str, device: torch.device, budget_s: float) -> dict[str, Any]:
     """Each fused kernel of one layer (and the head) of `shape`, batch 1, timed over block sizes: GB/s of
@@ -461,6 +527,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kernels", default="triton,compiled",
                    help="small-batch decode paths to measure, in order: triton (fused kernels), compiled (Inductor "
                         "regions + cuBLAS); batches above CudaOptions.fused_rows always run compiled")
+    p.add_argument("--serve", type=Path, help="replay this trace file (--write-trace) through the engine instead "
+                   "(DIR/serve.json), on the first shape and format")
+    p.add_argument("--concurrency", default="16,64", help="--serve: comma-separated client counts")
+    p.add_argument("--gpu-price", type=float, default=3.50, help="--serve: USD per GPU-hour (params.yaml gpu.price_per_hour_usd)")
+    p.add_argument("--write-trace", type=Path, help="write the serving trace's prompt ids to this file and stop")
+    p.add_argument("--workspace", type=Path, default=Path("."), help="--write-trace: the workspace whose tokenizer to use")
     p.add_argument("--sweep", action="store_true",
                    help="time the fused kernels' block sizes on the first shape instead (DIR/sweep.json)")
     p.add_argument("--quick", action="store_true", help="135M only (tiny with --device cpu): a smoke test")
@@ -478,6 +550,9 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [v for v in values if v not in known]
         if unknown or not values:
             p.error(f"{name}: unknown {unknown or 'empty list'}; expected some of {sorted(known)}")
+    if args.write_trace:
+        write_trace(args.write_trace, args.workspace)
+        return 0
     if args.device == "cpu":
         if not args.quick:
             print("gpubench: --device cpu runs only the smoke test; add --quick", file=sys.stderr)
@@ -491,6 +566,15 @@ def main(argv: list[str] | None = None) -> int:
         return NO_CUDA_EXIT
     elif args.quick:
         args.shapes = ["135m"]
+    if args.serve:
+        if args.device == "cpu":
+            args.shapes = ["tiny"]
+        result = serve_replay(args.serve, args.shapes[0], torch.device(args.device),
+                              [int(c) for c in args.concurrency.split(",")], args.gpu_price, args.formats[0])
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "serve.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result["runs"], indent=1))
+        return 0
     if args.sweep:
         if args.device == "cpu":
             args.shapes = ["tiny"]
