@@ -17,7 +17,7 @@ from kserve.model_server import ModelServer
 
 from costopt.storage.layout import Workspace
 from serving.admission import AdmissionConfig
-from serving.model import ServeOptions
+from serving.model import DEVICES, ServeOptions
 
 defaults, admission_defaults = ServeOptions(), AdmissionConfig()
 parser = argparse.ArgumentParser(parents=[model_server.parser], description=__doc__.split("\n\n")[0],
@@ -50,6 +50,8 @@ parser.add_argument("--max_len", type=int, default=defaults.max_len, help="promp
 parser.add_argument("--max_tokens_limit", type=int, default=defaults.max_tokens_limit, help="largest max_tokens")
 parser.add_argument("--max_prompt_tokens", type=int, default=defaults.max_prompt_tokens, help="longest prompt")
 parser.add_argument("--max_body_bytes", type=int, default=1 << 20, help="largest request body")
+parser.add_argument("--device", choices=DEVICES, default=defaults.device,
+                    help="cuda: serve fp32 and torch-runtime variants on the CUDA engine (needs a CUDA device)")
 parser.add_argument("--threads", type=int, default=defaults.threads, help="torch threads per engine")
 parser.add_argument("--prefix_cache", type=int, default=defaults.prefix_cache,
                     help="prompts whose KV cache each llama.cpp engine keeps for reuse (0: off)")
@@ -91,13 +93,18 @@ def main(argv: list[str] | None = None) -> None:
         admin, admin_from = admin_key(args.admin_key_file or Workspace(args.workspace.resolve()).admin_key_file)
     except ConfigError as exc:
         parser.error(str(exc))
+    if args.device == "cuda":
+        from costopt.runtimes.cuda_runtime import available as cuda_available
+
+        if cuda_available():
+            parser.error(f"--device cuda: {cuda_available()}")
     if keys is None and not is_loopback(args.host) and not args.allow_open:
         parser.error(f"--host {args.host}: without tenant keys (--keys or COSTOPT_TENANT_KEYS) the inference routes "
                      f"are open to anyone who can connect; give keys, bind to 127.0.0.1, or pass --allow_open")
     _announce(keys, admin_from, args.host, args.http_port)
     options = ServeOptions(workspace=args.workspace.resolve(), admission=admission, max_len=args.max_len,
                            max_tokens_limit=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
-                           threads=args.threads, prefix_cache=args.prefix_cache)
+                           threads=args.threads, prefix_cache=args.prefix_cache, device=args.device)
     from serving.api import bind_to, register
     from serving.library import ModelLibrary
     from serving.protocol import ApiError

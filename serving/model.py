@@ -49,6 +49,14 @@ class ServeOptions:
     default_max_tokens: int = 128  # when a chat request sets none
     threads: int = 2  # torch threads per engine step
     prefix_cache: int = DEFAULT_PREFIX_CACHE  # prompts whose KV an engine keeps, on runtimes that can (llama.cpp)
+    device: str = "cpu"  # cuda: fp32 and torch-runtime variants run on the CUDA engine (costopt.runtimes.cuda)
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"device: {self.device!r}; expected one of {list(DEVICES)}")
+
+
+DEVICES = ("cpu", "cuda")
 
 
 def load_engine(options: ServeOptions, name: str) -> tuple[Any, Any, str]:
@@ -68,12 +76,22 @@ def load_engine(options: ServeOptions, name: str) -> tuple[Any, Any, str]:
     tok = AutoTokenizer.from_pretrained(str(ws.model_dir), local_files_only=True)
     eos = tok.eos_token_id
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if name == BASELINE and options.device == "cuda":
+        model, _ = load_model_dir(ws.model_dir)
+        return _on_cuda(options, name, model, eos_ids), tok, "cuda"
     if name == BASELINE:
         model, _ = load_model_dir(ws.model_dir)
         return Engine(model, eos_token_ids=eos_ids, max_batch=options.admission.max_batch,
                       max_len=options.max_len), tok, "torch"
     spec = read_spec(ws, name)
     runtime, _ = spec_runtime(spec)
+    if options.device == "cuda" and runtime.name == "torch":
+        from costopt.models.variants import load_torch_variant
+
+        return _on_cuda(options, name, load_torch_variant(ws, spec)[0], eos_ids), tok, "cuda"
+    if options.device == "cuda" and runtime.device != "cuda":
+        raise RuntimeError(f"variant {name!r}: device cuda, but it runs on runtime {runtime.name!r}, which the server "
+                           f"does not move to the GPU; serve fp32, a torch-runtime or a cuda-runtime variant")
     reason = runtime.available()
     if reason:
         raise RuntimeError(f"variant {name!r}: runtime {runtime.name!r} cannot run here: {reason}")
@@ -81,6 +99,19 @@ def load_engine(options: ServeOptions, name: str) -> tuple[Any, Any, str]:
     engine = runtime.engine(ws, spec, eos_token_ids=eos_ids, max_batch=options.admission.max_batch,
                             max_len=options.max_len, threads=options.threads, **extra)
     return engine, tok, runtime.name
+
+
+def _on_cuda(options: ServeOptions, name: str, model: Any, eos_ids: list[int]) -> Any:
+    """`--device cuda`: the model's torch weights (fp32's, or a torch-runtime variant's INT8/INT4 codes) on the
+    CUDA engine with the cuda runtime's default settings (bf16 activations, graphs, fused kernels)."""
+    from costopt.runtimes import cuda_runtime
+
+    reason = cuda_runtime.available()
+    if reason:
+        raise RuntimeError(f"variant {name!r}: device cuda: {reason}")
+    return cuda_runtime.engine_of(model, name, cuda_runtime.CudaConfig(), eos_token_ids=eos_ids,
+                                  max_batch=options.admission.max_batch, max_len=options.max_len,
+                                  threads=options.threads)
 
 
 class Piece(NamedTuple):

@@ -101,21 +101,31 @@ def scorer(ws: Any, spec: Any) -> Any:
 
 
 def engine(ws: Any, spec: Any, *, eos_token_ids: list[int], max_batch: int, max_len: int, threads: int) -> Any:
-    """The variant's CudaEngine on the GPU, every batch bucket compiled and captured at the shortest length
-    bucket before it returns (the other lengths capture on first use, without compiling again)."""
+    """The variant's CudaEngine on the GPU (`engine_of`)."""
+    from costopt.models.variants import load_torch_variant
+
+    _require_device()
+    model, _ = load_torch_variant(ws, spec)
+    return engine_of(model, spec.name, config_of(spec), eos_token_ids=eos_token_ids, max_batch=max_batch,
+                     max_len=max_len, threads=threads)
+
+
+def engine_of(model: Any, name: str, config: CudaConfig, *, eos_token_ids: list[int], max_batch: int, max_len: int,
+              threads: int) -> Any:
+    """A CudaEngine over torch weights already loaded (a cuda variant's, or with `serving --device cuda`, fp32's
+    or a torch-runtime variant's), every batch bucket built at the shortest length bucket before it returns
+    (the other lengths capture on first use, without compiling again)."""
     import torch
 
-    from costopt.models.variants import load_torch_variant
     from costopt.runtimes.cuda import CudaEngine
 
     _require_device()
     torch.set_num_threads(threads)  # the host side: tokenization, bookkeeping
-    model, _ = load_torch_variant(ws, spec)
     try:
         built = CudaEngine(model, eos_token_ids=eos_token_ids, max_batch=max_batch, max_len=max_len, device="cuda",
-                           options=config_of(spec).options())
+                           options=config.options())
     except (TypeError, ValueError) as exc:
-        raise CudaBuildError(f"variant {spec.name!r}: {exc}") from exc
+        raise CudaBuildError(f"variant {name!r}: {exc}") from exc
     built.warmup(lengths=built.len_buckets[:1])
     return built
 

@@ -41,3 +41,26 @@ def test_paused_sequences_resume_where_they_left_off(llama):
         want = solo_greedy(llama, prompts[name], len(got[name]))
         assert got[name] == want, f"{name}: {got[name]} != {want}"
     assert (e.running, e.paused) == (0, 0), "every sequence left its slot"
+
+
+def test_serve_options_name_a_bad_device():
+    from serving.model import ServeOptions
+
+    with pytest.raises(ValueError, match="device: 'gpu'; expected one of"):
+        ServeOptions(device="gpu")
+
+
+def test_server_on_cuda_without_a_device_refuses_at_start(tmp_path):
+    """`--device cuda` on a machine without CUDA stops with the reason, before any model loads (never a
+    silent CPU fallback)."""
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    run = subprocess.run([sys.executable, "-m", "serving", "--workspace", str(tmp_path), "--device", "cuda",
+                          "--variants", "fp32"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "--device cuda: no CUDA device" in run.stderr, run.stderr[-2000:]
