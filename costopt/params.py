@@ -360,8 +360,14 @@ class GpuParams:
     """The GPU machine class the `cuda` runtime serves on (costopt.runtimes.cuda), for its cost per 1M requests."""
     price_per_hour_usd: float = 3.50  # USD per GPU-hour: one H200 on demand ("roughly USD 3-4 an hour", issue 15)
     card: str = "H200"  # what the price buys (labels reports)
+    # the GPU's serving-v1 replay (`python -m tasks.gpubench --serve`, serve.json), relative to the workspace
+    # root; the report prices it at price_per_hour_usd next to this CPU's served cost ("": no comparison)
+    measurement: str = "docs/measurements/gpu-serve.json"
 
     def check(self, where: str) -> None:
+        if not isinstance(self.measurement, str) or self.measurement.startswith("/") or ".." in self.measurement:
+            raise ParamsError(f"{where}.measurement: expected a path inside the workspace (or \"\"), got "
+                              f"{self.measurement!r}")
         _check_number(f"{where}.price_per_hour_usd", self.price_per_hour_usd, 0, 10_000)
         if self.price_per_hour_usd <= 0:
             raise ParamsError(f"{where}.price_per_hour_usd: expected a price > 0, got {self.price_per_hour_usd!r}")

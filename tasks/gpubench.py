@@ -390,7 +390,9 @@ def serve_replay(trace: Path, shape: str, device: torch.device, concurrencies: l
     reqs = [([t % vocab for t in ids], int(m)) for ids, m in data["requests"]]
     longest = max(len(ids) + m for ids, m in reqs)
     max_len = 1 << (longest - 1).bit_length()
-    out: dict[str, Any] = {"trace": data["meta"], "shape": shape, "format": label, "price_per_hour_usd": price_per_hour,
+    out: dict[str, Any] = {"trace": data["meta"], "shape": shape, "config": SHAPES[shape], "format": label,
+                           "card": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                           "date": time.strftime("%Y-%m-%d"), "price_per_hour_usd": price_per_hour,
                            "note": "engine only (no HTTP, no admission); random weights run every request to max_tokens",
                            "runs": {}}
     engine = CudaEngine(model, eos_token_ids=[], max_batch=max(concurrencies), max_len=max_len, device=device,

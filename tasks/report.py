@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from costopt.evaluation.cost import cost_per_1m_requests
+from costopt.evaluation.cost import Deployment, cheaper_deployment, cost_per_1m_requests, gpu_deployment, served_cost
 from costopt.storage.layout import (MissingArtifactError, ReportInputError, Workspace, read_json, replace_dir,
                                     staging_dir, write_json)
 from costopt.params import Params
@@ -346,7 +346,50 @@ def build_summary(params: Params, inp: Inputs) -> dict[str, Any]:
     if inp.serving and inp.serving.get("serving"):
         summary["serving"] = inp.serving["serving"]
         summary["serving_left_out"] = inp.serving.get("left_out", {})
+    summary["cpu_or_gpu"] = cpu_or_gpu(params, inp.root, summary.get("serving"))
     return summary
+
+
+GPU_CONFIG_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
+
+
+def cpu_or_gpu(params: Params, root: Path, serving: dict[str, Any] | None) -> dict[str, Any]:
+    """This CPU's served cost per 1M requests next to a GPU's on the same trace (params.yaml `gpu`): the GPU
+    figure is `gpu.measurement`, a `tasks.gpubench --serve` replay measured on a GPU machine (the pipeline
+    cannot measure one on a machine without a GPU), priced at `gpu.price_per_hour_usd`. Says why not when
+    there is no measurement, it is of another model shape, or nothing was served here."""
+    rel = params.gpu.measurement
+    if not rel:
+        return {"status": "off", "reason": "gpu.measurement is empty"}
+    path = root / rel
+    if not path.is_file():
+        return {"status": "not measured", "reason": f"{rel} is missing: run `python -m tasks.gpubench --serve TRACE "
+                                                    f"--out DIR` on a GPU machine and copy DIR/serve.json there"}
+    try:
+        record = read_json(path)
+        runs = {int(c): r for c, r in record["runs"].items()}
+        concurrency = max(runs)
+        req_s = float(runs[concurrency]["req_s"])
+        gpu = gpu_deployment(params.gpu.card, params.gpu.price_per_hour_usd, req_s)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ReportInputError(f"{rel}: not a `tasks.gpubench --serve` record ({type(exc).__name__}: {exc})") from exc
+    out: dict[str, Any] = {"status": "measured", "file": rel, "card": record.get("card"), "date": record.get("date"),
+                           "concurrency": concurrency, "note": record.get("note"), "gpu": served_cost(gpu),
+                           "gpu_run": runs[concurrency]}
+    model_cfg = root / "artifacts" / "model" / "config.json"
+    if model_cfg.is_file():
+        ours, theirs = read_json(model_cfg), record.get("config") or {}
+        differ = [k for k in GPU_CONFIG_KEYS if k in theirs and ours.get(k) != theirs[k]]
+        if differ:
+            return {**out, "status": "other model shape",
+                    "reason": f"{rel} measured a model whose {', '.join(differ)} differ from this run's model"}
+    cpu_runs = [r for r in (serving or {}).get("runs", []) if r.get("errors") == 0 and r.get("throughput_req_s")]
+    if not cpu_runs:
+        return {**out, "status": "no CPU figure", "reason": "nothing was served in this run (serve.enabled)"}
+    best = min(cpu_runs, key=lambda r: r["cost_per_1m_requests_usd"] or math.inf)
+    cpu = Deployment("cpu", params.cost.price_per_hour_usd, float(best["throughput_req_s"]))
+    return {**out, "cpu_run": {k: best.get(k) for k in ("concurrency", "throughput_req_s", "cost_per_1m_requests_usd")},
+            "comparison": cheaper_deployment(cpu, gpu)}
 
 
 DISTILL_KEYS = ("kl_mean", "kl_p99", "top1_agreement", "ppl_ratio", "task_retention")
@@ -605,6 +648,25 @@ def _serving_html(summary: dict[str, Any]) -> str:
 {_routing_html(serving.get("routing"))}"""
 
 
+def _cpu_or_gpu_html(c: dict[str, Any] | None) -> str:
+    """The CPU-or-GPU line: this CPU's served cost next to the GPU measurement's, or why there is none."""
+    esc = html.escape
+    if not c:
+        return ""
+    if "comparison" not in c:
+        return f"<h2>CPU or GPU</h2><p>No comparison: {esc(c.get('reason', c['status']))}.</p>"
+    cmp_, run = c["comparison"], c["gpu_run"]
+    costs = {d["name"]: d for d in cmp_["deployments"]}
+    gpu = next(d for n, d in costs.items() if n != "cpu")
+    return f"""<h2>CPU or GPU</h2>
+<p>Per 1M requests of the trace: this CPU {_fmt(costs["cpu"]["usd_per_1m_requests"])} USD
+({_fmt(costs["cpu"]["throughput_req_s"])} req/s at {_fmt(costs["cpu"]["price_per_hour_usd"])} USD/h, served here);
+{esc(str(gpu["name"]))} {_fmt(gpu["usd_per_1m_requests"])} USD ({_fmt(gpu["throughput_req_s"])} req/s at concurrency
+{c["concurrency"]}, p99 {_fmt(run.get("p99_ms"))} ms, at {_fmt(gpu["price_per_hour_usd"])} USD/h).
+<b>{esc(str(cmp_["cheaper"]))} is cheaper, {_fmt(cmp_["ratio"], ".3g")}x.</b></p>
+<p class="ci">GPU figure: {esc(c["file"])}, {esc(str(c.get("card")))}, {esc(str(c.get("date")))}: {esc(str(c.get("note")))}.</p>"""
+
+
 def _routing_html(routing: dict[str, Any] | None) -> str:
     """The precision router: tiers, the share that finished cheaper, retention and cost on and off."""
     if not routing:
@@ -708,6 +770,7 @@ per hour / 3600 × machine-seconds per request × 10<sup>6</sup>. Ratios in pare
 {_figures_html(summary, figures or {})}
 {_distill_html(summary.get("distill"))}
 {_serving_html(summary)}
+{_cpu_or_gpu_html(summary.get("cpu_or_gpu"))}
 {_timings_html(summary)}
 <h2>Gate thresholds</h2>
 <table><tr><th class="l">threshold</th><th>value</th></tr>{gates}</table>

@@ -343,3 +343,43 @@ def test_the_report_says_where_the_lasting_deployment_serves():
     assert "assistant" in line and "gguf_q8_0_fa" in line and "canary of <b>gguf_q6_k</b>" in line, line
     assert "http://127.0.0.1:8090/openai/v1" in line and "make serve-stop" in line, line
     assert "not changed: serve.keep is false" in _deployment_html({"action": "off", "reason": "serve.keep is false"})
+
+
+def _gpu_record(root: Path, req_s: float = 20.0, hidden: int = 576) -> None:
+    (root / "docs" / "measurements").mkdir(parents=True, exist_ok=True)
+    (root / "docs" / "measurements" / "gpu-serve.json").write_text(json.dumps({
+        "card": "NVIDIA H200", "date": "2026-12-05", "note": "engine only", "config": {"hidden_size": hidden},
+        "runs": {"16": {"req_s": req_s / 2, "p99_ms": 900.0}, "64": {"req_s": req_s, "p99_ms": 1500.0}}}))
+
+
+def test_cpu_or_gpu_prices_both_on_the_same_trace(tmp_path):
+    from tasks.report import _cpu_or_gpu_html, cpu_or_gpu
+
+    params = Params()  # cost 0.10 USD/h, gpu 3.50 USD/h
+    serving = {"runs": [{"errors": 0, "throughput_req_s": 5.0, "cost_per_1m_requests_usd": 5.5, "concurrency": 16},
+                        {"errors": 2, "throughput_req_s": 9.0, "cost_per_1m_requests_usd": 3.0, "concurrency": 64}]}
+    assert cpu_or_gpu(params, tmp_path, serving)["status"] == "not measured"
+    _gpu_record(tmp_path)
+    out = cpu_or_gpu(params, tmp_path, serving)
+    assert out["concurrency"] == 64 and out["cpu_run"]["concurrency"] == 16, "GPU's top concurrency; CPU's error-free run"
+    cpu = 0.10 / 3600 / 5.0 * 1e6  # 5.56 USD per 1M requests
+    gpu = 3.50 / 3600 / 20.0 * 1e6  # 48.6
+    assert out["comparison"]["cheaper"] == "cpu" and out["comparison"]["ratio"] == pytest.approx(gpu / cpu)
+    assert "cpu is cheaper" in _cpu_or_gpu_html(out)
+    _gpu_record(tmp_path, req_s=2000.0)
+    assert cpu_or_gpu(params, tmp_path, serving)["comparison"]["cheaper"] == "H200"
+    assert cpu_or_gpu(params, tmp_path, None)["status"] == "no CPU figure"
+    (tmp_path / "artifacts" / "model").mkdir(parents=True)
+    (tmp_path / "artifacts" / "model" / "config.json").write_text(json.dumps({"hidden_size": 960}))
+    assert cpu_or_gpu(params, tmp_path, serving)["status"] == "other model shape"
+    (tmp_path / "docs" / "measurements" / "gpu-serve.json").write_text('{"runs": "x"}')
+    with pytest.raises(ReportInputError, match="gpu-serve.json: not a `tasks.gpubench --serve` record"):
+        cpu_or_gpu(params, tmp_path, serving)
+
+
+def test_gpu_measurement_must_stay_inside_the_workspace():
+    from costopt.params import GpuParams, ParamsError
+
+    for bad in ("/etc/passwd", "../elsewhere.json", 3):
+        with pytest.raises(ParamsError, match="gpu.measurement: expected a path inside the workspace"):
+            GpuParams(measurement=bad).check("gpu")
