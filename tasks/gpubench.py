@@ -521,6 +521,23 @@ def sweep_tiles(shape: str, device: torch.device, budget_s: float) -> dict[str, 
     return out
 
 
+def set_tiles(sweep: dict[str, Any]) -> None:
+    """Use a sweep's best block sizes (`--sweep`'s sweep.json) for every (kind, format) it measured."""
+    from costopt.kernels import triton_decode as T
+
+    for name, r in sweep["kinds"].items():
+        kind, fmt = name.split()
+        if r.get("best") and "gb_s" in r["best"][0]:
+            b = r["best"][0]
+            T.TILES[(kind, T.FORMATS[fmt])] = T.Tiles(b["bn"], b["bk"], b["warps"])
+
+
+def tiles_table() -> dict:
+    from costopt.kernels import triton_decode as T
+
+    return dict(T.TILES)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="folder for results.json and results.md")
@@ -535,6 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-price", type=float, default=3.50, help="--serve: USD per GPU-hour (params.yaml gpu.price_per_hour_usd)")
     p.add_argument("--write-trace", type=Path, help="write the serving trace's prompt ids to this file and stop")
     p.add_argument("--workspace", type=Path, default=Path("."), help="--write-trace: the workspace whose tokenizer to use")
+    p.add_argument("--tiles-from", type=Path, help="a --sweep's sweep.json: use its best block sizes")
     p.add_argument("--sweep", action="store_true",
                    help="time the fused kernels' block sizes on the first shape instead (DIR/sweep.json)")
     p.add_argument("--quick", action="store_true", help="135M only (tiny with --device cpu): a smoke test")
@@ -586,7 +604,11 @@ def main(argv: list[str] | None = None) -> int:
         for kind, r in result["kinds"].items():
             print(kind, r.get("skipped") or [(b["bn"], b["bk"], b["warps"], b.get("gb_s")) for b in r["best"][:3]])
         return 0
+    if args.tiles_from:
+        set_tiles(json.loads(args.tiles_from.read_text()))
     results = run(args, torch.device(args.device))
+    results["tiles"] = {f"{k} {f}": vars(t) for (k, f), t in tiles_table().items()}
+    write(args.out, results)
     print(markdown(results))
     return 0
 

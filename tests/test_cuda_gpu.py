@@ -50,19 +50,21 @@ def fp32():
     return model(torch.float32)
 
 
-def test_graphed_step_equals_the_same_step_launched_without_graphs(bf16):
+@pytest.mark.parametrize("kernels", ["triton", "compiled"])
+def test_graphed_step_equals_the_same_step_launched_without_graphs(bf16, kernels):
     ps, params = prompts(5, 1), SamplingParams(max_new_tokens=STEPS)
-    graphed = engine(bf16, "bf16")
-    assert graphed.graphs and graphed.compile
+    graphed = engine(bf16, "bf16", kernels=kernels)
+    assert graphed.graphs and graphed.fused_rows == (8 if kernels == "triton" else 0)
     out = generate_all(graphed, ps, params)
     assert graphed.decode_steps > 0 and graphed.graph_seconds, "the decode steps ran through captured graphs"
-    assert out == generate_all(engine(bf16, "bf16", graphs=False), ps, params)
+    assert out == generate_all(engine(bf16, "bf16", graphs=False, kernels=kernels), ps, params)
 
 
-def test_graphed_compiled_step_equals_the_eager_step_in_fp32(fp32):
+@pytest.mark.parametrize("kernels", ["triton", "compiled"])
+def test_graphed_fast_step_equals_the_eager_step_in_fp32(fp32, kernels):
     ps, params = prompts(5, 2), SamplingParams(max_new_tokens=STEPS)
-    fast = generate_all(engine(fp32, "fp32"), ps, params)
-    eager = generate_all(engine(fp32, "fp32", graphs=False, compile=False), ps, params)
+    fast = generate_all(engine(fp32, "fp32", kernels=kernels), ps, params)
+    eager = generate_all(engine(fp32, "fp32", graphs=False, compile=False, kernels="compiled"), ps, params)
     assert fast == eager
 
 

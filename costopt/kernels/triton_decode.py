@@ -94,6 +94,18 @@ class Tiles:
     stages: int = 3
 
 
+KINDS = ("qkv", "o", "gate_up", "down", "head")  # the step's projections, for per-kind block sizes
+TILES: dict[tuple[str, int], Tiles] = {}  # (kind, format) -> block sizes overriding `default_tiles` (a sweep's best)
+
+
+def tiles_for(kind: str, rows: int, n: int, k: int, w: KernelWeight) -> Tiles:
+    """The block sizes of one launch: `TILES`' entry for (kind, format) when set, else `default_tiles`."""
+    t = TILES.get((kind, w.fmt))
+    if t is not None and (w.fmt != INT4 or t.bk % w.group == 0):
+        return t
+    return default_tiles(rows, n, k, w)
+
+
 def default_tiles(rows: int, n: int, k: int, w: KernelWeight, sms: int = 132) -> Tiles:
     """Enough programs to keep every SM streaming (about four each), and a K block that fits registers."""
     bn = 32
@@ -306,11 +318,12 @@ def _wargs(w: KernelWeight) -> tuple:
 
 
 def gemv(x: torch.Tensor, w: KernelWeight, *, residual: torch.Tensor | None = None,
-         norm: torch.Tensor | None = None, eps: float = 1e-5, tiles: Tiles | None = None) -> torch.Tensor:
+         norm: torch.Tensor | None = None, eps: float = 1e-5, tiles: Tiles | None = None,
+         kind: str = "o") -> torch.Tensor:
     """x [M, K] @ W.T -> [M, N] in x's dtype; RMSNorm(x; norm) first when `norm` is given; + residual
-    [M, N] when given."""
+    [M, N] when given. `kind` picks the block sizes (`tiles_for`) unless `tiles` is given."""
     m = _check_ready(x)
-    t = tiles or default_tiles(m, w.n, w.k, w)
+    t = tiles or tiles_for(kind, m, w.n, w.k, w)
     out = torch.empty(m, w.n, dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(w.n, t.bn),)](
         x, x if norm is None else norm, eps, *_wargs(w), x if residual is None else residual, out, m, w.n, w.k,
@@ -324,7 +337,7 @@ def gate_up(x: torch.Tensor, norm: torch.Tensor, eps: float, w: KernelWeight,
     """SiLU(gate) * up of RMSNorm(x) [M, K] through the stacked [gate; up] weight [2I, K] -> [M, I]."""
     m = _check_ready(x)
     inter = w.n // 2
-    t = tiles or default_tiles(m, inter, w.k, w)
+    t = tiles or tiles_for("gate_up", m, inter, w.k, w)
     out = torch.empty(m, inter, dtype=x.dtype, device=x.device)
     _gate_up_kernel[(triton.cdiv(inter, t.bn),)](
         x, norm, eps, *_wargs(w), out, m, inter, w.k, FMT=w.fmt, GROUP=w.group, MP=_pow2(m), BN=t.bn,
@@ -341,7 +354,7 @@ def qkv_rope(x: torch.Tensor, norm: torch.Tensor, eps: float, w: KernelWeight, c
     hd = kv_l.shape[-1]
     if w.n != (n_q + 2 * n_kv) * hd:
         raise ValueError(f"w: {w.n} rows; expected (n_q + 2 n_kv) x head_dim = {(n_q + 2 * n_kv) * hd}")
-    t = tiles or default_tiles(m, w.n, w.k, w)
+    t = tiles or tiles_for("qkv", m, w.n, w.k, w)
     bp = min(t.bn, hd // 2)
     q = torch.empty(m, n_q, hd, dtype=x.dtype, device=x.device)
     s = kv_l.stride()

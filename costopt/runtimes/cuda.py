@@ -604,9 +604,9 @@ class CudaEngine(TensorKVSlots, SlotEngine):
         for layer, kv_l, (qkv, o, gate_up, down) in zip(self.layers, self._kv_layers, kws):
             q = fused.qkv_rope(x, layer.in_norm, layer.eps, qkv, self.cos, self.sin, pos, slot, kv_l, layer.n_q,
                                layer.n_kv)
-            x = fused.gemv(fused.attention(q, kv_l, pos), o, residual=x)
-            x = fused.gemv(fused.gate_up(x, layer.post_norm, layer.eps, gate_up), down, residual=x)
-        logits = fused.gemv(x, kws[-1], norm=self.norm, eps=self.layers[0].eps)
+            x = fused.gemv(fused.attention(q, kv_l, pos), o, residual=x, kind="o")
+            x = fused.gemv(fused.gate_up(x, layer.post_norm, layer.eps, gate_up), down, residual=x, kind="down")
+        logits = fused.gemv(x, kws[-1], norm=self.norm, eps=self.layers[0].eps, kind="head")
         return logits, logits.argmax(-1)
 
     def _prefill(self, batch: StepBatch) -> DeviceLogits:
