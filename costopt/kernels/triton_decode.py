@@ -7,9 +7,11 @@ GEMV), and each small kernel costs a few microseconds even inside a CUDA graph: 
 kernels is ~0.4 ms, half the roofline again. These kernels fold every elementwise stage into the GEMV
 that feeds or follows it:
 
-1. `qkv_rope`: RMSNorm (each program recomputes the row's 1/rms: the row is a few KB, read from L2),
-   the fused q/k/v GEMV, RoPE on q and k, and K/V written straight into the cache at (slot, pos);
-2. attention: torch's SDPA over the cache (one kernel);
+1. `qkv_rope`: RMSNorm, the fused q/k/v GEMV, RoPE on q and k, and K/V written straight into the cache
+   at (slot, pos). RMSNorm's 1/rms is one factor per row of every product, so each program sums x^2 in
+   the same pass as its products and scales the sums at the end (no pre-pass over the row);
+2. `attention`: each row's query heads over its cache slot up to its position (read on the device, so
+   one captured graph serves every length), online softmax;
 3. `gemv(..., residual=)`: the O projection with the residual add in its epilogue;
 4. `gate_up`: RMSNorm, the fused gate/up GEMV and SiLU(gate) * up, writing only the product;
 5. `gemv(..., residual=)`: the down projection with the residual add.
@@ -124,66 +126,81 @@ def _pow2(x: int) -> int:
 
 if triton is not None:
     @triton.jit
-    def _rstd(x_ptr, M, K, eps, MP: tl.constexpr, BK: tl.constexpr):
-        """1/rms of each of M rows of x [M, K] (fp32 [MP]; padding rows give 1/sqrt(eps))."""
+    def _x_block(x_ptr, nw_ptr, M, K, kk, NORM: tl.constexpr, MP: tl.constexpr):
+        """(rows of x at channels kk times the norm weight if NORM: [MP, len(kk)] fp32; their x^2 summed
+        per row: [MP]). RMSNorm's 1/rms is a per-row factor of every product, so the caller applies it
+        to the sums at the end: one pass over x and W, no pre-pass for the norm."""
         m = tl.arange(0, MP)
-        ss = tl.zeros((MP,), tl.float32)
-        for k0 in range(0, K, BK):
-            kk = k0 + tl.arange(0, BK)
-            x = tl.load(x_ptr + m[:, None] * K + kk[None, :], mask=(m[:, None] < M) & (kk[None, :] < K),
-                        other=0.0).to(tl.float32)
-            ss += tl.sum(x * x, axis=1)
-        return 1.0 / tl.sqrt(ss / K + eps)
-
-    @triton.jit
-    def _x_block(x_ptr, nw_ptr, rstd, M, K, kk, NORM: tl.constexpr, MP: tl.constexpr):
-        """Rows of x at channels kk ([MP, len(kk)] fp32), RMS-normalized and scaled by the norm weight
-        as Llama rounds it (normalized in fp32, rounded to the activations' dtype, times the weight)."""
-        m = tl.arange(0, MP)
-        x = tl.load(x_ptr + m[:, None] * K + kk[None, :], mask=(m[:, None] < M) & (kk[None, :] < K), other=0.0)
+        x = tl.load(x_ptr + m[:, None] * K + kk[None, :], mask=(m[:, None] < M) & (kk[None, :] < K),
+                    other=0.0).to(tl.float32)
+        ss = tl.sum(x * x, axis=1)
         if NORM:
-            dt = x.dtype
-            nw = tl.load(nw_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-            x = ((x.to(tl.float32) * rstd[:, None]).to(dt).to(tl.float32) * nw[None, :]).to(dt)
-        return x.to(tl.float32)
+            x = x * tl.load(nw_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)[None, :]
+        return x, ss
 
     @triton.jit
-    def _dot(x_ptr, nw_ptr, rstd, w_ptr, s_ptr, z_ptr, rows, M, N, K,
-             NORM: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr, MP: tl.constexpr,
-             BN: tl.constexpr, BK: tl.constexpr):
-        """acc [MP, BN] fp32 = x (normalized if NORM) @ W[rows].T, W in format FMT, de-quantized."""
-        acc = tl.zeros((MP, BN), tl.float32)
+    def _dense_part(x, w_ptr, rows, N, K, kk):
+        """[MP, BN]: x [MP, BK] times W[rows, kk] (dense or INT8 codes; INT8's scale is applied after the loop)."""
+        w = tl.load(w_ptr + rows[:, None] * K + kk[None, :], mask=(rows[:, None] < N) & (kk[None, :] < K),
+                    other=0.0).to(tl.float32)  # [BN, BK]
+        return tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+
+    @triton.jit
+    def _int4_part(xe, xo, xs, w_ptr, s_ptr, z_ptr, rows, N, K, j, k0, GROUP: tl.constexpr, MP: tl.constexpr,
+                   BN: tl.constexpr, NG: tl.constexpr):
+        """[MP, BN]: sum over the block's groups g of s_g (sum_k x_k q_k - z_g sum_k x_k), the packed
+        bytes j of rows holding channels 2j (low nibble) and 2j + 1 (high)."""
         rmask = rows < N
+        p = tl.load(w_ptr + rows[:, None] * (K // 2) + j[None, :], mask=rmask[:, None] & (j[None, :] < K // 2),
+                    other=0)
+        lo = (p & 15).to(tl.float32)
+        hi = (p >> 4).to(tl.float32)
+        qx = xe[:, None, :] * lo[None, :, :] + xo[:, None, :] * hi[None, :, :]  # [MP, BN, BK/2]
+        qs = tl.sum(tl.reshape(qx, (MP, BN, NG, GROUP // 2)), axis=3)  # [MP, BN, NG]
+        g = k0 // GROUP + tl.arange(0, NG)
+        gm = rmask[:, None] & (g[None, :] < K // GROUP)
+        s = tl.load(s_ptr + rows[:, None] * (K // GROUP) + g[None, :], mask=gm, other=0.0)  # [BN, NG]
+        z = tl.load(z_ptr + rows[:, None] * (K // GROUP) + g[None, :], mask=gm, other=0.0)
+        return tl.sum(s[None, :, :] * (qs - z[None, :, :] * xs[:, None, :]), axis=2)
+
+    @triton.jit
+    def _dot(x_ptr, nw_ptr, eps, w_ptr, s_ptr, z_ptr, rows_a, rows_b, M, N, K,
+             NORM: tl.constexpr, PAIR: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr, MP: tl.constexpr,
+             BN: tl.constexpr, BK: tl.constexpr):
+        """(x' @ W[rows_a].T, x' @ W[rows_b].T if PAIR), each [MP, BN] fp32, in one pass over K: x' is x,
+        or RMSNorm(x) * norm weight when NORM. W in format FMT, de-quantized."""
+        acc_a = tl.zeros((MP, BN), tl.float32)
+        acc_b = tl.zeros((MP, BN), tl.float32)
+        ss = tl.zeros((MP,), tl.float32)
         if FMT == 2:
             NG: tl.constexpr = BK // GROUP
             HK: tl.constexpr = BK // 2
             for k0 in range(0, K, BK):
-                j = k0 // 2 + tl.arange(0, HK)  # bytes of the packed row
-                ke = 2 * j  # the low nibble's channel; the high nibble's is ke + 1
-                xe = _x_block(x_ptr, nw_ptr, rstd, M, K, ke, NORM, MP)  # [MP, HK]
-                xo = _x_block(x_ptr, nw_ptr, rstd, M, K, ke + 1, NORM, MP)
-                p = tl.load(w_ptr + rows[:, None] * (K // 2) + j[None, :],
-                            mask=rmask[:, None] & (j[None, :] < K // 2), other=0)
-                lo = (p & 15).to(tl.float32)
-                hi = (p >> 4).to(tl.float32)
-                qx = xe[:, None, :] * lo[None, :, :] + xo[:, None, :] * hi[None, :, :]  # [MP, BN, HK]
-                qs = tl.sum(tl.reshape(qx, (MP, BN, NG, GROUP // 2)), axis=3)  # [MP, BN, NG]
+                j = k0 // 2 + tl.arange(0, HK)  # bytes of the packed rows
+                xe, se = _x_block(x_ptr, nw_ptr, M, K, 2 * j, NORM, MP)  # [MP, HK]: the low nibbles' channels
+                xo, so = _x_block(x_ptr, nw_ptr, M, K, 2 * j + 1, NORM, MP)
+                ss += se + so
                 xs = tl.sum(tl.reshape(xe + xo, (MP, NG, GROUP // 2)), axis=2)  # [MP, NG]
-                g = k0 // GROUP + tl.arange(0, NG)
-                gm = rmask[:, None] & (g[None, :] < K // GROUP)
-                s = tl.load(s_ptr + rows[:, None] * (K // GROUP) + g[None, :], mask=gm, other=0.0)  # [BN, NG]
-                z = tl.load(z_ptr + rows[:, None] * (K // GROUP) + g[None, :], mask=gm, other=0.0)
-                acc += tl.sum(s[None, :, :] * (qs - z[None, :, :] * xs[:, None, :]), axis=2)
+                acc_a += _int4_part(xe, xo, xs, w_ptr, s_ptr, z_ptr, rows_a, N, K, j, k0, GROUP, MP, BN, NG)
+                if PAIR:
+                    acc_b += _int4_part(xe, xo, xs, w_ptr, s_ptr, z_ptr, rows_b, N, K, j, k0, GROUP, MP, BN, NG)
         else:
             for k0 in range(0, K, BK):
                 kk = k0 + tl.arange(0, BK)
-                x = _x_block(x_ptr, nw_ptr, rstd, M, K, kk, NORM, MP)  # [MP, BK]
-                w = tl.load(w_ptr + rows[:, None] * K + kk[None, :], mask=rmask[:, None] & (kk[None, :] < K),
-                            other=0.0).to(tl.float32)  # [BN, BK]
-                acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+                x, sk = _x_block(x_ptr, nw_ptr, M, K, kk, NORM, MP)  # [MP, BK]
+                ss += sk
+                acc_a += _dense_part(x, w_ptr, rows_a, N, K, kk)
+                if PAIR:
+                    acc_b += _dense_part(x, w_ptr, rows_b, N, K, kk)
             if FMT == 1:
-                acc = acc * tl.load(s_ptr + rows, mask=rmask, other=0.0)[None, :]
-        return acc
+                acc_a = acc_a * tl.load(s_ptr + rows_a, mask=rows_a < N, other=0.0)[None, :]
+                if PAIR:
+                    acc_b = acc_b * tl.load(s_ptr + rows_b, mask=rows_b < N, other=0.0)[None, :]
+        if NORM:
+            rstd = 1.0 / tl.sqrt(ss / K + eps)
+            acc_a = acc_a * rstd[:, None]
+            acc_b = acc_b * rstd[:, None]
+        return acc_a, acc_b
 
     @triton.jit
     def _gemv_kernel(x_ptr, nw_ptr, eps, w_ptr, s_ptr, z_ptr, res_ptr, out_ptr, M, N, K,
@@ -191,8 +208,8 @@ if triton is not None:
                      MP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         """out [M, N] = x @ W.T (x RMS-normalized first if NORM), plus res [M, N] if RESIDUAL."""
         rows = tl.program_id(0) * BN + tl.arange(0, BN)
-        rstd = _rstd(x_ptr, M, K, eps, MP, BK) if NORM else tl.zeros((MP,), tl.float32)
-        acc = _dot(x_ptr, nw_ptr, rstd, w_ptr, s_ptr, z_ptr, rows, M, N, K, NORM, FMT, GROUP, MP, BN, BK)
+        acc, _ = _dot(x_ptr, nw_ptr, eps, w_ptr, s_ptr, z_ptr, rows, rows, M, N, K, NORM, False, FMT, GROUP, MP,
+                      BN, BK)
         m = tl.arange(0, MP)
         where = m[:, None] * N + rows[None, :]
         mask = (m[:, None] < M) & (rows[None, :] < N)
@@ -208,9 +225,8 @@ if triton is not None:
                         BK: tl.constexpr):
         """out [M, I] = SiLU(norm(x) @ Wg.T) * (norm(x) @ Wu.T), W = [Wg; Wu] stacked [2I, K]."""
         rows = tl.program_id(0) * BN + tl.arange(0, BN)
-        rstd = _rstd(x_ptr, M, K, eps, MP, BK)
-        g = _dot(x_ptr, nw_ptr, rstd, w_ptr, s_ptr, z_ptr, rows, M, 2 * I, K, True, FMT, GROUP, MP, BN, BK)
-        u = _dot(x_ptr, nw_ptr, rstd, w_ptr, s_ptr, z_ptr, rows + I, M, 2 * I, K, True, FMT, GROUP, MP, BN, BK)
+        g, u = _dot(x_ptr, nw_ptr, eps, w_ptr, s_ptr, z_ptr, rows, rows + I, M, 2 * I, K, True, True, FMT, GROUP,
+                    MP, BN, BK)
         dt = out_ptr.dtype.element_ty
         g = g.to(dt).to(tl.float32)
         a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32) * u.to(dt).to(tl.float32)
@@ -231,10 +247,8 @@ if triton is not None:
         head = pid // chunks
         c = (pid % chunks) * BP + tl.arange(0, BP)
         n = (NQ + 2 * NKV) * HD
-        rstd = _rstd(x_ptr, M, K, eps, MP, BK)
-        a1 = _dot(x_ptr, nw_ptr, rstd, w_ptr, s_ptr, z_ptr, head * HD + c, M, n, K, True, FMT, GROUP, MP, BP, BK)
-        a2 = _dot(x_ptr, nw_ptr, rstd, w_ptr, s_ptr, z_ptr, head * HD + HALF + c, M, n, K, True, FMT, GROUP,
-                  MP, BP, BK)
+        a1, a2 = _dot(x_ptr, nw_ptr, eps, w_ptr, s_ptr, z_ptr, head * HD + c, head * HD + HALF + c, M, n, K, True,
+                      True, FMT, GROUP, MP, BP, BK)
         dt = q_ptr.dtype.element_ty
         a1 = a1.to(dt).to(tl.float32)
         a2 = a2.to(dt).to(tl.float32)
