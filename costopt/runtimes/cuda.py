@@ -480,8 +480,8 @@ class CudaEngine(TensorKVSlots, SlotEngine):
         if why is None and self.device.type != "cuda" and not fused.interpreting():
             why = f"device {self.device.type}: Triton kernels need CUDA (or TRITON_INTERPRET=1)"
         if why is None:
-            why = next((w for layer in kernel_weights for w in (layer if isinstance(layer, tuple) else (layer,))
-                        if isinstance(w, str)), None)
+            *layers, head = kernel_weights
+            why = next((w for w in [*(w for layer in layers for w in layer), head] if isinstance(w, str)), None)
         if why is not None:
             if opt.kernels == "triton":
                 raise ValueError(f"kernels: triton, but {why}")
@@ -499,13 +499,14 @@ class CudaEngine(TensorKVSlots, SlotEngine):
 
     def bucket(self, rows: int, length: int) -> tuple[int, int]:
         """The (batch, length) bucket a decode step of `rows` rows, the longest attending to `length`
-        positions, runs in."""
+        positions, runs in. The fused kernels read each row's length on the device, so their buckets
+        need one graph for every length: the shortest length bucket stands for all."""
         b = next((x for x in self.batch_buckets if x >= rows), None)
         s = next((x for x in self.len_buckets if x >= length), None)
         if b is None or s is None:
             raise ValueError(f"bucket: {rows} rows x {length} positions exceed the engine's buckets "
                              f"{self.batch_buckets} x {self.len_buckets}")
-        return b, s
+        return b, (self.len_buckets[0] if b <= self.fused_rows else s)
 
     @torch.inference_mode()
     def decode_graph(self, batch: int, length: int) -> DecodeGraph:
@@ -530,7 +531,7 @@ class CudaEngine(TensorKVSlots, SlotEngine):
         t0 = time.perf_counter()
         for b in batches or self.batch_buckets:
             for s in lengths or self.len_buckets:
-                self.decode_graph(b, s)
+                self.decode_graph(*self.bucket(b, s))  # fused buckets: one graph for every length
         return time.perf_counter() - t0
 
     # -- the runtime's side (SlotEngine's hooks) ----------------------------------------------------
