@@ -115,7 +115,9 @@ def test_bad_input_is_named():
 @pytest.mark.parametrize("weights", ["none", "int8", "int4"])
 def test_engine_on_the_fused_kernels_equals_its_eager_step(weights):
     """The CUDA engine's decode step on the fused kernels gives the greedy tokens of its eager step (same
-    weights, same format), sequences joining a running batch included."""
+    weights, same format), sequences joining a running batch included. fp32 activations on every device:
+    in bf16 the fused kernels round once where the eager step rounds after every op, and on random
+    weights that alone flipped one of five greedy sequences on the H100 (2026-12-05)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from costopt.runtimes.cuda import CudaEngine, CudaOptions
@@ -125,10 +127,10 @@ def test_engine_on_the_fused_kernels_equals_its_eager_step(weights):
     cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                       tie_word_embeddings=True, initializer_range=0.3)
-    model = LlamaForCausalLM(cfg).eval().to(DEVICE, DTYPE)
+    model = LlamaForCausalLM(cfg).eval().to(DEVICE, torch.float32)
     make = lambda kernels: CudaEngine(  # noqa: E731
         model, eos_token_ids=[], max_batch=4, max_len=64, device=DEVICE,
-        options=CudaOptions(dtype="fp32" if DTYPE == torch.float32 else "bf16", weights=weights, len_bucket=16,
+        options=CudaOptions(dtype="fp32", weights=weights, len_bucket=16,
                             group_size=32, kernels=kernels, graphs=False, compile=False, int4_kernel="dequant"))
     fast, eager = make("triton"), make("compiled")
     assert fast.fused_rows == 4 and eager.fused_rows == 0

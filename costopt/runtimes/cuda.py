@@ -162,6 +162,16 @@ def _mlp(layer: CudaLayer, r: torch.Tensor) -> torch.Tensor:
     return layer.down(F.silu(gate) * up)
 
 
+def write_kv(kv_l: torch.Tensor, slot: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """K/V of T rows [T, Hkv, hd] into kv_l [2, slots, Hkv, max_len, hd] at (slot[t], pos[t]), as one
+    `index_put_` on kv_l itself. Writing through the view `kv_l[0]` instead made Inductor copy the whole
+    layer cache back after every compiled decode step (on the H100: 0.46 ms of a 1.7B-shape layer's
+    0.77 ms at batch 1, `triton_poi_fused_copy_`); indexing the base tensor is updated in place."""
+    t = slot.shape[0]
+    which = torch.arange(2, device=kv_l.device)[:, None].expand(2, t)
+    kv_l[which, slot.expand(2, t), :, pos.expand(2, t)] = torch.stack([k, v])
+
+
 def decode_layer(layer: CudaLayer, h: torch.Tensor, d: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  slot: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, kv_l: torch.Tensor):
     """One layer over B decode rows: residual h + the previous layer's output d [B, D] -> (residual, this
@@ -170,8 +180,7 @@ def decode_layer(layer: CudaLayer, h: torch.Tensor, d: torch.Tensor, cos: torch.
     b, s = h.shape[0], mask.shape[-1]
     r = h + d
     q, k, v = _qkv(layer, r, cos, sin)
-    kv_l[0, slot, :, pos] = k
-    kv_l[1, slot, :, pos] = v
+    write_kv(kv_l, slot, pos, k, v)
     qg = q.view(b, layer.n_kv, layer.n_q // layer.n_kv, layer.hd)  # [B, Hkv, G, hd]: query heads under their KV head
     o = F.scaled_dot_product_attention(qg, kv_l[0, :b, :, :s], kv_l[1, :b, :, :s], attn_mask=mask,
                                        scale=layer.scale)  # [B, Hkv, G, hd]
@@ -186,8 +195,7 @@ def prefill_layer(layer: CudaLayer, h: torch.Tensor, d: torch.Tensor, cos: torch
     r = h + d
     q, k, v = _qkv(layer, r, cos, sin)
     if kv_l is not None:
-        kv_l[0, slot, :, pos] = k
-        kv_l[1, slot, :, pos] = v
+        write_kv(kv_l, slot, pos, k, v)
     parts = [causal_attention(q[a:a + n], k[a:a + n], v[a:a + n], layer.scale) for a, n in spans]
     o = parts[0] if len(parts) == 1 else torch.cat(parts)
     r = r + layer.o(o.reshape(h.shape[0], -1))
