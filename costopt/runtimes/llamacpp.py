@@ -81,7 +81,7 @@ from costopt.runtimes.base import RuntimeFailure, RuntimeUnavailable
 from costopt.runtimes.slots import Seq, SlotEngine, StepBatch, bench_prompts, time_engine
 
 QTYPES: dict[str, int] = {  # name -> llama.h `enum llama_ftype` (checked against llama_cpp in the tests)
-    "F32": 0, "F16": 1, "Q8_0": 7, "Q6_K": 18, "Q5_K_M": 17, "Q4_K_M": 15, "Q4_0": 2,
+    "F32": 0, "F16": 1, "BF16": 32, "Q8_0": 7, "Q6_K": 18, "Q5_K_M": 17, "Q4_K_M": 15, "Q4_0": 2,
 }
 PIN = "llama-cpp-python==0.3.36"
 _LOG = logging.getLogger("costopt.llamacpp")

@@ -19,8 +19,10 @@ from costopt.runtimes.base import Runtime, RuntimeConfig, RuntimeConfigError
 from costopt.runtimes.llamacpp import QTYPES
 
 GGUF = "model.gguf"  # the exported file inside the variant's folder
-PRESETS = {f"gguf_{q.lower()}": {"runtime": "llamacpp", "qtype": q} for q in ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")}
-PRESETS.update({f"gguf_{q.lower()}_fa": {"runtime": "llamacpp", "qtype": q, "flash_attn": True} for q in ("Q8_0", "Q6_K")})
+PRESETS = {f"gguf_{q.lower()}": {"runtime": "llamacpp", "qtype": q}
+           for q in ("BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")}
+PRESETS.update({f"gguf_{q.lower()}_fa": {"runtime": "llamacpp", "qtype": q, "flash_attn": True}
+                for q in ("BF16", "Q8_0", "Q6_K")})
 
 
 @dataclass(frozen=True)
