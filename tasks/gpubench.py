@@ -89,6 +89,23 @@ def timed(device: torch.device, fn: Callable[[], Any]) -> float:
     return start.elapsed_time(end) / 1e3
 
 
+def graphed(device: torch.device, fn: Callable[[], Any], times: int) -> Callable[[], Any]:
+    """`fn` run `times` times, captured once as a CUDA graph on a GPU: launched from Python, a small kernel
+    times the CPU's launch overhead instead (the first sweep, 2026-12-05, read 270 GB/s for an 8 MB
+    projection that way), whereas the engine replays its kernels from graphs."""
+    if device.type != "cuda":
+        return lambda: [fn() for _ in range(times)]
+    stream = torch.cuda.Stream(device=device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        fn()  # warm on a side stream before capture
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return lambda: [graph.replay() for _ in range(times)]
+
+
 def copy_bandwidth(device: torch.device, mib: int) -> float:
     """Device-to-device copy bandwidth, bytes/s counting what is read plus what is written (median of 10)."""
     src = torch.empty(mib << 20, dtype=torch.uint8, device=device)
@@ -507,7 +524,7 @@ def sweep_tiles(shape: str, device: torch.device, budget_s: float) -> dict[str, 
                 try:
                     for w in copies[:2]:
                         launch(w, t)  # compile
-                    seconds = timed(device, lambda: [launch(w, t) for _ in range(3) for w in copies])
+                    seconds = timed(device, graphed(device, lambda: [launch(w, t) for w in copies], 3))
                     rows.append({"bn": t.bn, "bk": t.bk, "warps": t.warps,
                                  "gb_s": round(3 * len(copies) * nbytes / seconds / 1e9, 1)})
                 except Exception as exc:  # noqa: BLE001 - a block size the compiler rejects is recorded, not fatal
