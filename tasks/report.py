@@ -370,7 +370,9 @@ def cpu_or_gpu(params: Params, root: Path, serving: dict[str, Any] | None) -> di
         runs = {int(c): r for c, r in record["runs"].items()}
         concurrency = max(runs)
         req_s = float(runs[concurrency]["req_s"])
-        gpu = gpu_deployment(params.gpu.card, params.gpu.price_per_hour_usd, req_s)
+        # named after the card the replay ran on (params' card only when the record names none), so an
+        # H100 measurement is never shown as the H200 the price may have been set for
+        gpu = gpu_deployment(record.get("card") or params.gpu.card, params.gpu.price_per_hour_usd, req_s)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ReportInputError(f"{rel}: not a `tasks.gpubench --serve` record ({type(exc).__name__}: {exc})") from exc
     out: dict[str, Any] = {"status": "measured", "file": rel, "card": record.get("card"), "date": record.get("date"),

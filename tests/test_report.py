@@ -367,7 +367,7 @@ def test_cpu_or_gpu_prices_both_on_the_same_trace(tmp_path):
     assert out["comparison"]["cheaper"] == "cpu" and out["comparison"]["ratio"] == pytest.approx(gpu / cpu)
     assert "cpu is cheaper" in _cpu_or_gpu_html(out)
     _gpu_record(tmp_path, req_s=2000.0)
-    assert cpu_or_gpu(params, tmp_path, serving)["comparison"]["cheaper"] == "H200"
+    assert cpu_or_gpu(params, tmp_path, serving)["comparison"]["cheaper"] == "NVIDIA H200", "named after the measured card"
     assert cpu_or_gpu(params, tmp_path, None)["status"] == "no CPU figure"
     (tmp_path / "artifacts" / "model").mkdir(parents=True)
     (tmp_path / "artifacts" / "model" / "config.json").write_text(json.dumps({"hidden_size": 960}))
