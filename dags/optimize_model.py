@@ -23,7 +23,8 @@ from airflow.sdk import Param, dag, get_current_context, task
 # costopt.params.QuantizeParams.presets() (the schemes' and the runtimes'), kept light (a test checks they match)
 PRESETS = ["bf16", "int8_weight_only", "int8_dynamic", "int8_static", "int4_rtn_g64", "int4_gptq_g64",
            "int4_awq_g64", "int4_rtn_g32", "int4_gptq_g32", "dynamic_qint8_naive",
-           "gguf_q8_0", "gguf_q6_k", "gguf_q5_k_m", "gguf_q4_k_m", "gguf_q4_0", "gguf_q8_0_fa", "gguf_q6_k_fa",
+           "gguf_bf16", "gguf_q8_0", "gguf_q6_k", "gguf_q5_k_m", "gguf_q4_k_m", "gguf_q4_0", "gguf_bf16_fa", "gguf_q8_0_fa",
+           "gguf_q6_k_fa",
            "student", "student_int8_weight_only", "student_int4_gptq_g64", "student_gguf_q8_0", "student_gguf_q8_0_fa",
            "student_gguf_q4_k_m"]
 FORM_GATES = {"kl_mean_max": {"type": "number", "minimum": 0, "maximum": 20},
