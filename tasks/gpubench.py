@@ -39,7 +39,7 @@ from typing import Any, Callable
 import torch
 
 from costopt.kernels.triton_decode import interpreting as triton_interpreting
-from costopt.runtimes.cuda import CudaEngine, CudaOptions, available
+from costopt.runtimes.cuda import CudaEngine, CudaOptions, available, capture_graph
 from costopt.runtimes.slots import SamplingParams, generate_all
 
 SHAPES = {  # SmolLM2 configs (Hugging Face model cards' config.json); vocab 49152, tied embeddings
@@ -95,14 +95,7 @@ def graphed(device: torch.device, fn: Callable[[], Any], times: int) -> Callable
     projection that way), whereas the engine replays its kernels from graphs."""
     if device.type != "cuda":
         return lambda: [fn() for _ in range(times)]
-    stream = torch.cuda.Stream(device=device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        fn()  # warm on a side stream before capture
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graph, _ = capture_graph(fn, device)
     return lambda: [graph.replay() for _ in range(times)]
 
 

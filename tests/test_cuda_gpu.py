@@ -122,7 +122,7 @@ def test_tinygemm_equals_the_reference_with_its_rounded_scales(bf16):
     weights differ from the fp32-scaled reference by that rounding. Against a reference holding the same
     rounded scales and offsets, teacher-forced top-1 along four prompts and their answers must agree (a
     packing or zero-point mistake leaves almost nothing in common)."""
-    from costopt.kernels.gpu_linear import Int4WeightLinear
+    from costopt.kernels.gpu_linear import Int4WeightLinear, tinygemm_scales_and_zeros
 
     fast = engine(bf16, "bf16", weights="int4", kernels="compiled", int4_kernel="tinygemm")
     assert not fast.int4_notes, f"every INT4 projection should take tinygemm: {fast.int4_notes}"
@@ -132,8 +132,7 @@ def test_tinygemm_equals_the_reference_with_its_rounded_scales(bf16):
         for layer in ref.layers:
             for mod in [*layer.qkv, layer.o, *layer.gate_up, layer.down]:
                 if isinstance(mod, Int4WeightLinear):  # w = (q - 8) s' + z' with s', z' as tinygemm stores them
-                    s = mod.scale.to(torch.bfloat16).float()
-                    z = ((8.0 - mod.zero) * mod.scale).to(torch.bfloat16).float()
+                    s, z = tinygemm_scales_and_zeros(mod.scale, mod.zero).float().transpose(0, 1).unbind(-1)
                     mod.zero.copy_(8.0 - z / s)
                     mod.scale.copy_(s)
                     rounded += 1

@@ -44,7 +44,7 @@ import logging
 import time
 from dataclasses import dataclass, replace
 from types import SimpleNamespace
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -385,6 +385,21 @@ def _len_buckets(first: int, max_len: int) -> tuple[int, ...]:
     return (*out, max_len)
 
 
+def capture_graph(fn: Callable[[], Any], device: torch.device, warmups: int = 1, pool: Any = None) -> tuple[Any, Any]:
+    """(a CUDA graph of `fn`, what the captured call returned): `fn` runs `warmups` times on a side stream
+    first, as capture requires (lazy initialisation, compilation and autotuning must not happen inside it)."""
+    stream = torch.cuda.Stream(device=device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
+
+
 class DecodeGraph:
     """One (batch, length) bucket of the decode step: its static inputs, and on CUDA its captured graph.
 
@@ -407,16 +422,8 @@ class DecodeGraph:
 
     def capture(self, pool: Any) -> None:
         """Compile (first use of a region's shapes) and warm up on a side stream, then capture."""
-        stream = torch.cuda.Stream(device=self.ids.device)
-        stream.wait_stream(torch.cuda.current_stream(self.ids.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # the first call compiles and autotunes; nothing may compile during capture
-                self.forward()
-        torch.cuda.current_stream(self.ids.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            self.logits, self.tokens = self.forward()
-        self.graph = graph
+        # two warm-ups: the first call compiles and autotunes; nothing may compile during capture
+        self.graph, (self.logits, self.tokens) = capture_graph(self.forward, self.ids.device, warmups=2, pool=pool)
 
     def run(self, host: torch.Tensor) -> None:
         """Copy inputs host [3, batch] (ids, positions, slots; pinned on CUDA) in and run the step."""
