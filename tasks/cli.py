@@ -20,11 +20,13 @@ from costopt.storage.s3 import StorageError
 from costopt.storage.dvc import DvcError
 from costopt.distill.student import StudentConfigError
 from costopt.distill.train import CheckpointError
+from costopt.distill.transfer import TransferError
 
 # Errors caused by input (settings, model files, missing upstream artifacts, storage): a clear message
 # and exit code 2 on the command line, and no pointless retries in Airflow.
 USER_ERRORS = (ParamsError, ModelSourceError, ModelFileError, SchemeError, StorageError,
-               MissingArtifactError, ReportInputError, DvcError, StudentConfigError, CheckpointError)
+               MissingArtifactError, ReportInputError, DvcError, StudentConfigError, CheckpointError,
+               TransferError)
 
 
 @contextlib.contextmanager

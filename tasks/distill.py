@@ -293,6 +293,114 @@ def ablation(params: Params, ws: Workspace) -> dict[str, Any]:
     return {k: v["kl_mean"] for k, v in out.items()}
 
 
+def export_gpu(params: Params, ws: Workspace, out: Any, part_mib: float = 48.0) -> dict[str, Any]:
+    """Write the bundle `python -m tasks.distill_gpu` trains from (see that module): the teacher's weights
+    in bf16 parts of at most `part_mib` MiB, its config and tokenizer, this workspace's pruning plan and
+    supervised blocks (from a finished distill run with these settings) and every training prompt."""
+    from pathlib import Path
+
+    from costopt.distill.teacher import training_conversations
+    from costopt.distill.transfer import TransferError, pack
+    from costopt.evaluation.reference import read_jsonl
+    from safetensors.torch import load_file
+
+    record = _finished_record(params, ws)
+    out = Path(out)
+    meta = out / "meta"
+    if out.exists() and any(out.iterdir()):
+        raise TransferError(f"--export-gpu: {out} is not empty; name a new folder")
+    meta.mkdir(parents=True)
+    for f in ws.model_dir.iterdir():
+        if f.is_file() and f.suffix != ".safetensors":
+            shutil.copy2(f, meta / f.name)
+    e = params.evaldata
+    rows = training_conversations(e.seed, e.prompts + e.calibration, read_jsonl(ws.data_dir / "prompts.jsonl"),
+                                  read_jsonl(ws.data_dir / "crosscheck.jsonl"),
+                                  read_jsonl(ws.data_dir / "calibration.jsonl"), _log_rows(params, ws), 10 ** 6)
+    p = params.distill
+    plan = {"plan": record["plan"], "supervised_blocks": record["supervised_blocks"],
+            "teacher_blocks": record["teacher_blocks"], "conversations": [r["messages"] for r in rows],
+            "model_fingerprint": read_json(ws.model_dir / "fingerprint.json")["fingerprint"],
+            "online": {"t_start": p.t_start, "t_end": p.t_end, "hidden_weight": p.hidden_weight,
+                       "seed": params.evaldata.seed}}
+    write_json(meta / "plan.json", plan)
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(ws.model_dir.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    files = pack(state, out, int(part_mib * 2 ** 20), prefix="teacher-part")
+    return {"bundle": str(out), "teacher_parts": [f"{f.name} ({f.stat().st_size / 2 ** 20:.1f} MiB)" for f in files],
+            "prompts": len(rows)}
+
+
+def _finished_record(params: Params, ws: Workspace) -> dict[str, Any]:
+    record_file = ws.distill_dir / "distill.json"
+    if not record_file.is_file() or read_json(record_file).get("identity") != _identity(params, ws):
+        raise MissingArtifactError(f"{record_file}: no distillation with these settings; run python -m tasks.distill "
+                                   "with the same params and profile first")
+    return read_json(record_file)
+
+
+def import_student(params: Params, ws: Workspace, src: Any) -> dict[str, Any]:
+    """Make the student trained by `python -m tasks.distill_gpu` (its --out folder) this workspace's
+    student: checked against this workspace's plan and teacher, measured against the fp32 reference like
+    the CPU-trained one, then written to artifacts/distill/student with distill.json updated (the CPU
+    run's "before" kept, "after" and the summary replaced, the GPU run's record under "gpu_run"). A
+    folder that does not fit is refused before anything stored changes."""
+    from pathlib import Path
+
+    from costopt.distill.student import build, param_count
+    from costopt.distill.transfer import TransferError, unpack
+    from costopt.models.source import load_model_dir
+
+    src = Path(src)
+    record = _finished_record(params, ws)
+    try:
+        gpu = json.loads((src / "record.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise MissingArtifactError(f"--import-student: {src / 'record.json'} cannot be read ({exc})") from exc
+    if gpu.get("plan") != record["plan"]:
+        raise TransferError(f"--import-student: {src / 'record.json'}: its plan (kept blocks, channels) is not this "
+                         "workspace's; export the bundle from this workspace and train again")
+    fp = read_json(ws.model_dir / "fingerprint.json")["fingerprint"]
+    if gpu.get("model_fingerprint") != fp:
+        raise TransferError(f"--import-student: {src / 'record.json'}: trained from teacher {gpu.get('model_fingerprint')}, "
+                         f"this workspace's is {fp}")
+    try:
+        state = unpack(sorted(src.glob("student-part*.safetensors")), dtype=torch.float32)
+    except TransferError as exc:
+        raise TransferError(f"--import-student: {exc}") from exc
+    torch.set_num_threads(params.benchmark.threads)
+    teacher, tok = load_model_dir(ws.model_dir)
+    student = build(teacher, record["plan"])
+    missing, unexpected = student.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in ("model.embed_tokens.weight", "lm_head.weight")]
+    if missing or unexpected:
+        raise TransferError(f"--import-student: {src}: the weights do not fit the student: missing {missing[:4]}, "
+                         f"unexpected {unexpected[:4]}")
+    after = measure(student, params, ws)
+    out_dir = ws.distill_dir
+    stage = staging_dir(out_dir / "student")
+    student.save_pretrained(str(stage), safe_serialization=True)
+    tok.save_pretrained(str(stage))
+    write_json(stage / "fingerprint.json", {"fingerprint": fingerprint_dir(stage, ("*.safetensors",)),
+                                            "distilled_from": record["identity"]["model"], "trained_on": gpu["device"]})
+    replace_dir(stage, out_dir / "student")
+    kl_before, kl_after = record["before"]["kl_mean"]["value"], after["kl_mean"]["value"]
+    summary = {**(record.get("cpu_run") or record)["summary"], "student_params": param_count(student), "kl_mean_after": kl_after,
+               "kl_reduction": kl_before / kl_after if kl_after else None, "train_seconds": gpu["train"]["seconds"],
+               "trained_on": gpu["device"]}
+    for key in ("student_cost_per_1m_requests_usd", "cost_ratio", "student_decode_tok_s_bs1"):
+        summary.pop(key, None)  # timed for the CPU-trained weights; the speed is the same shape's, the cost is not re-run
+    cpu_run = record.get("cpu_run") or {k: record.get(k) for k in ("after", "summary", "train")}  # a second import keeps the CPU run's
+    record.update({"summary": summary, "after": after, "speed": None, "cpu_run": cpu_run,
+                   "gpu_run": {k: gpu[k] for k in ("device", "config", "data", "train", "holdout_before",
+                                                   "holdout_after", "seconds")}})
+    write_json(out_dir / "distill.json", record)
+    return {"kl_mean_before": kl_before, "kl_mean_after_cpu": cpu_run["summary"]["kl_mean_after"],
+            "kl_mean_after": kl_after, "top1_agreement": after["top1_agreement"]["value"],
+            "task_retention": after["task_retention"]["value"], "trained_on": gpu["device"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     from tasks.cli import execute, parser
 
@@ -303,9 +411,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-speed", dest="speed", action="store_false",
                    help="leave out timing the student next to the teacher (the DAG's way: its student variants "
                         "are benchmarked like every other)")
+    p.add_argument("--export-gpu", metavar="DIR",
+                   help="after a distill run with the same settings: write the bundle python -m tasks.distill_gpu "
+                        "trains from on a GPU machine (teacher weights in bf16 parts, plan, training prompts)")
+    p.add_argument("--import-student", metavar="DIR",
+                   help="make the student python -m tasks.distill_gpu trained (its --out folder) this workspace's "
+                        "student, measured against the fp32 reference")
     args = p.parse_args(argv)
+    if sum(map(bool, (args.ablation, args.export_gpu, args.import_student))) > 1:
+        p.error("--ablation, --export-gpu and --import-student: expected at most one")
     if args.ablation:
         return execute(ablation, args)
+    if args.export_gpu:
+        return execute(lambda params, ws: export_gpu(params, ws, args.export_gpu), args)
+    if args.import_student:
+        return execute(lambda params, ws: import_student(params, ws, args.import_student), args)
     return execute(lambda params, ws: distill(params, ws, speed=args.speed), args, "distill")
 
 

@@ -426,3 +426,58 @@ def test_distill_builds_a_half_size_student_that_learns_and_refuses_a_shape_the_
     proc = subprocess.run([*cmd, "--params", str(bad)], cwd=PROJECT, capture_output=True, text=True, env=env)
     assert proc.returncode == 2 and "distill.layers" in proc.stderr and "30 blocks" in proc.stderr, proc.stderr
     assert digest_tree(ws, ["artifacts/distill"]) == before, "a refused shape must leave the student as it was"
+
+
+def test_a_student_trained_on_a_gpu_machine_travels_there_and_back(run, tmp_path):
+    """The GPU round trip on the CPU (`tasks.distill_gpu --allow-cpu`, a few steps): `--export-gpu`
+    writes the bundle (teacher parts, plan, training prompts, none held out), the trainer rebuilds
+    teacher and student from it and writes the student's parts, `--import-student` measures them and
+    makes them the workspace's student; an import whose plan is not the workspace's is refused and
+    changes nothing. The workspace's distill folder is put back afterwards."""
+    ws, env = run["ws"], run["env"]
+    cmd = [sys.executable, "-m", "tasks.distill", "--profile", "quick", "--workspace", str(ws)]
+    bundle, out = tmp_path / "bundle", tmp_path / "out"
+    proc = subprocess.run([*cmd, "--export-gpu", str(bundle)], cwd=PROJECT, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    parts = sorted(bundle.glob("teacher-part*.safetensors"))
+    assert parts and all(p.stat().st_size <= 48 * 2 ** 20 for p in parts), parts
+    plan = json.loads((bundle / "meta" / "plan.json").read_text())
+    held = {json.dumps(json.loads(line)["messages"]) for line in (ws / "artifacts" / "data" / "prompts.jsonl").open()}
+    assert plan["conversations"] and not held & {json.dumps(c) for c in plan["conversations"]}, "a held-out prompt"
+    again = subprocess.run([*cmd, "--export-gpu", str(bundle)], cwd=PROJECT, capture_output=True, text=True, env=env)
+    assert again.returncode == 2 and "not empty" in again.stderr, again.stderr[-2000:]
+    train = [sys.executable, "-m", "tasks.distill_gpu", "--bundle", str(bundle), "--out", str(out), "--allow-cpu",
+             "--steps", "3", "--max-prompts", "8", "--gen-seconds", "600", "--gen-rounds", "3", "--samples-per-prompt",
+             "1", "--batch", "2", "--max-len", "48", "--answer-tokens", "4", "--gen-batch", "8", "--warmup", "1"]
+    proc = subprocess.run(train, cwd=PROJECT, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((out / "record.json").read_text())
+    assert record["train"]["steps"] == 3 and record["plan"] == plan["plan"] and record["parts"], record["train"]
+    assert all(record["data"]["counts"][k] > 0 for k in ("greedy", "sampled", "self_written", "plain_text")), \
+        record["data"]
+    saved = tmp_path / "distill-before"
+    shutil.copytree(ws / "artifacts" / "distill", saved)
+    try:
+        tampered = tmp_path / "tampered"
+        shutil.copytree(out, tampered)
+        bad = json.loads((tampered / "record.json").read_text())
+        bad["plan"]["kept_layers"] = bad["plan"]["kept_layers"][::-1]
+        (tampered / "record.json").write_text(json.dumps(bad))
+        before = digest_tree(ws, ["artifacts/distill"])
+        proc = subprocess.run([*cmd, "--import-student", str(tampered)], cwd=PROJECT, capture_output=True, text=True,
+                              env=env)
+        assert proc.returncode == 2 and "plan" in proc.stderr, proc.stderr[-2000:]
+        assert digest_tree(ws, ["artifacts/distill"]) == before, "a refused import must change nothing"
+        proc = subprocess.run([*cmd, "--import-student", str(out)], cwd=PROJECT, capture_output=True, text=True,
+                              env=env, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        imported = json.loads((ws / "artifacts" / "distill" / "distill.json").read_text())
+        assert imported["gpu_run"]["train"]["steps"] == 3 and imported["cpu_run"]["summary"]["kl_mean_after"] > 0
+        assert all(imported["after"][m]["ci95"] for m in ("kl_mean", "top1_agreement", "task_retention"))
+        assert imported["summary"]["trained_on"] == "cpu" and imported["before"] == json.loads(
+            (saved / "distill.json").read_text())["before"], "the untrained student's measurement is kept"
+        weights = lambda d: hashlib.sha256((d / "student" / "model.safetensors").read_bytes()).hexdigest()
+        assert weights(ws / "artifacts" / "distill") != weights(saved), "the imported weights are the student now"
+    finally:
+        shutil.rmtree(ws / "artifacts" / "distill")
+        shutil.copytree(saved, ws / "artifacts" / "distill")

@@ -43,6 +43,19 @@ def kd_loss(student_logits: torch.Tensor, top_logprobs: torch.Tensor, top_ids: t
     return kl.mean() * t * t if kl.numel() else student_logits.sum() * 0
 
 
+def full_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+                 t: float) -> torch.Tensor:
+    """T^2 * KL(teacher_T || student_T) over the full vocabulary at the positions where `mask` is true:
+    the GPU path's loss, where the teacher runs live (`costopt.distill.online`). Equals `kd_loss` when
+    the teacher's top k hold all of its probability."""
+    if t <= 0:
+        raise ValueError(f"temperature: expected > 0, got {t}")
+    p_logp = (teacher_logits[mask].float() / t).log_softmax(-1)
+    s_logp = (student_logits[mask].float() / t).log_softmax(-1)
+    kl = (p_logp.exp() * (p_logp - s_logp)).sum(-1)
+    return kl.mean() * t * t if kl.numel() else student_logits.sum() * 0
+
+
 def hidden_loss(student_hidden: list[torch.Tensor], teacher_hidden: list[torch.Tensor],
                 mask: torch.Tensor) -> torch.Tensor:
     """Mean over mapped layers of ||s - t||^2 / ||t||^2 over the positions where `mask` is true."""
