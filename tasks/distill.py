@@ -307,7 +307,7 @@ def export_gpu(params: Params, ws: Workspace, out: Any, part_mib: float = 48.0) 
     record = _finished_record(params, ws)
     out = Path(out)
     meta = out / "meta"
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise TransferError(f"--export-gpu: {out} is not empty; name a new folder")
     meta.mkdir(parents=True)
     for f in ws.model_dir.iterdir():

@@ -29,6 +29,9 @@ from typing import Any
 
 import torch
 
+from costopt.distill.online import OnlineConfig
+from costopt.distill.transfer import TransferError
+
 
 def load_bundle(bundle: Path, device: str) -> tuple[Any, Any, dict[str, Any]]:
     """(teacher in bf16 on `device`, tokenizer, the bundle's plan.json)."""
@@ -56,7 +59,7 @@ def load_bundle(bundle: Path, device: str) -> tuple[Any, Any, dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from costopt.distill.online import OnlineConfig, agreement, teacher_data, train_online
+    from costopt.distill.online import agreement, teacher_data, train_online
     from costopt.distill.student import build, param_count
     from costopt.distill.transfer import pack
 
@@ -116,13 +119,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--part-mib", type=float, default=15.0, help="largest weight part, MiB (default 15)")
     p.add_argument("--allow-cpu", action="store_true", help="run without a GPU (a smoke test; slow)")
     p.add_argument("--max-prompts", type=int, default=0, help="use only the first N training prompts (0: all)")
-    for f in fields(__import__("costopt.distill.online", fromlist=["OnlineConfig"]).OnlineConfig):
+    for f in fields(OnlineConfig):
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=type(f.default), default=None,
                        help=f"default {f.default}")
     args = p.parse_args(argv)
     if not (args.bundle / "meta" / "plan.json").is_file():
         p.error(f"--bundle: {args.bundle} holds no meta/plan.json (write it with python -m tasks.distill --export-gpu)")
-    record = run(args)
+    try:
+        record = run(args)
+    except TransferError as exc:
+        print(f"error: --bundle: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps({k: record[k] for k in ("device", "holdout_before", "holdout_after", "seconds")}))
     return 0
 

@@ -11,18 +11,20 @@ writes there**:
 - conversations it writes itself: a user turn sampled at T = 1 from the chat template's opening, then
   its answer to it (greedy or at T = 0.7), and
 - plain text with no template (greedy or at T = 1), from a document start alone or from a training
-  prompt's first words: the model's own distribution, no dataset download. Completion prompts (the
-  labeled task items are scored that way) are plain text; a student trained on chat sequences alone
-  answered them badly (BENCHMARKS.md section 17).
+  prompt's first words (completion prompts, as the labeled task items are, take that form): the
+  model's own distribution, no dataset download. This source was added after the measured runs
+  (BENCHMARKS.md section 17) and has not run on a GPU yet.
 
 The loss is the seed paper's pair, as on the CPU: T^2 KL(teacher_T || student_T) under the cosine
 temperature schedule, plus `hidden_weight` x the relative hidden-state error at the supervised blocks.
-The run is bounded in wall time, not steps: it measures its step time over the warm-up steps (the
-first ten excluded: on an H100 they took twice as long, and the first run stopped at 47% of its
-budget when they were counted) and fixes the step count (and with it the learning-rate and temperature schedules) to fill the budget. It
-checkpoints (student, optimizer, step, the fixed step count, the data) every `checkpoint_seconds` and
-resumes from that file. The embeddings (tied to the head) stay the teacher's, as on the CPU; that also
-keeps what must travel back to 35.4M parameters (`costopt.distill.transfer`).
+The run is bounded in wall time (`train_seconds`) unless `steps` fixes its length: it measures its step
+time over the warm-up steps (the first ten excluded: on an H100 they took twice as long, and the first
+run stopped at 47% of its budget when they were counted), then fixes the step count, and with it the
+learning-rate and temperature schedules, to fill the budget. It checkpoints (student, optimizer, step,
+the fixed step count) every `checkpoint_seconds` and resumes from that file; a step's batch is a
+function of the step alone, so a resumed run takes the steps an uninterrupted one would. The embeddings
+(tied to the head) stay the teacher's, as on the CPU; that also keeps what must travel back to 35.4M
+parameters (`costopt.distill.transfer`).
 
 A slice of the prompts (by prompt, `holdout`) is never trained on; the run reports the student's KL and
 top-1 agreement with the teacher on those sequences before and after, to show what generalizes. The
