@@ -119,6 +119,16 @@ def supervised_blocks(layers: int, n: int) -> list[int]:
     return sorted({round((k + 1) * layers / n) - 1 for k in range(n)})
 
 
+def save_student(student: Any, tok: Any, out_dir: Any, provenance: dict[str, Any]) -> None:
+    """Write `student` as a model folder, `out_dir`/student (weights, tokenizer, fingerprint.json with
+    `provenance`), replacing the old one only once the new one is whole."""
+    stage = staging_dir(out_dir / "student")
+    student.save_pretrained(str(stage), safe_serialization=True)
+    tok.save_pretrained(str(stage))
+    write_json(stage / "fingerprint.json", {"fingerprint": fingerprint_dir(stage, ("*.safetensors",)), **provenance})
+    replace_dir(stage, out_dir / "student")
+
+
 def measure(model: Any, params: Params, ws: Workspace) -> dict[str, Any]:
     """Every gate metric against the fp32 reference, with 95% CIs (the validate phase's measurement)."""
     from costopt.evaluation.reference import load_reference
@@ -214,12 +224,7 @@ def distill(params: Params, ws: Workspace, speed: bool = False) -> dict[str, Any
                   "teacher": speed_of(teacher, tok, "fp32", params, ws)}
     t_speed = time.perf_counter()
     n_teacher = param_count(teacher)
-    stage = staging_dir(out_dir / "student")
-    student.save_pretrained(str(stage), safe_serialization=True)
-    tok.save_pretrained(str(stage))
-    write_json(stage / "fingerprint.json", {"fingerprint": fingerprint_dir(stage, ("*.safetensors",)),
-                                            "distilled_from": identity["model"]})
-    replace_dir(stage, out_dir / "student")
+    save_student(student, tok, out_dir, {"distilled_from": identity["model"]})
     kl_before, kl_after = before["kl_mean"]["value"], after["kl_mean"]["value"]
     summary = {"student_params": param_count(student), "teacher_params": n_teacher,
                "param_ratio": param_count(student) / n_teacher, "kept_layers": kept,
@@ -265,14 +270,12 @@ def ablation(params: Params, ws: Workspace) -> dict[str, Any]:
     from costopt.models.source import load_model_dir
     from safetensors.torch import load_file
 
-    record_file = ws.distill_dir / "distill.json"
+    record = _finished_record(params, ws)
     targets_file = ws.distill_work_dir / "targets.safetensors"
-    if not record_file.is_file() or read_json(record_file).get("identity") != _identity(params, ws) \
-            or not targets_file.is_file():
-        raise MissingArtifactError(f"{record_file}: no distillation with these settings; run python -m tasks.distill "
+    if not targets_file.is_file():
+        raise MissingArtifactError(f"{targets_file}: the distill run's targets are gone; run python -m tasks.distill "
                                    "with the same params and profile first")
     torch.set_num_threads(params.benchmark.threads)
-    record = read_json(record_file)
     teacher, _ = load_model_dir(ws.model_dir)
     targets = Targets.from_tensors(load_file(str(targets_file)))
     p = params.distill
@@ -360,11 +363,11 @@ def import_student(params: Params, ws: Workspace, src: Any) -> dict[str, Any]:
         raise MissingArtifactError(f"--import-student: {src / 'record.json'} cannot be read ({exc})") from exc
     if gpu.get("plan") != record["plan"]:
         raise TransferError(f"--import-student: {src / 'record.json'}: its plan (kept blocks, channels) is not this "
-                         "workspace's; export the bundle from this workspace and train again")
+                            "workspace's; export the bundle from this workspace and train again")
     fp = read_json(ws.model_dir / "fingerprint.json")["fingerprint"]
     if gpu.get("model_fingerprint") != fp:
         raise TransferError(f"--import-student: {src / 'record.json'}: trained from teacher {gpu.get('model_fingerprint')}, "
-                         f"this workspace's is {fp}")
+                            f"this workspace's is {fp}")
     try:
         state = unpack(sorted(src.glob("student-part*.safetensors")), dtype=torch.float32)
     except TransferError as exc:
@@ -376,15 +379,10 @@ def import_student(params: Params, ws: Workspace, src: Any) -> dict[str, Any]:
     missing = [k for k in missing if k not in ("model.embed_tokens.weight", "lm_head.weight")]
     if missing or unexpected:
         raise TransferError(f"--import-student: {src}: the weights do not fit the student: missing {missing[:4]}, "
-                         f"unexpected {unexpected[:4]}")
+                            f"unexpected {unexpected[:4]}")
     after = measure(student, params, ws)
     out_dir = ws.distill_dir
-    stage = staging_dir(out_dir / "student")
-    student.save_pretrained(str(stage), safe_serialization=True)
-    tok.save_pretrained(str(stage))
-    write_json(stage / "fingerprint.json", {"fingerprint": fingerprint_dir(stage, ("*.safetensors",)),
-                                            "distilled_from": record["identity"]["model"], "trained_on": gpu["device"]})
-    replace_dir(stage, out_dir / "student")
+    save_student(student, tok, out_dir, {"distilled_from": record["identity"]["model"], "trained_on": gpu["device"]})
     kl_before, kl_after = record["before"]["kl_mean"]["value"], after["kl_mean"]["value"]
     summary = {**(record.get("cpu_run") or record)["summary"], "student_params": param_count(student), "kl_mean_after": kl_after,
                "kl_reduction": kl_before / kl_after if kl_after else None, "train_seconds": gpu["train"]["seconds"],
